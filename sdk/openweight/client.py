@@ -1,0 +1,221 @@
+"""Client and AsyncClient: pick a backend, validate the request, delegate."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from .options import GenerationOptions
+from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo, to_messages
+
+__all__ = ["AsyncClient", "AsyncStream", "Backend", "Client", "Stream"]
+
+
+class Backend(Protocol):
+    """What a client delegates to: the local engine or a remote server."""
+
+    name: str
+
+    def chat(self, messages: list[Message], options: GenerationOptions) -> ChatResult: ...
+
+    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[Chunk]: ...
+
+
+def _close(it: object) -> None:
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+
+
+class Stream(Iterator[Chunk]):
+    """Chunks of a streamed answer. Close it (or leave a ``with`` block) to stop generating."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self._chunks = chunks
+
+    def __next__(self) -> Chunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        _close(self._chunks)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class AsyncStream(AsyncIterator[Chunk]):
+    """Async chunks of a streamed answer; ``aclose()`` (or ``async with``) stops generating."""
+
+    def __init__(self, chunks: AsyncIterator[Chunk]) -> None:
+        self._chunks = chunks
+
+    async def __anext__(self) -> Chunk:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+def _local_backend(model: str | None, device: str | None, dtype: str | None) -> Backend:
+    from .local import LocalEngine
+
+    if model is not None and ("/" in model or os.sep in model) and Path(model).expanduser().exists():
+        path = Path(model).expanduser()
+        return LocalEngine(path, name=path.name, device=device, dtype=dtype)
+    from .store import ensure_model
+
+    name, path = ensure_model(model)
+    return LocalEngine(path, name=name, device=device, dtype=dtype)
+
+
+class _Base:
+    def __init__(self, model: str | None = None, *, base_url: str | None = None,
+                 api_key: str | None = None, device: str | None = None,
+                 dtype: str | None = None, timeout: float = 600.0, max_retries: int = 2) -> None:
+        self._model = model
+        self._base_url = base_url or os.environ.get("OPENWEIGHT_BASE_URL") or None
+        self._api_key = api_key or os.environ.get("OPENWEIGHT_API_KEY") or None
+        self._device = device
+        self._dtype = dtype
+        self._timeout = timeout
+        self._max_retries = max_retries
+        self._backend: Backend | None = None
+        if self._base_url is None:
+            # fail early on a bad device/dtype; nothing heavy is imported or loaded here
+            from .local.loader import DEVICES, DTYPES
+            from .errors import InvalidRequestError
+
+            if device is not None and device.split(":")[0].lower() not in DEVICES:
+                raise InvalidRequestError(f"device {device!r} is not supported; use one of "
+                                          f"{', '.join(DEVICES)}")
+            if dtype is not None and dtype.lower() not in DTYPES:
+                raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of "
+                                          f"{', '.join(DTYPES)}")
+
+    @property
+    def is_remote(self) -> bool:
+        return self._base_url is not None
+
+    def _get_backend(self) -> Backend:
+        if self._backend is None:
+            if self._base_url is not None:
+                from .remote import RemoteBackend
+
+                self._backend = RemoteBackend(self._base_url, model=self._model,
+                                              api_key=self._api_key, timeout=self._timeout,
+                                              max_retries=self._max_retries)
+            else:
+                self._backend = _local_backend(self._model, self._device, self._dtype)
+        return self._backend
+
+    @property
+    def model(self) -> str:
+        """The name of the model this client talks to (resolving the default if needed)."""
+        return self._get_backend().name
+
+    @staticmethod
+    def _prepare(messages: Iterable[MessageInput],
+                 options: dict[str, Any]) -> tuple[list[Message], GenerationOptions]:
+        return to_messages(messages), GenerationOptions.from_kwargs(options)
+
+
+class Client(_Base):
+    """Chat with a local model in this process, or with a remote OpenAI-compatible server.
+
+    ``Client()`` uses the default local model; ``Client(base_url=...)`` (or the
+    ``OPENWEIGHT_BASE_URL`` environment variable) talks to a server instead.
+    """
+
+    def chat(self, messages: Iterable[MessageInput], **options: Any) -> ChatResult:
+        """Answer a conversation; options are those of GenerationOptions."""
+        msgs, opts = self._prepare(messages, options)
+        return self._get_backend().chat(msgs, opts)
+
+    def stream(self, messages: Iterable[MessageInput], **options: Any) -> Stream:
+        """Stream the answer chunk by chunk; the last chunk carries finish_reason and usage."""
+        msgs, opts = self._prepare(messages, options)
+        return Stream(self._get_backend().stream(msgs, opts))
+
+    def generate(self, prompt: str, **options: Any) -> ChatResult:
+        """Answer one user turn."""
+        return self.chat([{"role": "user", "content": prompt}], **options)
+
+    def models(self) -> list[ModelInfo]:
+        """The models this client can use: installed and catalog models, or the server's."""
+        backend = self._get_backend() if self.is_remote else None
+        if backend is not None:
+            return list(backend.models())  # type: ignore[attr-defined]
+        from .store import list_models
+
+        return list_models()
+
+
+class AsyncClient(_Base):
+    """The async twin of Client: same arguments, same results, never blocks the event loop."""
+
+    async def _backend_async(self) -> Backend:
+        if self._backend is None:
+            return await asyncio.to_thread(self._get_backend)
+        return self._backend
+
+    async def chat(self, messages: Iterable[MessageInput], **options: Any) -> ChatResult:
+        msgs, opts = self._prepare(messages, options)
+        backend = await self._backend_async()
+        achat = getattr(backend, "achat", None)
+        if achat is not None:
+            result: ChatResult = await achat(msgs, opts)
+            return result
+        return await asyncio.to_thread(backend.chat, msgs, opts)
+
+    def stream(self, messages: Iterable[MessageInput], **options: Any) -> AsyncStream:
+        msgs, opts = self._prepare(messages, options)
+        return AsyncStream(self._astream(msgs, opts))
+
+    async def _astream(self, msgs: list[Message], opts: GenerationOptions) -> AsyncIterator[Chunk]:
+        backend = await self._backend_async()
+        astream = getattr(backend, "astream", None)
+        if astream is not None:
+            async for chunk in astream(msgs, opts):
+                yield chunk
+            return
+        it = await asyncio.to_thread(backend.stream, msgs, opts)
+        done = object()
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, it, done)
+                if chunk is done:
+                    break
+                assert isinstance(chunk, Chunk)
+                yield chunk
+        finally:
+            _close(it)
+
+    async def generate(self, prompt: str, **options: Any) -> ChatResult:
+        return await self.chat([{"role": "user", "content": prompt}], **options)
+
+    async def models(self) -> list[ModelInfo]:
+        backend = await self._backend_async() if self.is_remote else None
+        if backend is not None:
+            amodels = getattr(backend, "amodels", None)
+            if amodels is not None:
+                return list(await amodels())
+        from .store import list_models
+
+        return await asyncio.to_thread(list_models)

@@ -1,0 +1,251 @@
+"""The local engine: chat formatting, a generation worker thread and the streamed decode."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import GenerationError, InvalidRequestError
+from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
+from ..types import ChatResult, Chunk, FinishReason, Message, Usage
+from .decode import IncrementalDecoder, StopMatcher
+from .loader import LoadedModel, load_model
+
+__all__ = ["LocalEngine", "collect"]
+
+_DONE = object()
+POLL_SECONDS = 0.5
+
+
+class _QueueStreamer:
+    """A transformers streamer that hands each new token id to the consumer's queue."""
+
+    def __init__(self, out: queue.Queue[object]) -> None:
+        self._out = out
+        self._prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self._out.put(int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled:
+    """A stopping criterion that ends generation once the consumer is gone or satisfied."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self._event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self._event.is_set(), dtype=torch.bool,
+                          device=input_ids.device)
+
+
+class LocalEngine:
+    """Runs one model directory in this process."""
+
+    def __init__(self, path: str | Path, *, name: str | None = None, device: str | None = None,
+                 dtype: str | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self._device = device
+        self._dtype = dtype
+        self._loaded: LoadedModel | None = None
+
+    @property
+    def loaded(self) -> LoadedModel:
+        """The model, loaded on first use and shared through the process-wide cache."""
+        if self._loaded is None:
+            self._loaded = load_model(self.path, self._device, self._dtype)
+        return self._loaded
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of the conversation formatted by the model's chat template."""
+        tok = self.loaded.tokenizer
+        try:
+            text = tok.apply_chat_template(
+                [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:
+            raise InvalidRequestError(f"the chat template of {self.name} rejected these "
+                                      f"messages: {exc}") from exc
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
+        return collect(self.stream(messages, options), self.name)
+
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Chunk]:
+        """Validate now, then return a generator of chunks (close it to stop generating)."""
+        lm = self.loaded
+        prompt = self.encode(messages)
+        room = lm.context_length - len(prompt)
+        if room <= 0:
+            raise InvalidRequestError(
+                f"the prompt is {len(prompt)} tokens but {self.name} has a context window of "
+                f"{lm.context_length} tokens; shorten the conversation"
+            )
+        max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
+        return self._generate(lm, prompt, max_new, options)
+
+    def _generation_kwargs(self, lm: LoadedModel, options: GenerationOptions,
+                           max_new: int) -> dict[str, Any]:
+        config = lm.model.generation_config
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "min_new_tokens": 0,
+            "eos_token_id": sorted(lm.eos_ids) or None,
+            "pad_token_id": lm.tokenizer.pad_token_id
+            if lm.tokenizer.pad_token_id is not None
+            else (min(lm.eos_ids) if lm.eos_ids else 0),
+        }
+        if options.temperature == 0.0 or (options.temperature is None and not config.do_sample):
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+        else:
+            kwargs.update(do_sample=True)
+            for name in ("temperature", "top_p", "top_k", "min_p"):
+                value = getattr(options, name)
+                if value is not None:
+                    kwargs[name] = value
+            if options.top_k == 0:
+                kwargs["top_k"] = None
+        if options.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = options.repetition_penalty
+        return kwargs
+
+    def _generate(self, lm: LoadedModel, prompt: list[int], max_new: int,
+                  options: GenerationOptions) -> Iterator[Chunk]:
+        import torch
+
+        tokens: queue.Queue[object] = queue.Queue()
+        cancel = threading.Event()
+        kwargs = self._generation_kwargs(lm, options, max_new)
+
+        def work() -> None:
+            try:
+                with lm.lock, torch.inference_mode():
+                    if cancel.is_set():
+                        return
+                    if options.seed is not None:
+                        torch.manual_seed(options.seed)
+                    ids = torch.tensor([prompt], device=lm.device)
+                    lm.model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        streamer=_QueueStreamer(tokens),
+                        stopping_criteria=[_Cancelled(cancel)],
+                        **kwargs,
+                    )
+            except BaseException as exc:  # handed to the consumer, never lost
+                tokens.put(exc)
+            finally:
+                tokens.put(_DONE)
+
+        worker = threading.Thread(target=work, name="openweight-generate", daemon=True)
+
+        def chunks() -> Iterator[Chunk]:
+            decoder = IncrementalDecoder(lm.tokenizer)
+            stops = StopMatcher(options.stop)
+            count = 0
+            finish: FinishReason = "length"
+            worker.start()
+            try:
+                while True:
+                    try:
+                        item = tokens.get(timeout=POLL_SECONDS)
+                    except queue.Empty:
+                        if not worker.is_alive() and tokens.empty():
+                            raise GenerationError("the generation thread ended without a "
+                                                  "result") from None
+                        continue
+                    if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):
+                        raise GenerationError(f"generation failed in {self.name}: "
+                                              f"{item}") from item
+                    assert isinstance(item, int)
+                    count += 1
+                    if item in lm.eos_ids:
+                        finish = "stop"
+                        break
+                    text = stops.feed(decoder.add(item))
+                    if stops.stopped:
+                        finish = "stop"
+                        if text:
+                            yield Chunk(text=text)
+                        break
+                    if text:
+                        yield Chunk(text=text)
+                    if count >= max_new:
+                        break
+                if not stops.stopped:
+                    tail = stops.feed(decoder.flush())
+                    tail += "" if stops.stopped else stops.flush()
+                    if stops.stopped:
+                        finish = "stop"
+                    if tail:
+                        yield Chunk(text=tail)
+                yield Chunk(finish_reason=finish,
+                            usage=Usage(prompt_tokens=len(prompt), completion_tokens=count))
+            finally:
+                cancel.set()
+                if worker.is_alive():
+                    worker.join(timeout=30)
+
+        return _LocalStream(chunks(), cancel)
+
+
+class _LocalStream(Iterator[Chunk]):
+    """A chunk iterator whose close() is safe from any thread, even mid-``next``."""
+
+    def __init__(self, gen: Iterator[Chunk], cancel: threading.Event) -> None:
+        self._gen = gen
+        self._cancel = cancel
+
+    def __next__(self) -> Chunk:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._cancel.set()  # the worker stops at its next token
+        close = getattr(self._gen, "close", None)
+        if close is not None:
+            try:
+                close()
+            except ValueError:  # being iterated in another thread: the cancel ends it
+                pass
+
+
+def collect(chunks: Iterator[Chunk], model: str) -> ChatResult:
+    """Join a stream into one ChatResult (so stream and non-stream can never differ)."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    calls = []
+    finish: FinishReason = "stop"
+    usage = Usage(0, 0)
+    for chunk in chunks:
+        text.append(chunk.text)
+        reasoning.append(chunk.reasoning)
+        calls.extend(chunk.tool_calls)
+        if chunk.finish_reason is not None:
+            finish = chunk.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return ChatResult(
+        text="".join(text),
+        reasoning="".join(reasoning) or None,
+        tool_calls=tuple(calls),
+        finish_reason=finish,
+        usage=usage,
+        model=model,
+    )
+
+

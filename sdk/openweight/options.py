@@ -1,0 +1,132 @@
+"""Generation options and their bounds: the one place every limit is written down.
+
+The llm plugin and the server build their option schemas from ``OPTION_SPECS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import InvalidRequestError
+
+__all__ = ["DEFAULT_MAX_TOKENS", "OPTION_SPECS", "GenerationOptions", "OptionSpec"]
+
+DEFAULT_MAX_TOKENS = 1024
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """Type, bounds and help text of one generation option."""
+
+    name: str
+    kind: type
+    description: str
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def bounds_text(self) -> str:
+        low = f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else ""
+        high = f"<= {self.le}" if self.le is not None else ""
+        return " and ".join(p for p in (low, high) if p) or "any value"
+
+
+OPTION_SPECS: dict[str, OptionSpec] = {
+    s.name: s
+    for s in (
+        OptionSpec("max_tokens", int, "Maximum number of tokens to generate", ge=1, le=1_000_000),
+        OptionSpec("temperature", float, "Sampling temperature; 0 means greedy", ge=0.0, le=2.0),
+        OptionSpec("top_p", float, "Nucleus sampling: keep the smallest set of tokens with this "
+                   "total probability", gt=0.0, le=1.0),
+        OptionSpec("top_k", int, "Sample from the k most likely tokens; 0 disables", ge=0,
+                   le=100_000),
+        OptionSpec("min_p", float, "Drop tokens less likely than min_p times the top token",
+                   ge=0.0, le=1.0),
+        OptionSpec("repetition_penalty", float, "Penalty above 1.0 discourages repeating tokens",
+                   gt=0.0, le=10.0),
+        OptionSpec("seed", int, "Random seed for reproducible sampling", ge=0, le=2**63 - 1),
+    )
+}
+
+
+def _check_number(spec: OptionSpec, value: object) -> float | int:
+    ok_types: tuple[type, ...] = (int,) if spec.kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_types):
+        kind = "an integer" if spec.kind is int else "a number"
+        raise InvalidRequestError(
+            f"option {spec.name}={value!r} is invalid: it must be {kind} "
+            f"({spec.bounds_text()})"
+        )
+    v = float(value)
+    if (
+        (spec.ge is not None and v < spec.ge)
+        or (spec.gt is not None and v <= spec.gt)
+        or (spec.le is not None and v > spec.le)
+        or v != v
+    ):
+        raise InvalidRequestError(
+            f"option {spec.name}={value!r} is out of range: it must be {spec.bounds_text()}"
+        )
+    return int(value) if spec.kind is int else float(value)
+
+
+def _check_stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise InvalidRequestError(
+            f"option stop={value!r} is invalid: give a string or a list of strings"
+        )
+    if any(s == "" for s in items):
+        raise InvalidRequestError("option stop contains an empty string; remove it")
+    if len(items) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(
+            f"option stop has {len(items)} strings; at most {MAX_STOP_STRINGS} are allowed"
+        )
+    return tuple(items)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Validated sampling settings of one request. ``None`` means the default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_kwargs(cls, options: Mapping[str, Any]) -> GenerationOptions:
+        """Validate keyword options; unknown names and bad values raise InvalidRequestError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown option {unknown[0]!r}; the options are: {', '.join(sorted(known))}"
+            )
+        values: dict[str, Any] = {}
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name == "stop":
+                values[name] = _check_stop(value)
+            else:
+                values[name] = _check_number(OPTION_SPECS[name], value)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options that were set, as plain values (for a request body)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None and v != ():
+                out[f.name] = list(v) if f.name == "stop" else v
+        return out

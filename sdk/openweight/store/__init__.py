@@ -1,0 +1,233 @@
+"""The model store: installed models, the catalog, pulling and removing.
+
+Nothing here imports torch or transformers until a GGUF file is converted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ..types import ModelInfo
+from .catalog import CATALOG, DEFAULT_MODEL, CatalogEntry
+from .pull import (
+    Notify,
+    check_gguf,
+    convert_gguf,
+    dir_size,
+    fetch_catalog,
+    fetch_hub,
+    is_offline,
+    new_tmp_dir,
+    sha256_file,
+)
+from .registry import home, locked, read_registry, update_registry
+
+__all__ = [
+    "CATALOG",
+    "DEFAULT_MODEL",
+    "default_model",
+    "ensure_model",
+    "home",
+    "list_models",
+    "model_info",
+    "pull",
+    "remove_model",
+    "set_default",
+]
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidRequestError(f"model name {name!r} is invalid: use lower-case letters, "
+                                  "digits, '.', '_' and '-' (at most 64 characters)")
+    return name
+
+
+def _derive_name(raw: str) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", raw.lower()).strip("-.") or "model"
+    return name[:64]
+
+
+def default_model() -> str:
+    """The model used when none is named: set by `openweight default`, else smollm2-135m."""
+    value = read_registry().get("default")
+    return value if isinstance(value, str) else DEFAULT_MODEL
+
+
+def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
+    entry = CATALOG.get(name)
+    return ModelInfo(
+        name=name,
+        installed=True,
+        source=rec.get("source"),
+        path=rec.get("path"),
+        size_bytes=rec.get("size_bytes"),
+        family=rec.get("family") or (entry.family if entry else None),
+        description=entry.description if entry else None,
+        default=name == default,
+    )
+
+
+def list_models() -> list[ModelInfo]:
+    """Installed models first, then catalog models not yet installed."""
+    reg = read_registry()
+    default = reg.get("default") or DEFAULT_MODEL
+    out = [_record_to_info(n, r, default) for n, r in sorted(reg["models"].items())]
+    out += [
+        ModelInfo(name=e.name, installed=False, source=f"hub:{e.hub_id}",
+                  size_bytes=e.approx_bytes, family=e.family, description=e.description,
+                  default=e.name == default)
+        for e in CATALOG.values()
+        if e.name not in reg["models"]
+    ]
+    return out
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Everything known about one model: its registry record and catalog entry."""
+    reg = read_registry()
+    rec = reg["models"].get(name)
+    entry = CATALOG.get(name)
+    if rec is None and entry is None:
+        raise ModelNotFoundError(_unknown(name))
+    info: dict[str, Any] = {"name": name, "installed": rec is not None,
+                            "default": name == (reg.get("default") or DEFAULT_MODEL)}
+    if entry is not None:
+        info.update(hub_id=entry.hub_id, family=entry.family, parameters=entry.params,
+                    description=entry.description)
+    if rec is not None:
+        info.update(rec)
+    else:
+        info["approx_bytes"] = entry.approx_bytes if entry else None
+    return info
+
+
+def _unknown(name: str) -> str:
+    return (f"unknown model {name!r}: it is not installed and not in the catalog. "
+            "`openweight models` lists both; `openweight pull ORG/NAME` fetches a hub model, "
+            "`openweight pull PATH` registers a local directory or .gguf file")
+
+
+def ensure_model(name: str | None = None, *, notify: Notify = _stderr) -> tuple[str, Path]:
+    """The installed model's name and path, pulling a catalog model on first use."""
+    name = name or default_model()
+    rec = read_registry()["models"].get(name)
+    if rec is not None:
+        path = Path(rec["path"])
+        if not path.is_dir():
+            raise ModelLoadError(f"model {name} is registered at {path} but that directory is "
+                                 f"gone; run `openweight rm {name}` and pull it again")
+        return name, path
+    if name not in CATALOG:
+        raise ModelNotFoundError(_unknown(name))
+    if is_offline():
+        raise ModelNotFoundError(f"model {name} is not installed and offline mode is on; run "
+                                 f"`openweight pull {name}` with network access")
+    notify(f"openweight: {name} is not installed yet; pulling it (once)...")
+    info = pull(name, notify=notify)
+    return name, Path(info.path or "")
+
+
+def pull(source: str, *, name: str | None = None, progress: bool = True,
+         notify: Notify = _stderr) -> ModelInfo:
+    """Install a model from a catalog name, a hub repo id, a model directory or a .gguf file."""
+    path = Path(source).expanduser()
+    entry: CatalogEntry | None = None
+    if path.exists():
+        kind = "dir" if path.is_dir() else "gguf"
+        if kind == "gguf":
+            check_gguf(path)
+        target = _check_name(name or _derive_name(path.stem if kind == "gguf" else path.name))
+    elif source in CATALOG:
+        kind, entry = "catalog", CATALOG[source]
+        target = _check_name(name or source)
+    elif source.endswith(".gguf") or source.startswith((".", "/", "~")) or os.sep + os.sep in source:
+        raise InvalidRequestError(f"{source} does not exist; give an existing model directory "
+                                  "or .gguf file")
+    elif HUB_ID_RE.match(source):
+        kind = "hub"
+        target = _check_name(name or _derive_name(source.split("/", 1)[1]))
+    else:
+        raise ModelNotFoundError(_unknown(source))
+
+    with locked(f"model-{target}"):
+        reg = read_registry()
+        existing = reg["models"].get(target)
+        if existing is not None:
+            if existing.get("origin") == source:  # already pulled (maybe by a racing process)
+                return _record_to_info(target, existing, default_model())
+            raise InvalidRequestError(f"the name {target!r} is already taken by "
+                                      f"{existing.get('origin')}; choose another with --name or "
+                                      f"`openweight rm {target}` first")
+        record: dict[str, Any] = {"origin": source}
+        work = new_tmp_dir()
+        try:
+            if kind == "dir":
+                from ..local.loader import check_model_dir
+
+                check_model_dir(path.resolve())
+                record.update(source=f"dir:{path.resolve()}", format="safetensors",
+                              in_place=True, path=str(path.resolve()),
+                              size_bytes=dir_size(path))
+            else:
+                built = work / "model"
+                if kind == "gguf":
+                    convert_gguf(path, built, progress=progress)
+                    record.update(source=f"gguf:{path.resolve()}", format="gguf->safetensors",
+                                  sha256=sha256_file(path))
+                elif kind == "hub":
+                    revision = fetch_hub(source, built, progress=progress)
+                    record.update(source=f"hub:{source}", format="safetensors",
+                                  revision=revision)
+                else:
+                    assert entry is not None
+                    record.update(fetch_catalog(entry, work, notify, progress=progress))
+                    record["family"] = entry.family
+                final = home() / "models" / target
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if final.exists():  # left by a pull killed between rename and registry write
+                    shutil.rmtree(final)
+                os.replace(built, final)
+                record.update(path=str(final), size_bytes=dir_size(final), in_place=False)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        record["installed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with update_registry() as data:
+            data["models"][target] = record
+        return _record_to_info(target, record, default_model())
+
+
+def remove_model(name: str) -> None:
+    """Forget a model and delete its files (a directory registered in place is kept)."""
+    with locked(f"model-{name}"):
+        with update_registry() as data:
+            rec = data["models"].pop(name, None)
+            if rec is None:
+                raise ModelNotFoundError(f"model {name!r} is not installed; "
+                                         "`openweight models` lists what is")
+            if data.get("default") == name:
+                data["default"] = None
+        if not rec.get("in_place"):
+            shutil.rmtree(rec["path"], ignore_errors=True)
+
+
+def set_default(name: str) -> None:
+    """Make ``name`` (installed or in the catalog) the model used when none is named."""
+    if name not in read_registry()["models"] and name not in CATALOG:
+        raise ModelNotFoundError(_unknown(name))
+    with update_registry() as data:
+        data["default"] = name

