@@ -86,8 +86,8 @@ def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     import os
 
-    from openweight.store import sources as pull_mod
     from openweight.store import pull
+    from openweight.store import sources as pull_mod
 
     home = tmp_path_factory.mktemp("smollm2-store")
 

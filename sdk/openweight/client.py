@@ -76,7 +76,10 @@ class AsyncStream(AsyncIterator[Chunk]):
 def _local_backend(model: str | None, device: str | None, dtype: str | None) -> Backend:
     from .local import LocalEngine
 
-    if model is not None and ("/" in model or os.sep in model) and Path(model).expanduser().exists():
+    looks_like_path = model is not None and (
+        model.startswith(("/", ".", "~")) or Path(model).expanduser().exists()
+    )
+    if model is not None and looks_like_path:
         path = Path(model).expanduser()
         return LocalEngine(path, name=path.name, device=device, dtype=dtype)
     from .store import ensure_model
@@ -99,8 +102,8 @@ class _Base:
         self._backend: Backend | None = None
         if self._base_url is None:
             # fail early on a bad device/dtype; nothing heavy is imported or loaded here
-            from .local.loader import DEVICES, DTYPES
             from .errors import InvalidRequestError
+            from .local.loader import DEVICES, DTYPES
 
             if device is not None and device.split(":")[0].lower() not in DEVICES:
                 raise InvalidRequestError(f"device {device!r} is not supported; use one of "

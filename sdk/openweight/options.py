@@ -29,7 +29,8 @@ class OptionSpec:
     le: float | None = None
 
     def bounds_text(self) -> str:
-        low = f">= {self.ge}" if self.ge is not None else f"> {self.gt}" if self.gt is not None else ""
+        low = f">= {self.ge}" if self.ge is not None else ""
+        low = low or (f"> {self.gt}" if self.gt is not None else "")
         high = f"<= {self.le}" if self.le is not None else ""
         return " and ".join(p for p in (low, high) if p) or "any value"
 
@@ -52,7 +53,7 @@ OPTION_SPECS: dict[str, OptionSpec] = {
 }
 
 
-def _check_number(spec: OptionSpec, value: object) -> float | int:
+def _check_number(spec: OptionSpec, value: Any) -> float | int:
     ok_types: tuple[type, ...] = (int,) if spec.kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types):
         kind = "an integer" if spec.kind is int else "a number"
@@ -60,7 +61,8 @@ def _check_number(spec: OptionSpec, value: object) -> float | int:
             f"option {spec.name}={value!r} is invalid: it must be {kind} "
             f"({spec.bounds_text()})"
         )
-    v = float(value)
+    number: float = value
+    v = float(number)
     if (
         (spec.ge is not None and v < spec.ge)
         or (spec.gt is not None and v <= spec.gt)
@@ -70,7 +72,7 @@ def _check_number(spec: OptionSpec, value: object) -> float | int:
         raise InvalidRequestError(
             f"option {spec.name}={value!r} is out of range: it must be {spec.bounds_text()}"
         )
-    return int(value) if spec.kind is int else float(value)
+    return int(number) if spec.kind is int else v
 
 
 def _check_stop(value: object) -> tuple[str, ...]:

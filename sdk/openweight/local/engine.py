@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..errors import GenerationError, InvalidRequestError
 from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
-from ..types import ChatResult, Chunk, FinishReason, Message, Usage
+from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
 from .decode import IncrementalDecoder, StopMatcher
 from .loader import LoadedModel, load_model
 
@@ -218,17 +219,16 @@ class _LocalStream(Iterator[Chunk]):
         self._cancel.set()  # the worker stops at its next token
         close = getattr(self._gen, "close", None)
         if close is not None:
-            try:
+            # ValueError: being iterated in another thread; the cancel ends it
+            with contextlib.suppress(ValueError):
                 close()
-            except ValueError:  # being iterated in another thread: the cancel ends it
-                pass
 
 
 def collect(chunks: Iterator[Chunk], model: str) -> ChatResult:
     """Join a stream into one ChatResult (so stream and non-stream can never differ)."""
     text: list[str] = []
     reasoning: list[str] = []
-    calls = []
+    calls: list[ToolCall] = []
     finish: FinishReason = "stop"
     usage = Usage(0, 0)
     for chunk in chunks:

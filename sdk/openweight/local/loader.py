@@ -130,7 +130,9 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return int(getattr(tokenizer, "model_max_length", 2048))
 
 
-def load_model(path: str | Path, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, device: str | None = None, dtype: str | None = None
+) -> LoadedModel:
     """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``."""
     path = Path(path).expanduser().resolve()
     dev = resolve_device(device)

@@ -16,6 +16,7 @@ from typing import Any
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
 from ..types import ModelInfo
 from .catalog import CATALOG, DEFAULT_MODEL, CatalogEntry
+from .registry import home, locked, read_registry, update_registry
 from .sources import (
     Notify,
     check_gguf,
@@ -27,7 +28,6 @@ from .sources import (
     new_tmp_dir,
     sha256_file,
 )
-from .registry import home, locked, read_registry, update_registry
 
 __all__ = [
     "CATALOG",
@@ -155,7 +155,7 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
     elif source in CATALOG:
         kind, entry = "catalog", CATALOG[source]
         target = _check_name(name or source)
-    elif source.endswith(".gguf") or source.startswith((".", "/", "~")) or os.sep + os.sep in source:
+    elif source.endswith(".gguf") or source.startswith((".", "/", "~")):
         raise InvalidRequestError(f"{source} does not exist; give an existing model directory "
                                   "or .gguf file")
     elif HUB_ID_RE.match(source):
