@@ -68,13 +68,19 @@ def default_model() -> str:
     return value if isinstance(value, str) else DEFAULT_MODEL
 
 
+def _record_path(rec: dict[str, Any]) -> Path:
+    """Store-owned models are recorded relative to the home, so the store can move."""
+    path = Path(rec["path"])
+    return path if path.is_absolute() else home() / path
+
+
 def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
     entry = CATALOG.get(name)
     return ModelInfo(
         name=name,
         installed=True,
         source=rec.get("source"),
-        path=rec.get("path"),
+        path=str(_record_path(rec)),
         size_bytes=rec.get("size_bytes"),
         family=rec.get("family") or (entry.family if entry else None),
         description=entry.description if entry else None,
@@ -110,7 +116,7 @@ def model_info(name: str) -> dict[str, Any]:
         info.update(hub_id=entry.hub_id, family=entry.family, parameters=entry.params,
                     description=entry.description)
     if rec is not None:
-        info.update(rec)
+        info.update(rec, path=str(_record_path(rec)))
     else:
         info["approx_bytes"] = entry.approx_bytes if entry else None
     return info
@@ -127,7 +133,7 @@ def ensure_model(name: str | None = None, *, notify: Notify = _stderr) -> tuple[
     name = name or default_model()
     rec = read_registry()["models"].get(name)
     if rec is not None:
-        path = Path(rec["path"])
+        path = _record_path(rec)
         if not path.is_dir():
             raise ModelLoadError(f"model {name} is registered at {path} but that directory is "
                                  f"gone; run `openweight rm {name}` and pull it again")
@@ -202,7 +208,8 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
                 if final.exists():  # left by a pull killed between rename and registry write
                     shutil.rmtree(final)
                 os.replace(built, final)
-                record.update(path=str(final), size_bytes=dir_size(final), in_place=False)
+                record.update(path=str(final.relative_to(home())), size_bytes=dir_size(final),
+                              in_place=False)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         record["installed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -222,7 +229,7 @@ def remove_model(name: str) -> None:
             if data.get("default") == name:
                 data["default"] = None
         if not rec.get("in_place"):
-            shutil.rmtree(rec["path"], ignore_errors=True)
+            shutil.rmtree(_record_path(rec), ignore_errors=True)
 
 
 def set_default(name: str) -> None:

@@ -21,7 +21,7 @@ def home() -> Path:
     """``OPENWEIGHT_HOME``, else the platform's user cache dir (e.g. ~/.cache/openweight)."""
     env = os.environ.get("OPENWEIGHT_HOME")
     if env:
-        return Path(env).expanduser()
+        return Path(env).expanduser().absolute()
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("openweight", appauthor=False))
