@@ -11,7 +11,7 @@ async def main() -> None:
     answers = await asyncio.gather(
         *(client.generate(q, temperature=0, max_tokens=24) for q in questions)
     )
-    for q, a in zip(questions, answers):
+    for q, a in zip(questions, answers, strict=True):
         print(f"{q} -> {a.text}")
     async with client.stream([{"role": "user", "content": "Say hello."}], max_tokens=16,
                              temperature=0) as stream:
