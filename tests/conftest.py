@@ -18,39 +18,124 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tiny_model(path: Path, *, max_positions: int = 256, seed: int = 0) -> Path:
-    """A random 2-layer Llama with a byte-level tokenizer (every byte one token) and ChatML."""
-    import torch
+def byte_tokenizer(specials: list[str], **special_roles: object) -> object:
+    """A byte-level tokenizer with no merges (every byte one token) plus special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     alphabet = sorted(bytes_to_unicode().values())
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + alphabet)}
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
     tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **special_roles)
+
+
+def build_tiny_model(path: Path, *, max_positions: int = 256, seed: int = 0) -> Path:
+    """A random 2-layer Llama with a byte-level tokenizer (every byte one token) and ChatML."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer(
+        SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         bos_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
     )
-    tokenizer.chat_template = CHATML
+    tokenizer.chat_template = CHATML  # type: ignore[attr-defined]
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        eos_token_id=vocab["<|im_end|>"], bos_token_id=0, pad_token_id=0,
-        tie_word_embeddings=True, initializer_range=0.3,
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,  # type: ignore[arg-type]
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max_positions, eos_token_id=SPECIALS.index("<|im_end|>"),
+        bos_token_id=0, pad_token_id=0, tie_word_embeddings=True, initializer_range=0.3,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))  # type: ignore[attr-defined]
     return path
+
+
+HARMONY_SPECIALS = ["<|endoftext|>", "<|start|>", "<|channel|>", "<|message|>", "<|end|>",
+                    "<|return|>", "<|call|>", "<|constrain|>"]
+# A small harmony-style template written for these tests (not the official one): a system
+# message carrying the reasoning effort, analysis only for the current turn, tool results.
+HARMONY_TEMPLATE = (
+    "{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort "
+    "else 'medium' -%}"
+    "<|start|>system<|message|>Test model.\nReasoning: {{ effort }}<|end|>"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}<|start|>developer<|message|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'user' -%}<|start|>user<|message|>{{ m.content }}<|end|>"
+    "{%- elif m.role == 'assistant' -%}"
+    "{%- if m.thinking is defined and m.thinking -%}"
+    "<|start|>assistant<|channel|>analysis<|message|>{{ m.thinking }}<|end|>{%- endif -%}"
+    "{%- if m.tool_calls is defined and m.tool_calls -%}{%- for c in m.tool_calls -%}"
+    "<|start|>assistant<|channel|>commentary to=functions.{{ c.function.name }} "
+    "<|constrain|>json<|message|>{{ c.function.arguments | tojson }}<|call|>"
+    "{%- endfor -%}{%- else -%}"
+    "<|start|>assistant<|channel|>final<|message|>{{ m.content }}<|end|>{%- endif -%}"
+    "{%- elif m.role == 'tool' -%}"
+    "<|start|>functions.tool to=assistant<|channel|>commentary<|message|>{{ m.content }}<|end|>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
+)
+
+
+def build_tiny_gpt_oss(path: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer GptOssForCausalLM (4 experts) with harmony special tokens."""
+    import torch
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    tokenizer = byte_tokenizer(HARMONY_SPECIALS, eos_token="<|return|>",
+                               pad_token="<|endoftext|>",
+                               additional_special_tokens=HARMONY_SPECIALS[1:])
+    tokenizer.chat_template = HARMONY_TEMPLATE  # type: ignore[attr-defined]
+    ids = {t: HARMONY_SPECIALS.index(t) for t in HARMONY_SPECIALS}
+    config = GptOssConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,  # type: ignore[arg-type]
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+        eos_token_id=[ids["<|return|>"], ids["<|call|>"]], pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        initializer_range=0.3,
+    )
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))  # type: ignore[attr-defined]
+    return path
+
+
+def scripted_generate(token_ids: list[int]):  # type: ignore[no-untyped-def]
+    """A stand-in for model.generate that emits fixed token ids through the real streamer,
+    honouring max_new_tokens, eos ids and stopping criteria (a scripted engine)."""
+    import torch
+
+    def generate(*, input_ids, streamer, stopping_criteria, max_new_tokens,  # type: ignore[no-untyped-def]
+                 eos_token_id=None, **kwargs):
+        streamer.put(input_ids.cpu())
+        seq = input_ids
+        eos = set(eos_token_id or [])
+        for token in token_ids[:max_new_tokens]:
+            step = torch.tensor([[token]], device=input_ids.device)
+            streamer.put(step[0])
+            seq = torch.cat([seq, step], dim=1)
+            if token in eos or any(bool(c(seq, None).all()) for c in stopping_criteria):
+                break
+        streamer.end()
+
+    return generate
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gpt_oss(tmp_path_factory.mktemp("gptoss") / "tiny-gpt-oss")
 
 
 @pytest.fixture(scope="session")

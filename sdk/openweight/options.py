@@ -27,8 +27,11 @@ class OptionSpec:
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    choices: tuple[str, ...] = ()
 
     def bounds_text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
         low = f">= {self.ge}" if self.ge is not None else ""
         low = low or (f"> {self.gt}" if self.gt is not None else "")
         high = f"<= {self.le}" if self.le is not None else ""
@@ -49,20 +52,25 @@ OPTION_SPECS: dict[str, OptionSpec] = {
         OptionSpec("repetition_penalty", float, "Penalty above 1.0 discourages repeating tokens",
                    gt=0.0, le=10.0),
         OptionSpec("seed", int, "Random seed for reproducible sampling", ge=0, le=2**63 - 1),
+        OptionSpec("reasoning_effort", str, "How much the model reasons before answering "
+                   "(gpt-oss)", choices=("low", "medium", "high")),
     )
 }
 
 
-def _check_number(spec: OptionSpec, value: Any) -> float | int:
-    ok_types: tuple[type, ...] = (int,) if spec.kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_types):
+def _check_number(spec: OptionSpec, value: object) -> float | int:
+    wrong_type = (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (spec.kind is int and not isinstance(value, int))
+    )
+    if wrong_type or not isinstance(value, (int, float)):
         kind = "an integer" if spec.kind is int else "a number"
         raise InvalidRequestError(
             f"option {spec.name}={value!r} is invalid: it must be {kind} "
             f"({spec.bounds_text()})"
         )
-    number: float = value
-    v = float(number)
+    v = float(value)
     if (
         (spec.ge is not None and v < spec.ge)
         or (spec.gt is not None and v <= spec.gt)
@@ -72,7 +80,15 @@ def _check_number(spec: OptionSpec, value: Any) -> float | int:
         raise InvalidRequestError(
             f"option {spec.name}={value!r} is out of range: it must be {spec.bounds_text()}"
         )
-    return int(number) if spec.kind is int else v
+    return int(value) if spec.kind is int else v
+
+
+def _check_choice(spec: OptionSpec, value: object) -> str:
+    if not isinstance(value, str) or value.lower() not in spec.choices:
+        raise InvalidRequestError(
+            f"option {spec.name}={value!r} is invalid: it must be {spec.bounds_text()}"
+        )
+    return value.lower()
 
 
 def _check_stop(value: object) -> tuple[str, ...]:
@@ -104,6 +120,7 @@ class GenerationOptions:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    reasoning_effort: str | None = None
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> GenerationOptions:
@@ -118,8 +135,11 @@ class GenerationOptions:
         for name, value in options.items():
             if value is None:
                 continue
+            spec = OPTION_SPECS.get(name)
             if name == "stop":
                 values[name] = _check_stop(value)
+            elif spec is not None and spec.choices:
+                values[name] = _check_choice(spec, value)
             else:
                 values[name] = _check_number(OPTION_SPECS[name], value)
         return cls(**values)

@@ -35,11 +35,11 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """Whatever is still held back at the end of generation."""
+        """What is still held back at the end, less a character cut off mid-way."""
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return after[len(before) :] if len(after) > len(before) else ""
+        return after[len(before) :].rstrip("\ufffd") if len(after) > len(before) else ""
 
 
 class StopMatcher:

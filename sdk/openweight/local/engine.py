@@ -12,8 +12,9 @@ from typing import Any
 from ..errors import GenerationError, InvalidRequestError
 from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
 from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
-from .decode import IncrementalDecoder, StopMatcher
+from .decode import StopMatcher
 from .loader import LoadedModel, load_model
+from .parsers import Delta, OutputParser, PlainParser
 
 __all__ = ["LocalEngine", "collect"]
 
@@ -70,12 +71,38 @@ class LocalEngine:
             self._loaded = load_model(self.path, self._device, self._dtype)
         return self._loaded
 
-    def encode(self, messages: Sequence[Message]) -> list[int]:
+    @property
+    def is_harmony(self) -> bool:
+        return self.loaded.harmony_ids is not None
+
+    def _template_messages(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        """Messages as template dicts; earlier turns' reasoning is dropped (harmony's rule)."""
+        last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+        out = []
+        for i, m in enumerate(messages):
+            d = m.to_dict()
+            reasoning = d.pop("reasoning_content", None)
+            if reasoning and i > last_user:  # the current turn's reasoning (a tool-call chain)
+                d["thinking"] = reasoning
+            out.append(d)
+        return out
+
+    def encode(self, messages: Sequence[Message],
+               options: GenerationOptions | None = None) -> list[int]:
         """Token ids of the conversation formatted by the model's chat template."""
         tok = self.loaded.tokenizer
+        extra: dict[str, Any] = {}
+        if options is not None and options.reasoning_effort is not None:
+            if not self.is_harmony:
+                raise InvalidRequestError(
+                    f"option reasoning_effort is not supported by {self.name}: it has no "
+                    "reasoning-effort control (gpt-oss models do); remove the option"
+                )
+            extra["reasoning_effort"] = options.reasoning_effort
         try:
             text = tok.apply_chat_template(
-                [m.to_dict() for m in messages], add_generation_prompt=True, tokenize=False
+                self._template_messages(messages), add_generation_prompt=True, tokenize=False,
+                **extra,
             )
         except Exception as exc:
             raise InvalidRequestError(f"the chat template of {self.name} rejected these "
@@ -88,7 +115,7 @@ class LocalEngine:
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Chunk]:
         """Validate now, then return a generator of chunks (close it to stop generating)."""
         lm = self.loaded
-        prompt = self.encode(messages)
+        prompt = self.encode(messages, options)
         room = lm.context_length - len(prompt)
         if room <= 0:
             raise InvalidRequestError(
@@ -97,6 +124,13 @@ class LocalEngine:
             )
         max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
         return self._generate(lm, prompt, max_new, options)
+
+    def _parser(self, lm: LoadedModel) -> OutputParser:
+        if lm.harmony_ids is not None:
+            from ..harmony import HarmonyParser
+
+            return HarmonyParser(lm.tokenizer, lm.harmony_ids)
+        return PlainParser(lm.tokenizer)
 
     def _generation_kwargs(self, lm: LoadedModel, options: GenerationOptions,
                            max_new: int) -> dict[str, Any]:
@@ -152,50 +186,58 @@ class LocalEngine:
                 tokens.put(_DONE)
 
         worker = threading.Thread(target=work, name="openweight-generate", daemon=True)
+        parser = self._parser(lm)
+
+        def next_token() -> int | None:
+            """The next generated token id; None when generation has ended."""
+            while True:
+                try:
+                    item = tokens.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if not worker.is_alive() and tokens.empty():
+                        raise GenerationError("the generation thread ended without a "
+                                              "result") from None
+                    continue
+                if item is _DONE:
+                    return None
+                if isinstance(item, BaseException):
+                    raise GenerationError(f"generation failed in {self.name}: {item}") from item
+                assert isinstance(item, int)
+                return item
 
         def chunks() -> Iterator[Chunk]:
-            decoder = IncrementalDecoder(lm.tokenizer)
             stops = StopMatcher(options.stop)
             count = 0
             finish: FinishReason = "length"
             worker.start()
             try:
-                while True:
-                    try:
-                        item = tokens.get(timeout=POLL_SECONDS)
-                    except queue.Empty:
-                        if not worker.is_alive() and tokens.empty():
-                            raise GenerationError("the generation thread ended without a "
-                                                  "result") from None
-                        continue
-                    if item is _DONE:
-                        break
-                    if isinstance(item, BaseException):
-                        raise GenerationError(f"generation failed in {self.name}: "
-                                              f"{item}") from item
-                    assert isinstance(item, int)
+                deltas: list[Delta] = []
+                while (token := next_token()) is not None:
                     count += 1
-                    if item in lm.eos_ids:
+                    deltas = parser.feed(token)
+                    if token in lm.eos_ids:
                         finish = "stop"
-                        break
-                    text = stops.feed(decoder.add(item))
+                    if finish == "stop" or count >= max_new:
+                        deltas += parser.flush()
+                    chunk = _to_chunk(deltas, stops)
+                    if chunk is not None:
+                        yield chunk
                     if stops.stopped:
                         finish = "stop"
-                        if text:
-                            yield Chunk(text=text)
+                    if finish == "stop" or count >= max_new:
                         break
-                    if text:
-                        yield Chunk(text=text)
-                    if count >= max_new:
-                        break
-                if not stops.stopped:
-                    tail = stops.feed(decoder.flush())
-                    tail += "" if stops.stopped else stops.flush()
-                    if stops.stopped:
-                        finish = "stop"
-                    if tail:
-                        yield Chunk(text=tail)
-                yield Chunk(finish_reason=finish,
+                else:
+                    chunk = _to_chunk(parser.flush(), stops)
+                    if chunk is not None:
+                        yield chunk
+                tail = "" if stops.stopped else stops.flush()
+                if tail:
+                    yield Chunk(text=tail)
+                if stops.stopped:
+                    finish = "stop"
+                if parser.tool_calls and not stops.stopped:
+                    finish = "tool_calls"
+                yield Chunk(tool_calls=tuple(parser.tool_calls), finish_reason=finish,
                             usage=Usage(prompt_tokens=len(prompt), completion_tokens=count))
             finally:
                 cancel.set()
@@ -203,6 +245,16 @@ class LocalEngine:
                     worker.join(timeout=30)
 
         return _LocalStream(chunks(), cancel)
+
+
+def _to_chunk(deltas: list[Delta], stops: StopMatcher) -> Chunk | None:
+    """Merge deltas into one chunk; stop strings apply to the answer text only."""
+    if stops.stopped:
+        return None
+    text = "".join(stops.feed(piece) for kind, piece in deltas
+                   if kind == "text" and not stops.stopped)
+    reasoning = "".join(piece for kind, piece in deltas if kind == "reasoning")
+    return Chunk(text=text, reasoning=reasoning) if text or reasoning else None
 
 
 class _LocalStream(Iterator[Chunk]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ class LoadedModel:
     dtype: str
     context_length: int
     eos_ids: frozenset[int]
+    model_type: str = ""
+    harmony_ids: dict[str, int] | None = None
     # one generation at a time per model: results never depend on what runs beside them
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -130,6 +133,47 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return int(getattr(tokenizer, "model_max_length", 2048))
 
 
+def _quant_method(path: Path) -> str | None:
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    quant = config.get("quantization_config") or {}
+    return quant.get("quant_method") if isinstance(quant, dict) else None
+
+
+def mxfp4_supported(device: str) -> tuple[bool, str]:
+    """Whether gpt-oss's MXFP4 weights can stay packed on ``device``, and if not, why."""
+    if not device.startswith("cuda"):
+        return False, f"MXFP4 kernels run on CUDA GPUs, not on {device}"
+    import torch
+    from transformers.utils import is_kernels_available, is_triton_available
+
+    if torch.cuda.get_device_capability() < (7, 5):
+        return False, "MXFP4 needs a GPU of compute capability 7.5 or newer"
+    if not is_triton_available("3.4.0"):
+        return False, "MXFP4 needs triton >= 3.4 (pip install triton)"
+    if not is_kernels_available():
+        return False, "MXFP4 needs the kernels package (pip install kernels)"
+    return True, "MXFP4 kernels available"
+
+
+_notified: set[str] = set()
+
+
+def _notify_once(message: str) -> None:
+    if message not in _notified:
+        _notified.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def _harmony_ids(config: Any, tokenizer: Any) -> dict[str, int] | None:
+    """gpt-oss models, and any whose tokenizer carries every harmony special token."""
+    from ..harmony import harmony_token_ids
+
+    ids = harmony_token_ids(tokenizer)
+    if getattr(config, "model_type", "") == "gpt_oss" and ids is None:
+        raise ModelLoadError("this gpt-oss model's tokenizer lacks the harmony special tokens")
+    return ids
+
+
 def load_model(
     path: str | Path, device: str | None = None, dtype: str | None = None
 ) -> LoadedModel:
@@ -146,10 +190,24 @@ def load_model(
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from .memory import check_fits, estimate_memory
+
         hf_logging.disable_progress_bar()
+        extra: dict[str, Any] = {}
+        keep_mxfp4 = False
+        if _quant_method(path) == "mxfp4":
+            keep_mxfp4, why = mxfp4_supported(dev)
+            if not keep_mxfp4:
+                from transformers import Mxfp4Config
+
+                extra["quantization_config"] = Mxfp4Config(dequantize=True)
+                _notify_once(f"openweight: {why}; dequantising {path.name}'s MXFP4 weights to "
+                             f"{dt} (about 4x the memory of MXFP4)")
+        check_fits(estimate_memory(path, dev, dt, keep_mxfp4=keep_mxfp4), path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dt))
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dt),
+                                                         **extra)
             model.to(dev)
             model.eval()
         except Exception as exc:
@@ -165,6 +223,8 @@ def load_model(
             dtype=dt,
             context_length=_context_length(model.config, tokenizer),
             eos_ids=_eos_ids(model, tokenizer),
+            model_type=str(getattr(model.config, "model_type", "")),
+            harmony_ids=_harmony_ids(model.config, tokenizer),
         )
         _cache[key] = loaded
         return loaded

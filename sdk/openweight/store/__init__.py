@@ -117,9 +117,22 @@ def model_info(name: str) -> dict[str, Any]:
                     description=entry.description)
     if rec is not None:
         info.update(rec, path=str(_record_path(rec)))
+        info["memory_estimate"] = _estimate(_record_path(rec))
     else:
         info["approx_bytes"] = entry.approx_bytes if entry else None
     return info
+
+
+def _estimate(path: Path) -> dict[str, Any] | str:
+    """What loading this model on the auto device would take, against what is free."""
+    from ..local.loader import resolve_device, resolve_dtype
+    from ..local.memory import estimate_memory
+
+    device = resolve_device("auto")
+    try:
+        return estimate_memory(path, device, resolve_dtype("auto", device)).as_dict()
+    except Exception as exc:  # a broken config is reported, not fatal for `info`
+        return f"unavailable: {exc}"
 
 
 def _unknown(name: str) -> str:

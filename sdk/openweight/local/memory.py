@@ -1,0 +1,133 @@
+"""Will it fit? An estimate of a model's memory before loading it, from its config alone."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+
+__all__ = ["PLANNING_CONTEXT", "MemoryEstimate", "check_fits", "estimate_memory", "free_memory"]
+
+PLANNING_CONTEXT = 8192  # tokens of KV cache planned for (or the model's window, if smaller)
+OVERHEAD = 1.10  # activations, allocator slack
+MXFP4_BYTES_PER_PARAM = 4.25 / 8
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_GB = 1e9
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    context: int
+    device: str
+    dtype: str
+    free_bytes: int | None
+
+    @property
+    def total_bytes(self) -> int:
+        return int((self.weights_bytes + self.kv_cache_bytes) * OVERHEAD)
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.total_bytes <= self.free_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "parameters": self.parameters,
+            "weights_gb": round(self.weights_bytes / _GB, 3),
+            "kv_cache_gb": round(self.kv_cache_bytes / _GB, 3),
+            "kv_cache_context": self.context,
+            "total_gb": round(self.total_bytes / _GB, 3),
+            "free_gb": None if self.free_bytes is None else round(self.free_bytes / _GB, 3),
+            "device": self.device,
+            "dtype": self.dtype,
+            "fits": self.fits,
+        }
+
+
+def free_memory(device: str) -> int | None:
+    """Bytes free on ``device`` now (None if unknown)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _count_parameters(config: Any) -> tuple[int, int]:
+    """(all parameters, those in MoE experts), counted on a weightless meta-device model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    total = experts = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if ".experts." in name:
+            experts += p.numel()
+    return total, experts
+
+
+def _kv_bytes(config: Any, context: int, bytes_per: int) -> int:
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * layers
+    total = 0
+    for kind in types[:layers]:
+        tokens = min(context, window) if kind == "sliding_attention" and window else context
+        total += 2 * kv_heads * head_dim * tokens * bytes_per
+    return total
+
+
+def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = False,
+                    context: int | None = None) -> MemoryEstimate:
+    """Parameters x bytes per parameter, plus the KV cache for ``context`` tokens."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    params, expert_params = _count_parameters(config)
+    bytes_per = _BYTES[dtype]
+    if keep_mxfp4:
+        weights = int(expert_params * MXFP4_BYTES_PER_PARAM + (params - expert_params) * bytes_per)
+    else:
+        weights = params * bytes_per
+    window = int(getattr(config, "max_position_embeddings", PLANNING_CONTEXT) or PLANNING_CONTEXT)
+    ctx = min(context or PLANNING_CONTEXT, window)
+    return MemoryEstimate(params, weights, _kv_bytes(config, ctx, bytes_per), ctx, device,
+                          dtype, free_memory(device))
+
+
+def check_fits(estimate: MemoryEstimate, name: str) -> None:
+    """Refuse, with both numbers and what would help, a model that cannot fit."""
+    if estimate.fits:
+        return
+    assert estimate.free_bytes is not None
+    raise ModelLoadError(
+        f"{name} needs about {estimate.total_bytes / _GB:.1f} GB on {estimate.device} "
+        f"({estimate.parameters / 1e9:.2f}B parameters in {estimate.dtype}: "
+        f"{estimate.weights_bytes / _GB:.1f} GB, plus {estimate.kv_cache_bytes / _GB:.1f} GB of "
+        f"KV cache for {estimate.context} tokens) but only "
+        f"{estimate.free_bytes / _GB:.1f} GB is free. Try another device (device='cuda'), "
+        "a smaller dtype (dtype='bfloat16'), a quantized or smaller model, or a remote "
+        "server (base_url=...)"
+    )
