@@ -107,6 +107,90 @@ def build_tiny_gpt_oss(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
+QWEN3_TEMPLATE = (
+    "{%- for m in messages -%}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and m.reasoning_content is defined and m.reasoning_content %}"
+    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif -%}"
+    "{{ m.content }}<|im_end|>\n{% endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}"
+    "<think>\n\n</think>\n\n{% endif -%}{%- endif -%}"
+)
+R1_TEMPLATE = (
+    "<｜begin▁of▁sentence｜>{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}{{ m.content }}"
+    "{%- elif m.role == 'user' -%}<｜User｜>{{ m.content }}"
+    "{%- elif m.role == 'assistant' -%}<｜Assistant｜>{{ m.content }}<｜end▁of▁sentence｜>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<｜Assistant｜><think>\n{% endif -%}"
+)
+LLAMA3_TEMPLATE = (
+    "<|begin_of_text|>{%- for m in messages -%}"
+    "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{% endfor -%}"
+    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif -%}"
+)
+FAMILIES: dict[str, dict[str, object]] = {
+    "qwen3": {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              "eos": "<|im_end|>", "template": QWEN3_TEMPLATE, "think": True},
+    "r1": {"specials": ["<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>", "<｜User｜>",
+                        "<｜Assistant｜>"],
+           "eos": "<｜end▁of▁sentence｜>", "template": R1_TEMPLATE, "think": True},
+    "llama3": {"specials": ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>",
+                            "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"],
+               "eos": "<|end_of_text|>", "template": LLAMA3_TEMPLATE, "think": False},
+}
+
+
+def build_family_model(path: Path, family: str, *, seed: int = 0) -> Path:
+    """A tiny random model whose tokenizer and template carry a real family's special tokens:
+    Qwen3 (think tags, enable_thinking), DeepSeek-R1 distill (template opens <think>), or
+    Llama 3 (end-of-turn tokens, sampling defaults in its generation config)."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config
+    from transformers import Qwen3ForCausalLM
+
+    spec = FAMILIES[family]
+    specials = list(spec["specials"])  # type: ignore[call-overload]
+    tokenizer = byte_tokenizer(specials, eos_token=spec["eos"], pad_token=specials[0],
+                               additional_special_tokens=specials[1:])
+    if spec["think"]:
+        tokenizer.add_tokens(["<think>", "</think>"])  # type: ignore[attr-defined]
+    tokenizer.chat_template = spec["template"]  # type: ignore[attr-defined]
+    vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
+    common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, eos_token_id=vocab[spec["eos"]], pad_token_id=0,
+                  initializer_range=0.3, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))  # type: ignore[arg-type]
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))  # type: ignore[arg-type]
+    if family == "llama3":
+        model.generation_config = GenerationConfig(
+            do_sample=True, temperature=0.6, top_p=0.9, bos_token_id=vocab["<|begin_of_text|>"],
+            eos_token_id=[vocab["<|end_of_text|>"], vocab["<|eom_id|>"], vocab["<|eot_id|>"]],
+        )
+    model.to(torch.bfloat16).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))  # type: ignore[attr-defined]
+    return path
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """family_model("qwen3" | "r1" | "llama3") -> path, built once per session."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family_model(tmp_path_factory.mktemp(family) / family, family)
+        return built[family]
+
+    return get
+
+
 def scripted_generate(token_ids: list[int]):  # type: ignore[no-untyped-def]
     """A stand-in for model.generate that emits fixed token ids through the real streamer,
     honouring max_new_tokens, eos ids and stopping criteria (a scripted engine)."""

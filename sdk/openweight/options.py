@@ -52,6 +52,8 @@ OPTION_SPECS: dict[str, OptionSpec] = {
         OptionSpec("repetition_penalty", float, "Penalty above 1.0 discourages repeating tokens",
                    gt=0.0, le=10.0),
         OptionSpec("seed", int, "Random seed for reproducible sampling", ge=0, le=2**63 - 1),
+        OptionSpec("thinking", bool, "Think before answering, on or off (Qwen3 and other "
+                   "models with a thinking switch)"),
         OptionSpec("reasoning_effort", str, "How much the model reasons before answering "
                    "(gpt-oss)", choices=("low", "medium", "high")),
     )
@@ -91,6 +93,14 @@ def _check_choice(spec: OptionSpec, value: object) -> str:
     return value.lower()
 
 
+def _check_bool(spec: OptionSpec, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(
+            f"option {spec.name}={value!r} is invalid: it must be true or false"
+        )
+    return value
+
+
 def _check_stop(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -121,6 +131,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     reasoning_effort: str | None = None
+    thinking: bool | None = None
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> GenerationOptions:
@@ -138,6 +149,8 @@ class GenerationOptions:
             spec = OPTION_SPECS.get(name)
             if name == "stop":
                 values[name] = _check_stop(value)
+            elif spec is not None and spec.kind is bool:
+                values[name] = _check_bool(spec, value)
             elif spec is not None and spec.choices:
                 values[name] = _check_choice(spec, value)
             else:

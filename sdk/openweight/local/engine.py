@@ -15,6 +15,7 @@ from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
 from .decode import StopMatcher
 from .loader import LoadedModel, load_model
 from .parsers import Delta, OutputParser, PlainParser
+from .thinking import THINK_CLOSE, THINK_OPEN, ThinkParser, starts_inside_think, think_token_ids
 
 __all__ = ["LocalEngine", "collect"]
 
@@ -76,38 +77,57 @@ class LocalEngine:
         return self.loaded.harmony_ids is not None
 
     def _template_messages(self, messages: Sequence[Message]) -> list[dict[str, Any]]:
-        """Messages as template dicts; earlier turns' reasoning is dropped (harmony's rule)."""
+        """Messages as template dicts. Reasoning is kept only for the current turn (a tool-call
+        chain after the last user message); earlier turns' reasoning is dropped, as gpt-oss's
+        harmony and the think-tag families (Qwen3, DeepSeek-R1) expect."""
         last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
         out = []
         for i, m in enumerate(messages):
             d = m.to_dict()
             reasoning = d.pop("reasoning_content", None)
-            if reasoning and i > last_user:  # the current turn's reasoning (a tool-call chain)
-                d["thinking"] = reasoning
+            if reasoning and i > last_user:
+                d["thinking"] = d["reasoning_content"] = reasoning
+            if m.role == "assistant" and i < last_user and THINK_CLOSE in m.content:
+                d["content"] = m.content.rsplit(THINK_CLOSE, 1)[1].lstrip("\n")
             out.append(d)
         return out
 
-    def encode(self, messages: Sequence[Message],
-               options: GenerationOptions | None = None) -> list[int]:
-        """Token ids of the conversation formatted by the model's chat template."""
-        tok = self.loaded.tokenizer
+    def format(self, messages: Sequence[Message], options: GenerationOptions | None = None) -> str:
+        """The prompt text the model's chat template makes of the conversation and options."""
+        lm = self.loaded
+        opts = options or GenerationOptions()
         extra: dict[str, Any] = {}
-        if options is not None and options.reasoning_effort is not None:
-            if not self.is_harmony:
+        if opts.reasoning_effort is not None:
+            if lm.harmony_ids is None:
                 raise InvalidRequestError(
                     f"option reasoning_effort is not supported by {self.name}: it has no "
                     "reasoning-effort control (gpt-oss models do); remove the option"
                 )
-            extra["reasoning_effort"] = options.reasoning_effort
+            extra["reasoning_effort"] = opts.reasoning_effort
+        if opts.thinking is not None:
+            if lm.harmony_ids is not None:
+                raise InvalidRequestError(f"{self.name} always reasons; control how much with "
+                                          "reasoning_effort (low, medium, high), not thinking")
+            if "enable_thinking" not in (lm.tokenizer.chat_template or ""):
+                raise InvalidRequestError(f"option thinking is not supported by {self.name}: "
+                                          "its chat template has no thinking switch")
+            extra["enable_thinking"] = opts.thinking
         try:
-            text = tok.apply_chat_template(
+            return str(lm.tokenizer.apply_chat_template(
                 self._template_messages(messages), add_generation_prompt=True, tokenize=False,
                 **extra,
-            )
+            ))
         except Exception as exc:
             raise InvalidRequestError(f"the chat template of {self.name} rejected these "
                                       f"messages: {exc}") from exc
-        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def encode(self, messages: Sequence[Message],
+               options: GenerationOptions | None = None) -> list[int]:
+        """Token ids of the conversation formatted by the model's chat template."""
+        return self.tokenize(self.format(messages, options))
 
     def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         return collect(self.stream(messages, options), self.name)
@@ -115,7 +135,19 @@ class LocalEngine:
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Chunk]:
         """Validate now, then return a generator of chunks (close it to stop generating)."""
         lm = self.loaded
-        prompt = self.encode(messages, options)
+        text = self.format(messages, options)
+        return self._start(self.tokenize(text), options, self._parser(lm, text))
+
+    def complete(self, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+        """Continue raw text, with no chat template (the legacy completions API)."""
+        ids = list(self.loaded.tokenizer(prompt)["input_ids"])
+        if not prompt or not ids:
+            raise InvalidRequestError("the prompt is empty; give some text to continue")
+        return self._start(ids, options, PlainParser(self.loaded.tokenizer))
+
+    def _start(self, prompt: list[int], options: GenerationOptions,
+               parser: OutputParser) -> Iterator[Chunk]:
+        lm = self.loaded
         room = lm.context_length - len(prompt)
         if room <= 0:
             raise InvalidRequestError(
@@ -123,13 +155,18 @@ class LocalEngine:
                 f"{lm.context_length} tokens; shorten the conversation"
             )
         max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
-        return self._generate(lm, prompt, max_new, options)
+        return self._generate(lm, prompt, max_new, options, parser)
 
-    def _parser(self, lm: LoadedModel) -> OutputParser:
+    def _parser(self, lm: LoadedModel, prompt: str) -> OutputParser:
+        """The output format of this model family: harmony, think tags, or plain text."""
         if lm.harmony_ids is not None:
             from ..harmony import HarmonyParser
 
             return HarmonyParser(lm.tokenizer, lm.harmony_ids)
+        if think_token_ids(lm.tokenizer) is not None or THINK_OPEN in (
+            lm.tokenizer.chat_template or ""
+        ):
+            return ThinkParser(lm.tokenizer, inside=starts_inside_think(prompt))
         return PlainParser(lm.tokenizer)
 
     def _generation_kwargs(self, lm: LoadedModel, options: GenerationOptions,
@@ -158,7 +195,8 @@ class LocalEngine:
         return kwargs
 
     def _generate(self, lm: LoadedModel, prompt: list[int], max_new: int,
-                  options: GenerationOptions) -> Iterator[Chunk]:
+                  options: GenerationOptions,
+                  parser: OutputParser | None = None) -> Iterator[Chunk]:
         import torch
 
         tokens: queue.Queue[object] = queue.Queue()
@@ -186,7 +224,7 @@ class LocalEngine:
                 tokens.put(_DONE)
 
         worker = threading.Thread(target=work, name="openweight-generate", daemon=True)
-        parser = self._parser(lm)
+        parser = parser or PlainParser(lm.tokenizer)
 
         def next_token() -> int | None:
             """The next generated token id; None when generation has ended."""

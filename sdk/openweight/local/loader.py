@@ -112,8 +112,16 @@ def check_model_dir(path: Path) -> None:
         raise ModelLoadError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)})")
 
 
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")  # Llama 3.x, ChatML
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every token that ends the assistant's turn: the generation config's, the tokenizer's,
+    and the well-known end-of-turn tokens the vocabulary has."""
     ids: set[int] = set()
+    vocab = tokenizer.get_vocab()
+    if "<|channel|>" not in vocab:  # in harmony, an end-of-message token is not the end
+        ids.update(int(vocab[t]) for t in END_OF_TURN if t in vocab)
     for source in (getattr(model, "generation_config", None), model.config):
         eos = getattr(source, "eos_token_id", None)
         if isinstance(eos, int):
