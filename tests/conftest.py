@@ -148,8 +148,13 @@ def build_family_model(path: Path, family: str, *, seed: int = 0) -> Path:
     Qwen3 (think tags, enable_thinking), DeepSeek-R1 distill (template opens <think>), or
     Llama 3 (end-of-turn tokens, sampling defaults in its generation config)."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config
-    from transformers import Qwen3ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     spec = FAMILIES[family]
     specials = list(spec["specials"])  # type: ignore[call-overload]

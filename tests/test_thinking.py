@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from conftest import scripted_generate
-
 from openweight import Client, InvalidRequestError
 from openweight.local.thinking import ThinkParser
 from openweight.options import GenerationOptions
