@@ -11,8 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-import openweight
 import pytest
+
+import openweight
 from openweight import (
     AsyncClient,
     Client,

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import scripted_generate
+
 from openweight import Client, InvalidRequestError, ModelLoadError
 from openweight.cli import main
 from openweight.harmony import HarmonyParser, harmony_token_ids
 from openweight.local import loader, memory
 from openweight.options import GenerationOptions
 from openweight.types import to_messages
+
+from conftest import scripted_generate
 
 HI = [{"role": "user", "content": "What is 2+2?"}]
 ANALYSIS = "User asks 2+2. Easy: 4 — café ✓."

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import registry_of
 
 import openweight
 from openweight import Client, InvalidRequestError, ModelLoadError, ModelNotFoundError
@@ -20,6 +19,8 @@ from openweight.cli import main
 from openweight.store import CATALOG, default_model, list_models, model_info, pull
 from openweight.store import sources as sources_mod
 from openweight.store.registry import write_json_atomic
+
+from conftest import registry_of
 
 
 def _store_is_empty(home: Path) -> bool:
@@ -56,7 +57,9 @@ def test_pull_dir_registers_in_place(store: Path, tiny_model: Path) -> None:
     assert not [m for m in list_models() if m.installed]
 
 
-def test_name_taken_leaves_store_unchanged(store: Path, tiny_model: Path, short_model: Path) -> None:
+def test_name_taken_leaves_store_unchanged(
+    store: Path, tiny_model: Path, short_model: Path
+) -> None:
     pull(str(tiny_model), name="mine")
     before = (store / "registry.json").read_text()
     with pytest.raises(InvalidRequestError, match="already taken"):
@@ -86,7 +89,7 @@ def test_bad_name(store: Path, tiny_model: Path) -> None:
 
 def test_dir_that_is_not_a_model(store: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="config.json is missing"):
+    with pytest.raises(ModelLoadError, match=r"config\.json is missing"):
         pull(str(tmp_path / "empty"))
     assert _store_is_empty(store)
 
@@ -140,7 +143,8 @@ def test_offline_catalog_model_says_which_pull(store: Path) -> None:
 
 
 def test_catalog_model_auto_pulled_with_notice(
-    store: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    store: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.delenv("OPENWEIGHT_OFFLINE")
 

@@ -7,12 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import scripted_generate
+
 from openweight import Client, InvalidRequestError
 from openweight.local.thinking import ThinkParser
 from openweight.options import GenerationOptions
 from openweight.store import CATALOG
 from openweight.types import to_messages
+
+from conftest import scripted_generate
 
 HI = [{"role": "user", "content": "Why is the sky blue?"}]
 REASON = "Rayleigh scattering — short λ scatter more ✓"

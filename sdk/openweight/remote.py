@@ -1,0 +1,537 @@
+"""The httpx backend: talk to any OpenAI-compatible server (openweight serve, vLLM, Ollama, ...).
+
+Pure logic (building requests, parsing answers and stream events, mapping failures
+to the SDK's errors) lives in ``_RemoteLogic``; ``RemoteBackend`` adds the few lines
+of sync and async I/O around it, as httpx does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from httpx_sse import EventSource, ServerSentEvent
+
+from .errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OpenWeightError,
+    RemoteConnectionError,
+    RemoteError,
+    RemoteStatusError,
+    RemoteTimeoutError,
+)
+from .options import GenerationOptions
+from .types import ChatResult, Chunk, FinishReason, Message, ModelInfo, ToolCall, Usage
+
+__all__ = ["RemoteBackend", "StreamParser"]
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+INVALID_STATUSES = frozenset({400, 413, 422})
+MAX_RETRY_AFTER = 30.0
+_FINISH: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls",
+                                    "function_call": "tool_calls"}
+
+
+def _finish(value: object) -> FinishReason:
+    """Servers say stop, eos, end_turn, content_filter...: all but these two mean "stop"."""
+    return _FINISH.get(value, "stop") if isinstance(value, str) else "stop"
+
+
+def _usage(value: object) -> Usage | None:
+    if not isinstance(value, Mapping):
+        return None
+    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
+    return Usage(prompt_tokens=prompt if isinstance(prompt, int) else 0,
+                 completion_tokens=completion if isinstance(completion, int) else 0)
+
+
+def _arguments(raw: object) -> Mapping[str, Any]:
+    """Tool call arguments arrive as a JSON string (OpenAI) or an object (Ollama)."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if not isinstance(raw, str) or not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {"_raw": raw}  # the model wrote invalid JSON: keep it rather than lose it
+    return value if isinstance(value, dict) else {"_raw": raw}
+
+
+def _tool_calls(raw: object) -> tuple[ToolCall, ...]:
+    if not isinstance(raw, list):
+        return ()
+    calls = []
+    for i, c in enumerate(raw):
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if isinstance(fn, Mapping):
+            calls.append(ToolCall(id=str(c.get("id") or f"call_{i}"), name=str(fn.get("name")),
+                                  arguments=_arguments(fn.get("arguments"))))
+    return tuple(calls)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def error_message(body: object, fallback: str = "") -> str:
+    """The human message in an error body, whatever shape the server uses."""
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        if isinstance(err, str):
+            return err
+        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
+            return str(err["message"])
+        detail = body.get("detail")  # FastAPI: a string, or a list of validation errors
+        if isinstance(detail, str):
+            return detail
+        if isinstance(detail, list):
+            return "; ".join(
+                f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg')}"
+                if isinstance(d, Mapping) else str(d) for d in detail)
+    return fallback.strip()[:500]
+
+
+@dataclass
+class _PartialCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class StreamParser:
+    """Turns the events of one chat completion stream into Chunks.
+
+    Accepts what real servers send: ``reasoning_content`` or ``reasoning`` deltas, usage
+    in a last chunk with no choices, tool calls in fragments, no ``[DONE]`` at the end,
+    and ``{"error": ...}`` events. Text is passed on at once; the finish reason, usage
+    and tool calls go out in one final Chunk from ``finish()``.
+    """
+
+    raise_error: Callable[[Mapping[str, Any]], OpenWeightError]
+    done: bool = False
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    calls: dict[int, _PartialCall] = field(default_factory=dict)
+
+    def feed(self, event: ServerSentEvent) -> Chunk | None:
+        data = event.data.strip()
+        if not data or self.done:
+            return None
+        if data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            payload = json.loads(data)
+        except ValueError as exc:
+            raise RemoteError(f"the server sent an event that is not JSON: {data[:200]!r}") \
+                from exc
+        if not isinstance(payload, Mapping):
+            return None
+        if event.event == "error" or payload.get("error") is not None:
+            raise self.raise_error(payload)
+        self.usage = _usage(payload.get("usage")) or self.usage
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+            return None
+        choice = choices[0]
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = _finish(choice["finish_reason"])
+        delta = choice.get("delta") or choice.get("message") or {}
+        if not isinstance(delta, Mapping):
+            return None
+        for i, raw in enumerate(delta.get("tool_calls") or ()):
+            self._add_call(i, raw)
+        text = _text(delta.get("content"))
+        reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
+        return Chunk(text=text, reasoning=reasoning) if text or reasoning else None
+
+    def _add_call(self, position: int, raw: object) -> None:
+        if not isinstance(raw, Mapping):
+            return
+        index = raw.get("index")
+        part = self.calls.setdefault(index if isinstance(index, int) else position,
+                                     _PartialCall())
+        part.id = part.id or _text(raw.get("id"))
+        fn = raw.get("function")
+        if isinstance(fn, Mapping):
+            part.name += _text(fn.get("name"))
+            args = fn.get("arguments")
+            part.arguments += json.dumps(args) if isinstance(args, Mapping) else _text(args)
+
+    def finish(self, url: str) -> Chunk:
+        """The final chunk; a stream that just stopped, with no sign of an end, is an error."""
+        if not self.done and self.finish_reason is None:
+            raise RemoteConnectionError(f"the stream from {url} ended before the answer was "
+                                        "complete; the server may have crashed or restarted")
+        calls = tuple(ToolCall(id=p.id or f"call_{i}", name=p.name,
+                               arguments=_arguments(p.arguments))
+                      for i, p in sorted(self.calls.items()))
+        finish = self.finish_reason or "stop"
+        return Chunk(tool_calls=calls, finish_reason="tool_calls" if calls else finish,
+                     usage=self.usage or Usage(0, 0))
+
+
+def _result_chunks(result: ChatResult) -> Iterator[Chunk]:
+    """A whole answer as a stream (for servers that answer a stream request with JSON)."""
+    if result.text or result.reasoning:
+        yield Chunk(text=result.text, reasoning=result.reasoning or "")
+    yield Chunk(tool_calls=result.tool_calls, finish_reason=result.finish_reason,
+                usage=result.usage)
+
+
+class _RemoteLogic:
+    """Everything about the protocol that does no I/O."""
+
+    retry_base_delay = 0.5
+
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 timeout: float = 600.0, max_retries: int = 2,
+                 transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None) -> None:
+        url = urlsplit(base_url.strip())
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise InvalidRequestError(f"base_url {base_url!r} is not an http(s) URL; give "
+                                      "something like http://localhost:8000/v1")
+        if url.path in ("", "/"):  # the usual mistake: the OpenAI API lives under /v1
+            base_url = base_url.strip().rstrip("/") + "/v1"
+        self.base_url = base_url.strip().rstrip("/")
+        self._model = model
+        self._api_key = api_key
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 30.0))
+        self._max_retries = max(0, max_retries)
+        self._transport = transport
+        self._ssl: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        headers = {"User-Agent": "openweight", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        with self._lock:  # building an SSL context costs ~10 ms: once per backend
+            if self._ssl is None and self._transport is None:
+                self._ssl = httpx.create_ssl_context()
+        kwargs: dict[str, Any] = {"base_url": self.base_url + "/", "headers": headers,
+                                  "timeout": self._timeout, "follow_redirects": True}
+        if self._transport is not None:
+            kwargs["transport"] = self._transport
+        else:
+            kwargs["verify"] = self._ssl
+        return kwargs
+
+    def _chat_body(self, model: str, messages: list[Message], options: GenerationOptions,
+                   stream: bool) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": [_wire(m) for m in messages]}
+        body.update(options.to_dict())
+        if isinstance(body.get("thinking"), bool):  # how vLLM, SGLang and llama.cpp take it
+            body["chat_template_kwargs"] = {"enable_thinking": body["thinking"]}
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    # -- answers -------------------------------------------------------------------------
+
+    def _json(self, response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise RemoteError(f"{response.request.url} answered with something that is not "
+                              f"JSON: {response.text[:200]!r}") from exc
+
+    def _parse_chat(self, data: Any, model: str) -> ChatResult:
+        try:
+            choice = data["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise RemoteError(f"the server's answer has no choices[0].message: "
+                              f"{str(data)[:200]}") from exc
+        calls = _tool_calls(message.get("tool_calls"))
+        reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
+        return ChatResult(
+            text=_text(message.get("content")),
+            reasoning=reasoning or None,
+            tool_calls=calls,
+            finish_reason="tool_calls" if calls else _finish(choice.get("finish_reason")),
+            usage=_usage(data.get("usage")) or Usage(0, 0),
+            model=_text(data.get("model")) or model,
+        )
+
+    def _parse_models(self, data: Any) -> list[ModelInfo]:
+        items = data.get("data") if isinstance(data, Mapping) else data
+        if not isinstance(items, list):
+            raise RemoteError(f"{self.base_url}/models did not answer with a list of models")
+        names = [str(m["id"]) for m in items if isinstance(m, Mapping) and "id" in m]
+        default = self._model or (names[0] if names else None)
+        return [ModelInfo(name=n, installed=True, source=f"remote:{self.base_url}",
+                          default=n == default) for n in names]
+
+    def _first_model(self, models: list[ModelInfo]) -> str:
+        if not models:
+            raise ModelNotFoundError(f"the server at {self.base_url} lists no models; pass "
+                                     "model=... to the client")
+        self._model = models[0].name
+        return self._model
+
+    def _stream_parser(self) -> StreamParser:
+        return StreamParser(raise_error=self._event_error)
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _status_error(self, status: int, body_text: str, url: object) -> OpenWeightError:
+        try:
+            body: object = json.loads(body_text)
+        except ValueError:
+            body = None
+        message = error_message(body, body_text) or f"HTTP {status}"
+        err = body.get("error") if isinstance(body, Mapping) else None
+        code = err.get("code") if isinstance(err, Mapping) else None
+        where = f"{url} answered {status}: {message}"
+        if status in (401, 403):
+            return AuthenticationError(f"{where}; check the API key (api_key= or "
+                                       "OPENWEIGHT_API_KEY)")
+        if status == 404 and (code == "model_not_found" or "model" in message.lower()):
+            return ModelNotFoundError(f"{where}; GET {self.base_url}/models lists the "
+                                      "models it serves")
+        if status in INVALID_STATUSES:
+            return InvalidRequestError(where)
+        hint = "; check base_url (it usually ends with /v1)" if status == 404 else ""
+        return RemoteStatusError(where + hint, status_code=status, body=body_text)
+
+    def _event_error(self, payload: Mapping[str, Any]) -> OpenWeightError:
+        """An ``{"error": ...}`` event in the middle of a stream, mapped like a status."""
+        err = payload.get("error")
+        status = 500
+        if isinstance(err, Mapping):
+            code = err.get("code")
+            if isinstance(code, int) and 400 <= code < 600:
+                status = code
+            elif err.get("type") in ("invalid_request_error", "BadRequestError"):
+                status = 400
+        return self._status_error(status, json.dumps(payload), f"{self.base_url} (mid-stream)")
+
+    def _transport_error(self, exc: Exception) -> RemoteError:
+        url = self.base_url
+        if isinstance(exc, httpx.ConnectTimeout):
+            return RemoteConnectionError(f"timed out connecting to {url}; check the address "
+                                         "and that the server is running")
+        if isinstance(exc, httpx.TimeoutException):
+            return RemoteTimeoutError(f"{url} sent nothing for {self._timeout.read} s; the "
+                                      "server may be overloaded; raise timeout= or retry")
+        if isinstance(exc, httpx.ConnectError):
+            return RemoteConnectionError(f"cannot connect to {url} ({exc}); is the server "
+                                         "running? Start one with `openweight serve`")
+        if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
+            return RemoteConnectionError(f"the connection to {url} broke ({exc or type(exc)});"
+                                         " the server may have crashed or restarted")
+        return RemoteError(f"talking to {url} failed: {exc}")
+
+    def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying this answer, or None if it is final."""
+        if response.status_code not in RETRY_STATUSES or attempt >= self._max_retries:
+            return None
+        after = response.headers.get("retry-after", "")
+        try:
+            return min(max(float(after), 0.0), MAX_RETRY_AFTER)
+        except ValueError:
+            delay: float = self.retry_base_delay * 2**attempt
+            return min(delay * (0.75 + random.random() / 2), MAX_RETRY_AFTER)
+
+
+def _wire(message: Message) -> dict[str, Any]:
+    """A message as OpenAI's API wants it (tool call arguments as a JSON string)."""
+    out = message.to_dict()
+    for call in out.get("tool_calls", ()):
+        call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    return out
+
+
+class _SyncChunks(Iterator[Chunk]):
+    """Chunks of a sync stream; close() closes the HTTP response at any point."""
+
+    def __init__(self, gen: Iterator[Chunk], closers: list[Callable[[], None]]) -> None:
+        self._gen = gen
+        self._closers = closers
+
+    def __next__(self) -> Chunk:
+        return next(self._gen)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._gen, "close", None)
+            if close is not None:
+                close()
+        finally:
+            for closer in self._closers:
+                closer()
+
+
+class RemoteBackend(_RemoteLogic):
+    """A model on an OpenAI-compatible server, with the local engine's interface.
+
+    ``transport`` is the test seam (``httpx.MockTransport``); each request gets a
+    short-lived httpx client, so nothing is left open between calls.
+    """
+
+    @property
+    def name(self) -> str:
+        """The model's name: the one given, else the first the server lists."""
+        return self._model or self._first_model(self.models())
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._model = value
+
+    # -- sync I/O ------------------------------------------------------------------------
+
+    def _send(self, client: httpx.Client, method: str, path: str,
+              body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
+        for attempt in range(self._max_retries + 1):
+            try:
+                response = client.send(client.build_request(method, path, json=body),
+                                       stream=stream)
+                if response.is_success:
+                    return response
+                try:
+                    response.read()
+                finally:
+                    response.close()
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from exc
+            delay = self._retry_delay(response, attempt)
+            if delay is None:
+                break
+            time.sleep(delay)
+        raise self._status_error(response.status_code, response.text, response.request.url)
+
+    def _get_json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        with httpx.Client(**self._client_kwargs()) as client:
+            response = self._send(client, method, path, body)
+            return self._json(response)
+
+    def models(self) -> list[ModelInfo]:
+        return self._parse_models(self._get_json("GET", "models"))
+
+    def chat(self, messages: list[Message], options: GenerationOptions) -> ChatResult:
+        model = self.name
+        data = self._get_json("POST", "chat/completions",
+                              self._chat_body(model, messages, options, stream=False))
+        return self._parse_chat(data, model)
+
+    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[Chunk]:
+        """Send the request now (so errors raise here); iterate the returned chunks."""
+        model = self.name
+        client = httpx.Client(**self._client_kwargs())
+        try:
+            response = self._send(client, "POST", "chat/completions",
+                                  self._chat_body(model, messages, options, stream=True),
+                                  stream=True)
+        except BaseException:
+            client.close()
+            raise
+        return _SyncChunks(self._iter_chunks(client, response, model),
+                           [response.close, client.close])
+
+    def _iter_chunks(self, client: httpx.Client, response: httpx.Response,
+                     model: str) -> Iterator[Chunk]:
+        try:
+            if not _is_sse(response):
+                response.read()
+                yield from _result_chunks(self._parse_chat(self._json(response), model))
+                return
+            parser = self._stream_parser()
+            for event in EventSource(response).iter_sse():
+                chunk = parser.feed(event)
+                if chunk is not None:
+                    yield chunk
+                if parser.done:
+                    break
+            yield parser.finish(self.base_url)
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            raise self._transport_error(exc) from exc
+        finally:
+            response.close()
+            client.close()
+
+    # -- async I/O -----------------------------------------------------------------------
+
+    async def _asend(self, client: httpx.AsyncClient, method: str, path: str,
+                     body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
+        for attempt in range(self._max_retries + 1):
+            try:
+                response = await client.send(client.build_request(method, path, json=body),
+                                             stream=stream)
+                if response.is_success:
+                    return response
+                try:
+                    await response.aread()
+                finally:
+                    await response.aclose()
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc) from exc
+            delay = self._retry_delay(response, attempt)
+            if delay is None:
+                break
+            await asyncio.sleep(delay)
+        raise self._status_error(response.status_code, response.text, response.request.url)
+
+    async def _aget_json(self, method: str, path: str,
+                         body: dict[str, Any] | None = None) -> Any:
+        async with httpx.AsyncClient(**self._client_kwargs()) as client:
+            response = await self._asend(client, method, path, body)
+            return self._json(response)
+
+    async def _aname(self) -> str:
+        return self._model or self._first_model(await self.amodels())
+
+    async def amodels(self) -> list[ModelInfo]:
+        return self._parse_models(await self._aget_json("GET", "models"))
+
+    async def achat(self, messages: list[Message], options: GenerationOptions) -> ChatResult:
+        model = await self._aname()
+        data = await self._aget_json("POST", "chat/completions",
+                                     self._chat_body(model, messages, options, stream=False))
+        return self._parse_chat(data, model)
+
+    async def astream(self, messages: list[Message],
+                      options: GenerationOptions) -> AsyncIterator[Chunk]:
+        """An async generator of chunks; ``aclose()`` closes the HTTP response."""
+        model = await self._aname()
+        body = self._chat_body(model, messages, options, stream=True)
+        async with httpx.AsyncClient(**self._client_kwargs()) as client:
+            response = await self._asend(client, "POST", "chat/completions", body, stream=True)
+            try:
+                if not _is_sse(response):
+                    await response.aread()
+                    for whole in _result_chunks(self._parse_chat(self._json(response), model)):
+                        yield whole
+                    return
+                parser = self._stream_parser()
+                async for event in EventSource(response).aiter_sse():
+                    chunk = parser.feed(event)
+                    if chunk is not None:
+                        yield chunk
+                    if parser.done:
+                        break
+                yield parser.finish(self.base_url)
+            except (httpx.HTTPError, httpx.StreamError) as exc:
+                raise self._transport_error(exc) from exc
+            finally:
+                await response.aclose()
+
+
+def _is_sse(response: httpx.Response) -> bool:
+    return "text/event-stream" in response.headers.get("content-type", "")

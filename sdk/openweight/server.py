@@ -1,0 +1,626 @@
+"""`openweight serve`: the local engine behind an OpenAI-compatible HTTP API.
+
+FastAPI and uvicorn are imported only when the server is built, so ``import openweight``
+and the rest of the CLI stay cheap.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run
+# time, and they name classes imported inside create_app
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    OpenWeightError,
+)
+from .options import OPTION_SPECS, GenerationOptions
+from .types import Chunk, FinishReason, Message, ToolCall, Usage, to_messages
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from .client import Client
+
+__all__ = ["ApiError", "add_serve_parser", "cmd_serve", "create_app"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+GENERATION_THREADS = 64
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def api_error(exc: BaseException, param: str | None = None) -> ApiError:
+    """Map any exception to the status and body an OpenAI client expects."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ModelNotFoundError):
+        return ApiError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, InvalidRequestError):
+        return ApiError(400, str(exc), param=param)
+    if isinstance(exc, ModelLoadError):
+        return ApiError(500, str(exc), type="server_error", code="model_load_error")
+    if isinstance(exc, (GenerationError, OpenWeightError)):
+        return ApiError(500, str(exc), type="server_error")
+    return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+# -- parsing requests: plain JSON checked by hand, so every mistake is a clear 400 ---------
+
+def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
+           what: str) -> Any:
+    value = body.get(name)
+    if value is not None and ((isinstance(value, bool) and kind is not bool)
+                              or not isinstance(value, kind)):
+        raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+    return value
+
+
+def parse_options(body: Mapping[str, Any], default_max_tokens: int | None) -> GenerationOptions:
+    """The sampling options of a request, validated where the SDK validates them."""
+    raw: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    for name in OPTION_SPECS:
+        value = max_tokens if name == "max_tokens" else body.get(name)
+        if value is not None:
+            raw[name] = value
+    if body.get("stop") is not None:
+        raw["stop"] = body["stop"]
+    template_kwargs = body.get("chat_template_kwargs")  # vLLM's way to switch thinking
+    if ("thinking" in OPTION_SPECS and "thinking" not in raw
+            and isinstance(template_kwargs, Mapping)
+            and template_kwargs.get("enable_thinking") is not None):
+        raw["thinking"] = template_kwargs["enable_thinking"]
+    if "max_tokens" not in raw and default_max_tokens is not None:
+        raw["max_tokens"] = default_max_tokens
+    for name, value in raw.items():  # one at a time, to name the parameter that is wrong
+        try:
+            GenerationOptions.from_kwargs({name: value})
+        except InvalidRequestError as exc:
+            raise ApiError(400, str(exc), param=name) from exc
+    n = _field(body, "n", int, "an integer")
+    if n is not None and n != 1:
+        raise ApiError(400, "only n=1 is supported; send several requests instead", param="n")
+    return GenerationOptions.from_kwargs(raw)
+
+
+def _content(value: object, i: int) -> str:
+    """Message content: a string, or OpenAI's list of text parts."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if not (isinstance(part, Mapping) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise ApiError(400, f"messages[{i}].content has a part that is not text; this "
+                               "server takes text only", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                   param="messages")
+
+
+def parse_messages(body: Mapping[str, Any]) -> list[Message]:
+    raw = body.get("messages")
+    if not isinstance(raw, list):
+        raise ApiError(400, "'messages' is required: a list of {role, content} objects",
+                       param="messages")
+    items = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, Mapping):
+            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        items.append({**m, "role": role, "content": _content(m.get("content"), i)})
+    try:
+        return to_messages(items)
+    except InvalidRequestError as exc:
+        raise ApiError(400, str(exc), param="messages") from exc
+
+
+def parse_prompt(body: Mapping[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' is required: a string (or a list of one string)",
+                       param="prompt")
+    return prompt
+
+
+# -- models: the served default, or any installed/catalog model by name -------------------
+
+class ModelPool:
+    """One openweight.Client per model name, made on first use and kept."""
+
+    def __init__(self, model: str | None, *, device: str | None, dtype: str | None) -> None:
+        from .client import Client
+
+        self._device = device
+        self._dtype = dtype
+        self._lock = threading.Lock()
+        self.default = Client(model=model, device=device, dtype=dtype)
+        self._check_local(self.default)
+        self.name = self.default.model  # resolves the name (pulling the model if needed)
+        self._clients: dict[str, Client] = {self.name: self.default}
+        if model:
+            self._clients[model] = self.default
+
+    @staticmethod
+    def _check_local(client: "Client") -> None:
+        if client.is_remote:
+            raise InvalidRequestError("OPENWEIGHT_BASE_URL is set in the server's environment; "
+                                      "openweight serve runs local models: unset it")
+
+    def get(self, name: str | None) -> "Client":
+        """The client for a request's ``model`` field (blocking: may pull or load)."""
+        from .client import Client
+
+        if not name:
+            return self.default
+        client = self._clients.get(name)
+        if client is not None:
+            return client
+        with self._lock:
+            client = self._clients.get(name)
+            if client is not None:
+                return client
+            if not NAME_RE.match(name):  # never let a request name a path on this machine
+                raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the models "
+                               "served here", param="model", code="model_not_found")
+            client = Client(model=name, device=self._device, dtype=self._dtype)
+            self._check_local(client)
+            client.model  # noqa: B018 - resolve now: unknown names raise ModelNotFoundError
+            self._clients[name] = client
+            return client
+
+    def names(self) -> list[str]:
+        from .store import list_models
+
+        names = [self.name]
+        names += [m.name for m in list_models() if m.installed and m.name != self.name]
+        return names
+
+
+def _complete_stream(client: "Client", prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+    """Continue raw text (no chat template): the legacy completions API."""
+    from .local import LocalEngine
+    from .options import DEFAULT_MAX_TOKENS
+
+    engine = client._get_backend()
+    if not isinstance(engine, LocalEngine):  # pragma: no cover - the pool is local only
+        raise ApiError(400, "completions need a local model")
+    lm = engine.loaded
+    ids = list(lm.tokenizer(prompt)["input_ids"])
+    if not ids:
+        raise ApiError(400, "'prompt' is empty", param="prompt")
+    room = lm.context_length - len(ids)
+    if room <= 0:
+        raise ApiError(400, f"the prompt is {len(ids)} tokens but {engine.name} has a context "
+                       f"window of {lm.context_length} tokens; shorten it", param="prompt")
+    max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
+    return engine._generate(lm, ids, max_new, options)
+
+
+# -- the answer: OpenAI's chat and completion shapes --------------------------------------
+
+@dataclass
+class Answer:
+    """What the chunks of one request add up to."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: FinishReason = "stop"
+    usage: Usage = field(default_factory=lambda: Usage(0, 0))
+
+    def add(self, chunk: Chunk) -> None:
+        self.text.append(chunk.text)
+        self.reasoning.append(chunk.reasoning)
+        self.tool_calls.extend(chunk.tool_calls)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+def _calls(calls: list[ToolCall] | tuple[ToolCall, ...], indexed: bool) -> list[dict[str, Any]]:
+    return [{**({"index": i} if indexed else {}), "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
+            for i, c in enumerate(calls)]
+
+
+class Shape:
+    """How the chunks of one request are written out (chat completions)."""
+
+    object = "chat.completion"
+    prefix = "chatcmpl"
+
+    def __init__(self, model: str, include_usage: bool = False) -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+               "choices": choices}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def first(self) -> dict[str, Any] | None:
+        return self._envelope(self.object + ".chunk", [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+             "finish_reason": None}])
+
+    def delta(self, chunk: Chunk) -> dict[str, Any] | None:
+        delta: dict[str, Any] = {}
+        if chunk.reasoning:
+            delta["reasoning_content"] = chunk.reasoning
+        if chunk.text:
+            delta["content"] = chunk.text
+        if chunk.tool_calls:
+            delta["tool_calls"] = _calls(chunk.tool_calls, indexed=True)
+        if not delta and chunk.finish_reason is None:
+            return None
+        return self._envelope(self.object + ".chunk", [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}])
+
+    def usage_event(self, usage: Usage) -> dict[str, Any]:
+        out = self._envelope(self.object + ".chunk", [])
+        out["usage"] = _usage(usage)
+        return out
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(answer.text)}
+        reasoning = "".join(answer.reasoning)
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if answer.tool_calls:
+            message["tool_calls"] = _calls(answer.tool_calls, indexed=False)
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "message": message,
+                                                  "logprobs": None,
+                                                  "finish_reason": answer.finish_reason}],
+                "usage": _usage(answer.usage)}
+
+
+class CompletionShape(Shape):
+    """The legacy completions API: ``choices[0].text``."""
+
+    object = "text_completion"
+    prefix = "cmpl"
+
+    def first(self) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, chunk: Chunk) -> dict[str, Any] | None:
+        if not chunk.text and chunk.finish_reason is None:
+            return None
+        return self._envelope(self.object, [{"index": 0, "text": chunk.text, "logprobs": None,
+                                             "finish_reason": chunk.finish_reason}])
+
+    def usage_event(self, usage: Usage) -> dict[str, Any]:
+        out = self._envelope(self.object, [])
+        out["usage"] = _usage(usage)
+        return out
+
+    def whole(self, answer: Answer) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "text": "".join(answer.text),
+                                                  "logprobs": None,
+                                                  "finish_reason": answer.finish_reason}],
+                "usage": _usage(answer.usage)}
+
+
+def _sse(data: object) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# -- the app ------------------------------------------------------------------------------
+
+def create_app(model: str | None = None, *, api_key: str | None = None,
+               device: str | None = None, dtype: str | None = None,
+               preload: bool = True) -> "FastAPI":
+    """The FastAPI app serving ``model`` (default: the store's default model).
+
+    ``preload`` loads the weights now and runs one token, so the first request is fast
+    and a broken model fails here rather than on a client.
+    """
+    import anyio
+    import anyio.to_thread
+    from fastapi import APIRouter, Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import Response
+
+    pool = ModelPool(model, device=device, dtype=dtype)
+    if preload:
+        pool.default.chat([{"role": "user", "content": "Hi"}], max_tokens=1)
+    limiter = anyio.CapacityLimiter(GENERATION_THREADS)  # /health stays free when busy
+    stopping = threading.Event()  # set on Ctrl-C: answers in flight end at their next token
+
+    async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(func, *args, limiter=limiter,
+                                              abandon_on_cancel=True)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' "
+                           "with the key the server was started with", code="invalid_api_key")
+
+    app = FastAPI(title="openweight", summary="OpenAI-compatible API over local models",
+                  docs_url=None, redoc_url=None)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found" if exc.status_code == 404 else None
+        err = ApiError(exc.status_code, str(exc.detail), code=kind)
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        err = api_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    async def get_client(body: Mapping[str, Any]) -> "Client":
+        name = _field(body, "model", str, "a string")
+        try:
+            client: Client = await in_thread(pool.get, name)
+        except OpenWeightError as exc:
+            raise api_error(exc) from exc
+        return client
+
+    async def chunks(it: Iterator[Chunk], request: Request) -> AsyncGenerator[Chunk, None]:
+        """The engine's chunks, one thread hop each; stops generating when the client leaves."""
+        done = object()
+        try:
+            while True:
+                item = await in_thread(next, it, done)
+                if item is done:
+                    return
+                yield item
+                if stopping.is_set():
+                    raise ApiError(503, "the server is shutting down; send the request again "
+                                   "once it is back", type="server_error",
+                                   code="server_shutting_down")
+                if await request.is_disconnected():
+                    return
+        finally:
+            # close off the event loop: it joins the generation thread
+            threading.Thread(target=getattr(it, "close", lambda: None), daemon=True).start()
+
+    def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+        stream = _field(body, "stream", bool, "true or false")
+        stream_options = _field(body, "stream_options", dict, "an object") or {}
+        include_usage = _field(stream_options, "include_usage", bool, "true or false")
+        return bool(stream), bool(stream and include_usage)
+
+    async def respond(request: Request, stream: bool, shape: Shape,
+                      open_stream: Callable[[], Iterator[Chunk]]) -> Response:
+        try:
+            it: Iterator[Chunk] = await in_thread(open_stream)  # validates; may load the model
+        except ApiError:
+            raise
+        except OpenWeightError as exc:
+            raise api_error(exc, param="messages") from exc
+        if not stream:
+            answer = Answer()
+            async with aclosing(chunks(it, request)) as gen:
+                async for chunk in gen:
+                    answer.add(chunk)
+            return JSONResponse(shape.whole(answer))
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                first = shape.first()
+                if first is not None:
+                    yield _sse(first)
+                usage = None
+                async with aclosing(chunks(it, request)) as gen:
+                    async for chunk in gen:
+                        usage = chunk.usage or usage
+                        event = shape.delta(chunk)
+                        if event is not None:
+                            yield _sse(event)
+                if shape.include_usage and usage is not None:
+                    yield _sse(shape.usage_event(usage))
+                yield "data: [DONE]\n\n"
+            except Exception as exc:  # headers are sent: the error goes out as an event
+                yield _sse(api_error(exc).body())
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": pool.name}
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        names = await in_thread(pool.names)
+        return {"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": "openweight"}
+            for n in names]}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request)
+        messages = parse_messages(body)
+        options = parse_options(body, None)
+        stream, include_usage = stream_flags(body)
+        client = await get_client(body)
+        shape = Shape(client.model, include_usage)
+        return await respond(request, stream, shape,
+                             lambda: client.stream(messages, **options.to_dict()))
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_body(request)
+        prompt = parse_prompt(body)
+        options = parse_options(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        stream, include_usage = stream_flags(body)
+        client = await get_client(body)
+        shape = CompletionShape(client.model, include_usage)
+        return await respond(request, stream, shape,
+                             lambda: _complete_stream(client, prompt, options))
+
+    app.include_router(v1)
+    app.state.pool = pool
+    app.state.stopping = stopping
+    return app
+
+
+# -- the command --------------------------------------------------------------------------
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket: connections queue from here on, so the printed URL works at once."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = info[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # this process runs the models itself: a base URL meant for clients must not loop back
+    if os.environ.pop("OPENWEIGHT_BASE_URL", None):
+        print("openweight: ignoring OPENWEIGHT_BASE_URL (the server runs models locally)",
+              file=sys.stderr)
+    api_key = args.api_key or os.environ.get("OPENWEIGHT_API_KEY") or None
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        print(f"Error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+              "choose another --port or --host", file=sys.stderr)
+        return 1
+    try:
+        print(f"openweight: loading {args.model or 'the default model'}...", file=sys.stderr,
+              flush=True)
+        app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
+              f"({'API key required' if api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
+        if not api_key and not _is_loopback(args.host):
+            print(f"openweight: warning: listening on {args.host} without --api-key; anyone who "
+                  "can reach this machine can use it", file=sys.stderr, flush=True)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                app.state.stopping.set()  # end streams now rather than wait for them
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="off",
+                                timeout_graceful_shutdown=5)
+        with suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+            Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    print("openweight: server stopped", file=sys.stderr)
+    return 0
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to the ``openweight`` command's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve local models over the OpenAI API (/v1/chat/completions, "
+                    "/v1/completions, /v1/models, /health). Requests may name any installed "
+                    "model; --model is the one loaded at start and used when none is named.")
+    p.add_argument("--model", "-m", metavar="NAME_OR_PATH",
+                   help="model name or directory (default: the default model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks one)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: "
+                        "$OPENWEIGHT_API_KEY, else none)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (default: auto)")
+    p.set_defaults(func=cmd_serve)
+    return p
