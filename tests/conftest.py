@@ -32,7 +32,7 @@ def byte_tokenizer(specials: list[str], **special_roles: object) -> object:
     return PreTrainedTokenizerFast(tokenizer_object=tk, **special_roles)
 
 
-def build_tiny_model(path: Path, *, max_positions: int = 256, seed: int = 0) -> Path:
+def build_tiny_model(path: Path, *, max_positions: int = 1024, seed: int = 0) -> Path:
     """A random 2-layer Llama with a byte-level tokenizer (every byte one token) and ChatML."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -63,6 +63,8 @@ HARMONY_TEMPLATE = (
     "{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort "
     "else 'medium' -%}"
     "<|start|>system<|message|>Test model.\nReasoning: {{ effort }}<|end|>"
+    "{%- if tools is defined and tools -%}<|start|>developer<|message|># Tools"
+    "{%- for t in tools %} {{ t.function.name }}{%- endfor -%}<|end|>{%- endif -%}"
     "{%- for m in messages -%}"
     "{%- if m.role == 'system' -%}<|start|>developer<|message|>{{ m.content }}<|end|>"
     "{%- elif m.role == 'user' -%}<|start|>user<|message|>{{ m.content }}<|end|>"
@@ -108,13 +110,24 @@ def build_tiny_gpt_oss(path: Path, *, seed: int = 0) -> Path:
 
 
 QWEN3_TEMPLATE = (
-    "{%- for m in messages -%}<|im_start|>{{ m.role }}\n"
+    "{% if tools is defined and tools %}<|im_start|>system\n# Tools"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n"
+    "Call a function with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n"
     "{% if m.role == 'assistant' and m.reasoning_content is defined and m.reasoning_content %}"
-    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif -%}"
-    "{{ m.content }}<|im_end|>\n{% endfor -%}"
-    "{%- if add_generation_prompt -%}<|im_start|>assistant\n"
+    "<think>\n{{ m.reasoning_content }}\n</think>\n\n{% endif %}"
+    "{{ m.content }}"
+    "{% if m.tool_calls is defined and m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>\n{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}"
+    "\n</tool_call>{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}"
-    "<think>\n\n</think>\n\n{% endif -%}{%- endif -%}"
+    "<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )
 R1_TEMPLATE = (
     "<｜begin▁of▁sentence｜>{%- for m in messages -%}"
@@ -125,11 +138,18 @@ R1_TEMPLATE = (
     "{%- if add_generation_prompt -%}<｜Assistant｜><think>\n{% endif -%}"
 )
 LLAMA3_TEMPLATE = (
-    "<|begin_of_text|>{%- for m in messages -%}"
-    "<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
-    "{% endfor -%}"
-    "{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n"
-    "{% endif -%}"
+    "<|begin_of_text|>"
+    "{% if tools is defined and tools %}<|start_header_id|>system<|end_header_id|>\n\n"
+    "Answer a function call as JSON {\"name\": ..., \"parameters\": ...}. Functions:"
+    "{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|eot_id|>{% endif %}"
+    "{% for m in messages %}"
+    "<|start_header_id|>{{ 'ipython' if m.role == 'tool' else m.role }}<|end_header_id|>\n\n"
+    "{{ m.content }}"
+    "{% if m.tool_calls is defined and m.tool_calls %}{% for c in m.tool_calls %}"
+    "{{ {'name': c.function.name, 'parameters': c.function.arguments} | tojson }}"
+    "{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif %}"
 )
 FAMILIES: dict[str, dict[str, object]] = {
     "qwen3": {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
@@ -166,7 +186,7 @@ def build_family_model(path: Path, family: str, *, seed: int = 0) -> Path:
     vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
     common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=256, eos_token_id=vocab[spec["eos"]], pad_token_id=0,
+                  max_position_embeddings=1024, eos_token_id=vocab[spec["eos"]], pad_token_id=0,
                   initializer_range=0.3, tie_word_embeddings=True)
     torch.manual_seed(seed)
     if family == "qwen3":

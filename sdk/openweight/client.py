@@ -136,6 +136,11 @@ class _Base:
     @staticmethod
     def _prepare(messages: Iterable[MessageInput],
                  options: dict[str, Any]) -> tuple[list[Message], GenerationOptions]:
+        tools = options.get("tools")
+        if isinstance(tools, (list, tuple)):  # Python functions become function specs
+            from .tools import tool_specs
+
+            options = {**options, "tools": tool_specs(tools)}
         return to_messages(messages), GenerationOptions.from_kwargs(options)
 
 

@@ -9,12 +9,11 @@ Special tokens are looked up in the tokenizer, never hard-coded, and never reach
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Any
 
 from .local.decode import IncrementalDecoder
+from .local.parsers import make_tool_call
 from .types import ToolCall
 
 __all__ = ["HARMONY_TOKENS", "Delta", "HarmonyParser", "harmony_token_ids"]
@@ -36,12 +35,6 @@ def harmony_token_ids(tokenizer: Any) -> dict[str, int] | None:
             return None
         ids[token] = int(tid)
     return ids
-
-
-def tool_call_id(index: int, name: str, arguments: str) -> str:
-    """A stable id: the same call in the same place always gets the same id."""
-    digest = hashlib.sha256(f"{index}:{name}:{arguments}".encode()).hexdigest()[:16]
-    return f"call_{digest}"
 
 
 class HarmonyParser:
@@ -86,26 +79,23 @@ class HarmonyParser:
             rest = self._decoder.flush()
             if self._kind == "call":
                 self._args.append(rest)
-                self._finish_call()
+                out += self._finish_call()
             elif rest:
                 out.append((self._kind, rest))
         self._state = "idle"
         self._decoder = None
         return out
 
-    def _finish_call(self) -> None:
+    def _finish_call(self) -> list[Delta]:
+        """A finished call; a malformed one is returned as text, never dropped or raised."""
         raw = "".join(self._args).strip()
         name = (self._recipient or "").removeprefix("functions.")
-        try:
-            arguments = json.loads(raw) if raw else {}
-        except ValueError:
-            arguments = None
-        if not isinstance(arguments, dict) or not name:
+        call = make_tool_call(len(self.tool_calls), raw, name=name)
+        if call is None:
             self.malformed_calls.append(f"{self._recipient}: {raw}")
-            return
-        index = len(self.tool_calls)
-        self.tool_calls.append(ToolCall(id=tool_call_id(index, name, raw), name=name,
-                                        arguments=arguments))
+            return [("text", raw)] if raw else []
+        self.tool_calls.append(call)
+        return []
 
     def feed(self, token: int) -> list[Delta]:
         ids = self._ids

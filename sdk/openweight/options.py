@@ -5,6 +5,7 @@ The llm plugin and the server build their option schemas from ``OPTION_SPECS``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -101,6 +102,56 @@ def _check_bool(spec: OptionSpec, value: object) -> bool:
     return value
 
 
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_tools(value: object) -> tuple[dict[str, Any], ...]:
+    """OpenAI-style function specs: {"type": "function", "function": {"name", ...}}."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequestError("option tools must be a list of function specs "
+                                  "({'type': 'function', 'function': {'name': ...}})")
+    out: list[dict[str, Any]] = []
+    names: list[str] = []
+    for i, spec in enumerate(value):
+        fn = spec.get("function") if isinstance(spec, Mapping) else None
+        if not isinstance(spec, Mapping) or spec.get("type", "function") != "function" or (
+            not isinstance(fn, Mapping)
+        ):
+            raise InvalidRequestError(f"tools[{i}] is not a function spec: give "
+                                      "{'type': 'function', 'function': {'name': ..., "
+                                      "'parameters': {...}}} or a Python function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise InvalidRequestError(f"tools[{i}] has an invalid name {name!r}: use 1 to 64 "
+                                      "letters, digits, '_', '-' or '.'")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, Mapping):
+            raise InvalidRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema "
+                                      "object")
+        out.append({"type": "function", "function": {**fn, "parameters": dict(params)}})
+        names.append(name)
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"option tools names a function twice: {names}")
+    return tuple(out)
+
+
+def _check_response_format(value: object) -> dict[str, Any]:
+    """OpenAI's response_format: text, json_object, or json_schema with a schema."""
+    kind = value.get("type") if isinstance(value, Mapping) else None
+    if not isinstance(value, Mapping) or kind not in ("text", "json_object", "json_schema"):
+        raise InvalidRequestError(
+            f"option response_format={value!r} is invalid: use {{'type': 'json_object'}} or "
+            "{'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}"
+        )
+    if kind == "json_schema":
+        wrapper = value.get("json_schema", value)
+        schema = wrapper.get("schema") if isinstance(wrapper, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise InvalidRequestError("response_format json_schema needs a 'schema' object: "
+                                      "{'type': 'json_schema', 'json_schema': {'schema': {...}}}")
+    return dict(value)
+
+
 def _check_stop(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -132,6 +183,25 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     reasoning_effort: str | None = None
     thinking: bool | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def active_tools(self) -> tuple[dict[str, Any], ...]:
+        """The tools the model may call (none when tool_choice is 'none')."""
+        return () if self.tool_choice == "none" else self.tools
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow, if response_format asks for one."""
+        fmt = self.response_format
+        if not fmt or fmt["type"] == "text":
+            return None
+        if fmt["type"] == "json_object":
+            return {"type": "object"}
+        wrapper = fmt.get("json_schema", fmt)
+        return dict(wrapper["schema"])
 
     @classmethod
     def from_kwargs(cls, options: Mapping[str, Any]) -> GenerationOptions:
@@ -149,6 +219,15 @@ class GenerationOptions:
             spec = OPTION_SPECS.get(name)
             if name == "stop":
                 values[name] = _check_stop(value)
+            elif name == "tools":
+                values[name] = _check_tools(value)
+            elif name == "tool_choice":
+                if value not in ("auto", "none"):
+                    raise InvalidRequestError(f"option tool_choice={value!r} is not supported: "
+                                              "use 'auto' or 'none'")
+                values[name] = value
+            elif name == "response_format":
+                values[name] = _check_response_format(value)
             elif spec is not None and spec.kind is bool:
                 values[name] = _check_bool(spec, value)
             elif spec is not None and spec.choices:
@@ -163,5 +242,5 @@ class GenerationOptions:
         for f in fields(self):
             v = getattr(self, f.name)
             if v is not None and v != ():
-                out[f.name] = list(v) if f.name == "stop" else v
+                out[f.name] = list(v) if isinstance(v, tuple) else v
         return out

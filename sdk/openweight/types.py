@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -114,6 +115,30 @@ class ModelInfo:
 MessageInput = Message | Mapping[str, Any]
 
 
+def _tool_calls(value: object, i: int) -> tuple[ToolCall, ...]:
+    """OpenAI-style tool calls of an assistant message (arguments as a JSON string or dict)."""
+    if not value:
+        return ()
+    calls: list[ToolCall] = []
+    for call in value if isinstance(value, (list, tuple)) else [value]:
+        fn = call.get("function", call) if isinstance(call, Mapping) else None
+        args = fn.get("arguments", {}) if isinstance(fn, Mapping) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                args = None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not isinstance(
+            args, Mapping
+        ):
+            raise InvalidRequestError(f"messages[{i}]['tool_calls'] must be a list of "
+                                      "{'id', 'function': {'name', 'arguments'}} objects")
+        call_id = call.get("id") if isinstance(call, Mapping) else None
+        calls.append(ToolCall(id=str(call_id or f"call_{i}_{len(calls)}"),
+                              name=fn["name"], arguments=dict(args)))
+    return tuple(calls)
+
+
 def to_messages(messages: object) -> list[Message]:
     """Validate and normalise a list of dicts or Message objects."""
     if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
@@ -138,6 +163,7 @@ def to_messages(messages: object) -> list[Message]:
                 role=str(role),
                 content=content,
                 reasoning=reasoning if isinstance(reasoning, str) else None,
+                tool_calls=_tool_calls(m.get("tool_calls"), i),
                 tool_call_id=m.get("tool_call_id"),
             )
         else:

@@ -14,8 +14,15 @@ from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
 from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
 from .decode import StopMatcher
 from .loader import LoadedModel, load_model
-from .parsers import Delta, OutputParser, PlainParser
-from .thinking import THINK_CLOSE, THINK_OPEN, ThinkParser, starts_inside_think, think_token_ids
+from .parsers import Delta, JsonCallParser, OutputParser, PlainParser
+from .thinking import (
+    CALL_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    ThinkParser,
+    starts_inside_think,
+    think_token_ids,
+)
 
 __all__ = ["LocalEngine", "collect"]
 
@@ -97,6 +104,20 @@ class LocalEngine:
         lm = self.loaded
         opts = options or GenerationOptions()
         extra: dict[str, Any] = {}
+        template = lm.tokenizer.chat_template or ""
+        if opts.active_tools:
+            if "tools" not in template:
+                raise InvalidRequestError(
+                    f"{self.name} cannot call tools: its chat template takes no tool "
+                    "definitions; use a model whose template does (gpt-oss, Qwen, Llama 3.x, "
+                    "Hermes-style)"
+                )
+            extra["tools"] = list(opts.active_tools)
+        schema = opts.json_schema
+        if schema is not None:
+            from .constrain import schema_instruction
+
+            messages = _with_system(messages, schema_instruction(schema))
         if opts.reasoning_effort is not None:
             if lm.harmony_ids is None:
                 raise InvalidRequestError(
@@ -108,7 +129,7 @@ class LocalEngine:
             if lm.harmony_ids is not None:
                 raise InvalidRequestError(f"{self.name} always reasons; control how much with "
                                           "reasoning_effort (low, medium, high), not thinking")
-            if "enable_thinking" not in (lm.tokenizer.chat_template or ""):
+            if "enable_thinking" not in template:
                 raise InvalidRequestError(f"option thinking is not supported by {self.name}: "
                                           "its chat template has no thinking switch")
             extra["enable_thinking"] = opts.thinking
@@ -136,7 +157,7 @@ class LocalEngine:
         """Validate now, then return a generator of chunks (close it to stop generating)."""
         lm = self.loaded
         text = self.format(messages, options)
-        return self._start(self.tokenize(text), options, self._parser(lm, text))
+        return self._start(self.tokenize(text), options, self._parser(lm, text, options))
 
     def complete(self, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
         """Continue raw text, with no chat template (the legacy completions API)."""
@@ -157,16 +178,22 @@ class LocalEngine:
         max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
         return self._generate(lm, prompt, max_new, options, parser)
 
-    def _parser(self, lm: LoadedModel, prompt: str) -> OutputParser:
-        """The output format of this model family: harmony, think tags, or plain text."""
+    def _parser(self, lm: LoadedModel, prompt: str, options: GenerationOptions) -> OutputParser:
+        """The output format of this model family: harmony, tags, JSON calls, or plain."""
+        if options.json_schema is not None:  # the grammar makes the whole output one JSON value
+            return PlainParser(lm.tokenizer)
+        template = lm.tokenizer.chat_template or ""
+        tools = bool(options.active_tools)
         if lm.harmony_ids is not None:
             from ..harmony import HarmonyParser
 
             return HarmonyParser(lm.tokenizer, lm.harmony_ids)
-        if think_token_ids(lm.tokenizer) is not None or THINK_OPEN in (
-            lm.tokenizer.chat_template or ""
-        ):
-            return ThinkParser(lm.tokenizer, inside=starts_inside_think(prompt))
+        tags_for_calls = tools and CALL_OPEN in template
+        if tags_for_calls or think_token_ids(lm.tokenizer) is not None or THINK_OPEN in template:
+            return ThinkParser(lm.tokenizer, inside=starts_inside_think(prompt),
+                               tool_calls=tags_for_calls)
+        if tools:
+            return JsonCallParser(lm.tokenizer)
         return PlainParser(lm.tokenizer)
 
     def _generation_kwargs(self, lm: LoadedModel, options: GenerationOptions,
@@ -202,6 +229,11 @@ class LocalEngine:
         tokens: queue.Queue[object] = queue.Queue()
         cancel = threading.Event()
         kwargs = self._generation_kwargs(lm, options, max_new)
+        schema = options.json_schema
+        if schema is not None:
+            from .constrain import SchemaConstraint, compile_schema
+
+            kwargs["logits_processor"] = [SchemaConstraint(lm, compile_schema(lm, schema))]
 
         def work() -> None:
             try:
@@ -283,6 +315,16 @@ class LocalEngine:
                     worker.join(timeout=30)
 
         return _LocalStream(chunks(), cancel)
+
+
+def _with_system(messages: Sequence[Message], instruction: str) -> list[Message]:
+    """Add an instruction to the system message (or start the conversation with one)."""
+    out = list(messages)
+    if out and out[0].role == "system":
+        out[0] = Message("system", f"{out[0].content}\n\n{instruction}")
+    else:
+        out.insert(0, Message("system", instruction))
+    return out
 
 
 def _to_chunk(deltas: list[Delta], stops: StopMatcher) -> Chunk | None:

@@ -1,4 +1,5 @@
-"""Think-tag reasoning (DeepSeek-R1, Qwen3): text inside <think>...</think> is reasoning."""
+"""Tag-delimited output: <think>...</think> is reasoning (DeepSeek-R1, Qwen3) and
+<tool_call>{...}</tool_call> is a tool call (Qwen, Hermes-style templates)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,22 @@ from typing import Any
 
 from ..types import ToolCall
 from .decode import IncrementalDecoder
-from .parsers import Delta
+from .parsers import Delta, make_tool_call
 
-__all__ = ["THINK_CLOSE", "THINK_OPEN", "ThinkParser", "think_token_ids"]
+__all__ = [
+    "CALL_CLOSE",
+    "CALL_OPEN",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "ThinkParser",
+    "starts_inside_think",
+    "think_token_ids",
+]
 
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CLOSE_OF = {THINK_OPEN: THINK_CLOSE, CALL_OPEN: CALL_CLOSE}
+_KIND_OF = {THINK_OPEN: "reasoning", CALL_OPEN: "call"}
 
 
 def think_token_ids(tokenizer: Any) -> tuple[int, int] | None:
@@ -28,20 +39,38 @@ def starts_inside_think(prompt: str) -> bool:
 
 
 class ThinkParser:
-    """Splits decoded output at think tags, whether they arrive as one token or as pieces."""
+    """Splits decoded output at tags, whether a tag arrives as one token or in pieces."""
 
-    def __init__(self, tokenizer: Any, *, inside: bool) -> None:
+    def __init__(self, tokenizer: Any, *, inside: bool, tool_calls: bool = False) -> None:
         self._decoder = IncrementalDecoder(tokenizer)
-        ids = think_token_ids(tokenizer)
-        self._open_id, self._close_id = ids if ids is not None else (-1, -1)
-        self._kind = "reasoning" if inside else "text"
+        self._opens = [THINK_OPEN] + ([CALL_OPEN] if tool_calls else [])
+        vocab = tokenizer.get_vocab()
+        self._tag_ids = {int(vocab[t]): t for t in (*self._opens, *map(_CLOSE_OF.get, self._opens))
+                         if t is not None and t in vocab}
+        self._open: str | None = THINK_OPEN if inside else None  # the tag we are inside
         self._pending = ""
         self._section_start = True  # strip the newlines that follow a tag
+        self._call: list[str] = []
         self.tool_calls: list[ToolCall] = []
 
-    def _switch(self, kind: str) -> None:
-        self._kind = kind
+    @property
+    def _kind(self) -> str:
+        return _KIND_OF[self._open] if self._open else "text"
+
+    def _enter(self, tag: str) -> list[Delta]:
+        """Cross a tag: open a section, or close the one we are in."""
+        out: list[Delta] = []
+        if self._open == CALL_OPEN:
+            raw = "".join(self._call).strip()
+            call = make_tool_call(len(self.tool_calls), raw)
+            if call is not None:
+                self.tool_calls.append(call)
+            else:  # not a valid call: the model's words are returned as text
+                out.append(("text", raw))
+            self._call = []
+        self._open = None if tag in _CLOSE_OF.values() else tag
         self._section_start = True
+        return out
 
     def _emit(self, piece: str) -> list[Delta]:
         if self._section_start:
@@ -49,35 +78,46 @@ class ThinkParser:
             if not piece:
                 return []
             self._section_start = False
+        if self._open == CALL_OPEN:
+            self._call.append(piece)
+            return []
         return [(self._kind, piece)]
+
+    def _wanted(self) -> list[str]:
+        return [_CLOSE_OF[self._open]] if self._open else self._opens
 
     def _split(self, text: str, final: bool = False) -> list[Delta]:
         out: list[Delta] = []
         buf = self._pending + text
         while True:
-            tag = THINK_CLOSE if self._kind == "reasoning" else THINK_OPEN
-            at = buf.find(tag)
-            if at < 0:
+            hits = [(buf.find(t), t) for t in self._wanted() if t in buf]
+            if not hits:
                 break
+            at, tag = min(hits)
             out += self._emit(buf[:at]) if at else []
             buf = buf[at + len(tag):]
-            self._switch("text" if self._kind == "reasoning" else "reasoning")
+            out += self._enter(tag)
         hold = 0
         if not final:
-            for k in range(min(len(tag) - 1, len(buf)), 0, -1):
-                if buf.endswith(tag[:k]):
-                    hold = k
-                    break
+            for tag in self._wanted():
+                for k in range(min(len(tag) - 1, len(buf)), hold, -1):
+                    if buf.endswith(tag[:k]):
+                        hold = k
+                        break
         self._pending = buf[len(buf) - hold:] if hold else ""
         ready = buf[: len(buf) - hold]
         return out + (self._emit(ready) if ready else [])
 
     def feed(self, token: int) -> list[Delta]:
-        if token in (self._open_id, self._close_id):
+        tag = self._tag_ids.get(token)
+        if tag is not None and tag in self._wanted():
             out = self._split(self._decoder.flush(), final=True)
-            self._switch("reasoning" if token == self._open_id else "text")
-            return out
+            return out + self._enter(tag)
         return self._split(self._decoder.add(token))
 
     def flush(self) -> list[Delta]:
-        return self._split(self._decoder.flush(), final=True)
+        out = self._split(self._decoder.flush(), final=True)
+        if self._open == CALL_OPEN and self._call:  # cut off inside a call: not a call
+            out.append(("text", "".join(self._call)))
+            self._call = []
+        return out
