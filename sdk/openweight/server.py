@@ -10,6 +10,7 @@ import argparse
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -24,7 +25,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
-    GenerationError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
@@ -43,6 +43,7 @@ __all__ = ["ApiError", "add_serve_parser", "cmd_serve", "create_app"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
 GENERATION_THREADS = 64
+log = logging.getLogger("openweight.server")
 
 
 class ApiError(Exception):
@@ -72,7 +73,7 @@ def api_error(exc: BaseException, param: str | None = None) -> ApiError:
         return ApiError(400, str(exc), param=param)
     if isinstance(exc, ModelLoadError):
         return ApiError(500, str(exc), type="server_error", code="model_load_error")
-    if isinstance(exc, (GenerationError, OpenWeightError)):
+    if isinstance(exc, OpenWeightError):  # GenerationError and the rest
         return ApiError(500, str(exc), type="server_error")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
 
@@ -100,8 +101,7 @@ def parse_options(body: Mapping[str, Any], default_max_tokens: int | None) -> Ge
     if body.get("stop") is not None:
         raw["stop"] = body["stop"]
     template_kwargs = body.get("chat_template_kwargs")  # vLLM's way to switch thinking
-    if ("thinking" in OPTION_SPECS and "thinking" not in raw
-            and isinstance(template_kwargs, Mapping)
+    if ("thinking" not in raw and isinstance(template_kwargs, Mapping)
             and template_kwargs.get("enable_thinking") is not None):
         raw["thinking"] = template_kwargs["enable_thinking"]
     if "max_tokens" not in raw and default_max_tokens is not None:
@@ -139,16 +139,48 @@ def parse_messages(body: Mapping[str, Any]) -> list[Message]:
     if not isinstance(raw, list):
         raise ApiError(400, "'messages' is required: a list of {role, content} objects",
                        param="messages")
-    items = []
+    items: list[Message | Mapping[str, Any]] = []
     for i, m in enumerate(raw):
         if not isinstance(m, Mapping):
             raise ApiError(400, f"messages[{i}] must be an object", param="messages")
         role = "system" if m.get("role") == "developer" else m.get("role")
-        items.append({**m, "role": role, "content": _content(m.get("content"), i)})
+        item = {**m, "role": role, "content": _content(m.get("content"), i)}
+        calls = _tool_calls(m.get("tool_calls"), i)
+        if calls:  # an assistant turn that called tools, for the chat template to show
+            reasoning = m.get("reasoning_content", m.get("reasoning"))
+            items.append(Message(role=str(role), content=item["content"], tool_calls=calls,
+                                 reasoning=reasoning if isinstance(reasoning, str) else None))
+        else:
+            items.append(item)
     try:
         return to_messages(items)
     except InvalidRequestError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
+
+
+def _tool_call(call: object) -> ToolCall | None:
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(call, Mapping) or not isinstance(fn, Mapping):
+        return None
+    args = fn.get("arguments") or "{}"
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        return None
+    if not isinstance(args, dict) or not isinstance(fn.get("name"), str):
+        return None
+    return ToolCall(id=str(call.get("id") or ""), name=fn["name"], arguments=args)
+
+
+def _tool_calls(raw: object, i: int) -> tuple[ToolCall, ...]:
+    """OpenAI's tool_calls of an assistant message (arguments as a JSON string)."""
+    if raw is None:
+        return ()
+    calls = [_tool_call(c) for c in raw] if isinstance(raw, list) else [None]
+    if None in calls:
+        raise ApiError(400, f"messages[{i}].tool_calls must be a list of {{id, type, function: "
+                       "{name, arguments}}} with arguments a JSON object", param="messages")
+    return tuple(c for c in calls if c is not None)
 
 
 def parse_prompt(body: Mapping[str, Any]) -> str:
@@ -215,24 +247,14 @@ class ModelPool:
         return names
 
 
-def _complete_stream(client: "Client", prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+def _complete_stream(client: "Client", prompt: str,
+                     options: GenerationOptions) -> Iterator[Chunk]:
     """Continue raw text (no chat template): the legacy completions API."""
-    from .local import LocalEngine
-    from .options import DEFAULT_MAX_TOKENS
-
-    engine = client._get_backend()
-    if not isinstance(engine, LocalEngine):  # pragma: no cover - the pool is local only
-        raise ApiError(400, "completions need a local model")
-    lm = engine.loaded
-    ids = list(lm.tokenizer(prompt)["input_ids"])
-    if not ids:
-        raise ApiError(400, "'prompt' is empty", param="prompt")
-    room = lm.context_length - len(ids)
-    if room <= 0:
-        raise ApiError(400, f"the prompt is {len(ids)} tokens but {engine.name} has a context "
-                       f"window of {lm.context_length} tokens; shorten it", param="prompt")
-    max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
-    return engine._generate(lm, ids, max_new, options)
+    complete = getattr(client._get_backend(), "complete", None)  # the local engine has it
+    if complete is None:  # pragma: no cover - the pool serves local engines only
+        raise ApiError(400, "this model cannot continue raw text; use /v1/chat/completions")
+    chunks: Iterator[Chunk] = complete(prompt, options)
+    return chunks
 
 
 # -- the answer: OpenAI's chat and completion shapes --------------------------------------
@@ -356,6 +378,14 @@ def _sse(data: object) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def _stop(it: Iterator[Chunk], idle: threading.Event) -> None:
+    """Stop a generation and wait for its thread, even while a token is being awaited."""
+    close = getattr(it, "close", lambda: None)
+    close()  # sets the engine's cancel flag at once, even mid-next in another thread
+    if idle.wait(timeout=60):  # the pending next() returns at the engine's next step
+        close()  # now it can run the generator's cleanup, which joins the thread
+
+
 # -- the app ------------------------------------------------------------------------------
 
 def create_app(model: str | None = None, *, api_key: str | None = None,
@@ -381,8 +411,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     stopping = threading.Event()  # set on Ctrl-C: answers in flight end at their next token
 
     async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(func, *args, limiter=limiter,
-                                              abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -412,7 +441,12 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
 
-    @app.exception_handler(Exception)
+    @app.exception_handler(OpenWeightError)
+    async def on_openweight_error(request: Request, exc: OpenWeightError) -> Response:
+        err = api_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(Exception)  # a bug: answered in OpenAI's shape, and logged
     async def on_error(request: Request, exc: Exception) -> Response:
         err = api_error(exc)
         return JSONResponse(err.body(), status_code=err.status)
@@ -438,11 +472,23 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     async def chunks(it: Iterator[Chunk], request: Request) -> AsyncGenerator[Chunk, None]:
         """The engine's chunks, one thread hop each; stops generating when the client leaves."""
         done = object()
+        idle = threading.Event()  # no thread is inside next(it)
+        idle.set()
+
+        def step() -> object:
+            idle.clear()
+            try:
+                return next(it, done)
+            finally:
+                idle.set()
+
         try:
             while True:
-                item = await in_thread(next, it, done)
+                item = await anyio.to_thread.run_sync(step, limiter=limiter,
+                                                      abandon_on_cancel=True)
                 if item is done:
                     return
+                assert isinstance(item, Chunk)
                 yield item
                 if stopping.is_set():
                     raise ApiError(503, "the server is shutting down; send the request again "
@@ -451,8 +497,9 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                 if await request.is_disconnected():
                     return
         finally:
-            # close off the event loop: it joins the generation thread
-            threading.Thread(target=getattr(it, "close", lambda: None), daemon=True).start()
+            # shielded, so a cancelled request (the client left, Ctrl-C) still does this
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_stop, it, idle)
 
     def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
         stream = _field(body, "stream", bool, "true or false")
@@ -461,13 +508,13 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         return bool(stream), bool(stream and include_usage)
 
     async def respond(request: Request, stream: bool, shape: Shape,
-                      open_stream: Callable[[], Iterator[Chunk]]) -> Response:
+                      open_stream: Callable[[], Iterator[Chunk]], param: str) -> Response:
         try:
             it: Iterator[Chunk] = await in_thread(open_stream)  # validates; may load the model
         except ApiError:
             raise
-        except OpenWeightError as exc:
-            raise api_error(exc, param="messages") from exc
+        except OpenWeightError as exc:  # a prompt too long for the context window, ...
+            raise api_error(exc, param=param) from exc
         if not stream:
             answer = Answer()
             async with aclosing(chunks(it, request)) as gen:
@@ -491,6 +538,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                     yield _sse(shape.usage_event(usage))
                 yield "data: [DONE]\n\n"
             except Exception as exc:  # headers are sent: the error goes out as an event
+                if not isinstance(exc, OpenWeightError | ApiError):
+                    log.exception("error while streaming an answer")
                 yield _sse(api_error(exc).body())
 
         return StreamingResponse(events(), media_type="text/event-stream",
@@ -517,7 +566,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         client = await get_client(body)
         shape = Shape(client.model, include_usage)
         return await respond(request, stream, shape,
-                             lambda: client.stream(messages, **options.to_dict()))
+                             lambda: client.stream(messages, **options.to_dict()), "messages")
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -528,7 +577,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         client = await get_client(body)
         shape = CompletionShape(client.model, include_usage)
         return await respond(request, stream, shape,
-                             lambda: _complete_stream(client, prompt, options))
+                             lambda: _complete_stream(client, prompt, options), "prompt")
 
     app.include_router(v1)
     app.state.pool = pool
