@@ -1,0 +1,392 @@
+"""The llm model classes: one shared mixin, then a sync and an async class.
+
+Every openweight model is registered as ``openweight/NAME``; ``openweight``
+itself follows the store's default model. Building these objects is cheap (llm
+builds them again on every ``get_model``): the weights load on first use, and
+the ``openweight.Client`` objects that hold them are cached at module level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import threading
+import time
+import weakref
+from collections.abc import AsyncGenerator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import llm
+from llm.parts import ReasoningPart, StreamEvent, TextPart
+from pydantic import Field, ValidationInfo, create_model, field_validator
+
+import openweight
+from openweight.options import OPTION_SPECS, GenerationOptions
+
+__all__ = [
+    "CONFIG_FILE",
+    "AsyncOpenWeight",
+    "InvalidRequest",
+    "OpenWeight",
+    "OpenWeightModelError",
+    "clear_clients",
+    "options_class",
+    "read_config",
+    "register_all",
+    "write_config",
+]
+
+PREFIX = "openweight"
+CONFIG_FILE = "openweight.json"
+KEY_ALIAS = "openweight"
+KEY_ENV_VAR = "OPENWEIGHT_API_KEY"
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class OpenWeightModelError(llm.ModelError, click.ClickException):
+    """An SDK error as llm shows it: one line, ``Error: ...``, exit code 1.
+
+    It is an ``llm.ModelError`` for Python callers. It is also a
+    ``click.ClickException`` because ``llm chat`` does not catch model errors:
+    without this, a failed turn there would end in a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        click.ClickException.__init__(self, message)
+
+
+class InvalidRequest(OpenWeightModelError, ValueError):
+    """A bad request (``openweight.InvalidRequestError``): still a ValueError."""
+
+
+@contextlib.contextmanager
+def _sdk_errors() -> Iterator[None]:
+    """Translate SDK errors at the boundary, keeping the original as the cause."""
+    try:
+        yield
+    except openweight.InvalidRequestError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    except openweight.AuthenticationError as exc:
+        raise OpenWeightModelError(f"{exc} (in llm: `llm keys set {KEY_ALIAS}` or --key)"
+                                   ) from exc
+    except openweight.OpenWeightError as exc:
+        raise OpenWeightModelError(str(exc)) from exc
+
+
+# -- options -------------------------------------------------------------------------------
+# Built on first use, not at import: `llm models` and every other model's prompt run
+# register_models, and none of them needs this pydantic class.
+
+
+def _spec_field(name: str) -> tuple[Any, Any]:
+    """A pydantic field for one of the SDK's options, with its bounds and help text."""
+    spec = OPTION_SPECS[name]
+    if spec.kind is bool:
+        return bool | None, Field(None, description=f"{spec.description} (true or false)")
+    description = f"{spec.description} ({spec.bounds_text()})"
+    if spec.choices:
+        return str | None, Field(None, description=description)
+    kind: Any = int | None if spec.kind is int else float | None
+    return kind, Field(None, ge=spec.ge, gt=spec.gt, le=spec.le,
+                       allow_inf_nan=None if spec.kind is int else False,
+                       description=description)
+
+
+def _check_url(value: str) -> str:
+    value = value.strip()
+    if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+        raise ValueError(f"{value!r} is not a base URL; give one like http://HOST:8000/v1")
+    return value.rstrip("/")
+
+
+@functools.cache
+def options_class() -> type[llm.Options]:
+    """The model's ``Options``: every SDK option (bounds from OPTION_SPECS) plus our own."""
+    from openweight.local.loader import DEVICES, DTYPES
+
+    class Checks(llm.Options):
+        @field_validator("*", check_fields=False)
+        @classmethod
+        def _sdk_checks(cls, value: Any, info: ValidationInfo) -> Any:
+            """Choices and stop strings: the SDK's own check (a ValueError), normalised."""
+            name = info.field_name or ""
+            spec = OPTION_SPECS.get(name)
+            if value is not None and (name == "stop" or (spec and spec.choices)):
+                checked = GenerationOptions.from_kwargs({name: value})
+                if spec is not None:
+                    value = getattr(checked, spec.name)
+            return value
+
+        @field_validator("device", check_fields=False)
+        @classmethod
+        def _device(cls, value: str | None) -> str | None:
+            if value is not None and value.split(":")[0].lower() not in DEVICES:
+                raise ValueError(f"use one of {', '.join(DEVICES)} (cuda:N for one GPU)")
+            return value
+
+        @field_validator("dtype", check_fields=False)
+        @classmethod
+        def _dtype(cls, value: str | None) -> str | None:
+            if value is not None and value.lower() not in DTYPES:
+                raise ValueError(f"use one of {', '.join(DTYPES)}")
+            return value.lower() if value else value
+
+        @field_validator("remote", check_fields=False)
+        @classmethod
+        def _remote(cls, value: str | None) -> str | None:
+            return _check_url(value) if value is not None else None
+
+    options: type[llm.Options] = create_model(  # type: ignore[call-overload]
+        "OpenWeightOptions",
+        __base__=Checks,
+        **{name: _spec_field(name) for name in OPTION_SPECS},
+        stop=(str | list[str] | None, Field(
+            None, description="Stop when the output contains this string (or any of a list)")),
+        device=(str | None, Field(
+            None, description=f"Where to run a local model: {', '.join(DEVICES)} or cuda:N")),
+        dtype=(str | None, Field(
+            None, description=f"Weight dtype of a local model: {', '.join(DTYPES)}")),
+        remote=(str | None, Field(
+            None, description="Base URL of an OpenAI-compatible server to use instead of this "
+            "machine, e.g. http://HOST:8000/v1 (default: `llm openweight remote`)")),
+    )
+    return options
+
+
+class _LazyOptions:
+    """``Model.Options`` as llm reads it (on the class or an instance), built on first use."""
+
+    def __get__(self, obj: object, owner: type | None = None) -> type[llm.Options]:
+        return options_class()
+
+
+CLIENT_ONLY = ("device", "dtype", "remote")
+
+
+# -- the default remote, kept in llm's user dir --------------------------------------------
+
+
+def _config_path() -> Path:
+    user_dir: Path = llm.user_dir()  # type: ignore[no-untyped-call]
+    return user_dir / CONFIG_FILE
+
+
+def read_config() -> dict[str, Any]:
+    """The plugin's settings (``{"remote": URL}``); an absent or broken file is empty."""
+    try:
+        data = json.loads(_config_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_config(data: dict[str, Any]) -> None:
+    _config_path().write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+# -- clients, cached for the life of the process -------------------------------------------
+
+ClientKey = tuple[str | None, str | None, str | None, str | None, str | None]
+_clients: dict[ClientKey, openweight.Client] = {}
+_async_clients: dict[ClientKey, openweight.AsyncClient] = {}
+# a remote AsyncClient's connections belong to one event loop: cache those per loop
+_loop_clients: weakref.WeakKeyDictionary[Any, dict[ClientKey, openweight.AsyncClient]] = (
+    weakref.WeakKeyDictionary())
+_lock = threading.Lock()
+
+
+def clear_clients() -> None:
+    """Forget the cached clients (the SDK keeps loaded weights in its own cache)."""
+    with _lock:
+        _clients.clear()
+        _async_clients.clear()
+        _loop_clients.clear()
+
+
+def _cached(cache: dict[ClientKey, Any], key: ClientKey, make: Callable[..., Any]) -> Any:
+    with _lock:
+        client = cache.get(key)
+        if client is None:
+            model, device, dtype, base_url, api_key = key
+            with _sdk_errors():
+                client = make(model, base_url=base_url, api_key=api_key, device=device,
+                              dtype=dtype)
+            cache[key] = client
+        return client
+
+
+def _messages(prompt: llm.Prompt) -> list[dict[str, Any]]:
+    """The whole conversation (llm hands it over as ``prompt.messages``) as SDK messages."""
+    out: list[dict[str, Any]] = []
+    for message in prompt.messages:
+        text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
+        thought = "".join(p.text for p in message.parts
+                          if isinstance(p, ReasoningPart) and not p.redacted)
+        item: dict[str, Any] = {"role": message.role, "content": text}
+        if thought:
+            item["reasoning"] = thought
+        out.append(item)
+    return out
+
+
+class _Run:
+    """One request's bookkeeping, shared by the sync and async ``execute``."""
+
+    def __init__(self, model: _OpenWeightMixin, prompt: llm.Prompt, key: str | None) -> None:
+        opts = {k: v for k, v in prompt.options.model_dump().items() if v is not None}
+        # -o remote, then OPENWEIGHT_BASE_URL, then `llm openweight remote`, else local
+        self.remote: str | None = (opts.get("remote") or os.environ.get("OPENWEIGHT_BASE_URL")
+                                   or read_config().get("remote") or None)
+        name = model.name
+        if name is None and self.remote is None:
+            with _sdk_errors():
+                name = openweight.default_model()  # `openweight` follows the store's default
+        self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"), self.remote,
+                               (key or None) if self.remote else None)
+        self.messages = _messages(prompt)
+        self.options = {k: v for k, v in opts.items() if k not in CLIENT_ONLY}
+        self.started = time.monotonic()
+        self.first: float | None = None
+        self.finish_reason: str | None = None
+        self.usage: openweight.Usage | None = None
+
+    def sync_client(self) -> openweight.Client:
+        client: openweight.Client = _cached(_clients, self.key, openweight.Client)
+        return client
+
+    def async_client(self) -> openweight.AsyncClient:
+        cache = _async_clients
+        if self.remote is not None:
+            cache = _loop_clients.setdefault(asyncio.get_running_loop(), {})
+        client: openweight.AsyncClient = _cached(cache, self.key, openweight.AsyncClient)
+        return client
+
+    def events(self, chunk: openweight.Chunk) -> list[StreamEvent]:
+        """llm stream events for one SDK chunk; remembers the finish reason and usage."""
+        out = []
+        if chunk.reasoning:
+            out.append(StreamEvent(type="reasoning", chunk=chunk.reasoning))
+        if chunk.text:
+            out.append(StreamEvent(type="text", chunk=chunk.text))
+        if out and self.first is None:
+            self.first = time.monotonic()
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        return out
+
+    def done(self, response: llm.Response | llm.AsyncResponse, model_name: str) -> None:
+        """Record usage, speed and the model that answered on the llm response."""
+        end = time.monotonic()
+        usage = self.usage
+        info: dict[str, Any] = {
+            "model": model_name,
+            "finish_reason": self.finish_reason,
+            "remote": self.remote,
+            "duration_s": round(end - self.started, 4),
+        }
+        if self.first is not None:
+            info["time_to_first_token_s"] = round(self.first - self.started, 4)
+        if usage is not None:
+            response.set_usage(input=usage.prompt_tokens, output=usage.completion_tokens)
+            info["usage"] = {"prompt_tokens": usage.prompt_tokens,
+                             "completion_tokens": usage.completion_tokens,
+                             "total_tokens": usage.total_tokens}
+            # decode speed: the tokens after the first, over the time after the first arrived
+            window = end - (self.first if self.first is not None else self.started)
+            tokens = usage.completion_tokens - (1 if self.first is not None else 0)
+            if tokens > 0 and window > 0:
+                info["tokens_per_second"] = round(tokens / window, 2)
+        response.response_json = info
+        if model_name and f"{PREFIX}/{model_name}" != response.model.model_id:
+            response.set_resolved_model(f"{PREFIX}/{model_name}")
+
+
+# -- the model classes ------------------------------------------------------------------------
+
+
+class _OpenWeightMixin:
+    """What the sync and async classes share: identity, options, key and the request."""
+
+    can_stream = True
+    supports_conversation = True
+    needs_key: str | None = KEY_ALIAS
+    key_env_var: str | None = KEY_ENV_VAR
+    Options = _LazyOptions()
+    model_id: str
+
+    def __init__(self, name: str | None, *, installed: bool = False,
+                 default: str | None = None) -> None:
+        self.name = name  # None: the store's default model, resolved on each request
+        self.model_id = f"{PREFIX}/{name}" if name else PREFIX
+        self._note = ("installed" if installed else "in the catalog: pulled on first use"
+                      ) if name else f"the default model, now {default}"
+
+    def get_key(self, explicit_key: str | None = None) -> str | None:
+        """The API key of a remote server, if any: local models need none."""
+        try:
+            key: str | None = super().get_key(explicit_key)  # type: ignore[misc]
+        except llm.NeedsKeyException:
+            return None
+        return key
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} ({self._note})"
+
+
+class OpenWeight(_OpenWeightMixin, llm.KeyModel):  # type: ignore[misc]
+    def execute(self, prompt: llm.Prompt, stream: bool, response: llm.Response,
+                conversation: llm.Conversation | None,
+                key: str | None = None) -> Iterator[StreamEvent]:
+        run = _Run(self, prompt, key)
+        client = run.sync_client()
+        with _sdk_errors():
+            with client.stream(run.messages, **run.options) as chunks:
+                for chunk in chunks:
+                    yield from run.events(chunk)
+            run.done(response, client.model)
+
+
+class AsyncOpenWeight(_OpenWeightMixin, llm.AsyncKeyModel):  # type: ignore[misc]
+    async def execute(self, prompt: llm.Prompt, stream: bool, response: llm.AsyncResponse,
+                      conversation: llm.AsyncConversation | None,
+                      key: str | None = None) -> AsyncGenerator[StreamEvent, None]:
+        run = _Run(self, prompt, key)
+        client = run.async_client()
+        with _sdk_errors():
+            async with client.stream(run.messages, **run.options) as chunks:
+                async for chunk in chunks:
+                    for event in run.events(chunk):
+                        yield event
+            run.done(response, client.model)
+
+
+# -- registration ----------------------------------------------------------------------------
+
+
+def register_all(register: Callable[..., None]) -> None:
+    """Register ``openweight`` and ``openweight/NAME`` for installed and catalog models.
+
+    Cheap by design: one read of the store's registry file, no torch, no network.
+    """
+    from openweight.store import CATALOG, DEFAULT_MODEL
+    from openweight.store.registry import read_registry
+
+    try:
+        registry = read_registry()
+    except openweight.OpenWeightError:
+        registry = {}  # a broken registry must not break every llm command; using it will
+    installed = registry.get("models") or {}
+    default = registry.get("default") or DEFAULT_MODEL
+    register(OpenWeight(None, default=default), AsyncOpenWeight(None, default=default))
+    for name in sorted(installed) + [n for n in CATALOG if n not in installed]:
+        register(OpenWeight(name, installed=name in installed),
+                 AsyncOpenWeight(name, installed=name in installed))
