@@ -36,12 +36,14 @@ class _QueueStreamer:
     def __init__(self, out: queue.Queue[object]) -> None:
         self._out = out
         self._prompt_seen = False
+        self.generated: list[int] = []
 
     def put(self, value: Any) -> None:
         if not self._prompt_seen:  # generate() first puts the prompt
             self._prompt_seen = True
             return
         for token in value.reshape(-1).tolist():
+            self.generated.append(int(token))
             self._out.put(int(token))
 
     def end(self) -> None:
@@ -242,14 +244,24 @@ class LocalEngine:
                         return
                     if options.seed is not None:
                         torch.manual_seed(options.seed)
+                    cache, _reused = lm.prefix_cache.take(prompt)
+                    if cache is None:
+                        from transformers import DynamicCache
+
+                        cache = DynamicCache(config=lm.model.config)
                     ids = torch.tensor([prompt], device=lm.device)
+                    streamer = _QueueStreamer(tokens)
                     lm.model.generate(
                         input_ids=ids,
                         attention_mask=torch.ones_like(ids),
-                        streamer=_QueueStreamer(tokens),
+                        streamer=streamer,
                         stopping_criteria=[_Cancelled(cancel)],
+                        cache=cache,
                         **kwargs,
                     )
+                    # the cache now holds the prompt and all but the last generated token
+                    held = (prompt + streamer.generated)[: cache.get_seq_length()]
+                    lm.prefix_cache.put(held, cache)
             except BaseException as exc:  # handed to the consumer, never lost
                 tokens.put(exc)
             finally:

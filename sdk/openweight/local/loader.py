@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError, ModelLoadError
+from .prefix_cache import PrefixCache
 
 __all__ = ["DEVICES", "DTYPES", "LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
 
@@ -31,6 +32,7 @@ class LoadedModel:
     eos_ids: frozenset[int]
     model_type: str = ""
     harmony_ids: dict[str, int] | None = None
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
     # one generation at a time per model: results never depend on what runs beside them
     lock: threading.Lock = field(default_factory=threading.Lock)
 
