@@ -73,7 +73,8 @@ class AsyncStream(AsyncIterator[Chunk]):
         await self.aclose()
 
 
-def _local_backend(model: str | None, device: str | None, dtype: str | None) -> Backend:
+def _local_backend(model: str | None, device: str | None, dtype: str | None,
+                   quantize: str | None) -> Backend:
     from .local import LocalEngine
 
     looks_like_path = model is not None and (
@@ -81,22 +82,24 @@ def _local_backend(model: str | None, device: str | None, dtype: str | None) -> 
     )
     if model is not None and looks_like_path:
         path = Path(model).expanduser()
-        return LocalEngine(path, name=path.name, device=device, dtype=dtype)
+        return LocalEngine(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
     from .store import ensure_model
 
     name, path = ensure_model(model)
-    return LocalEngine(path, name=name, device=device, dtype=dtype)
+    return LocalEngine(path, name=name, device=device, dtype=dtype, quantize=quantize)
 
 
 class _Base:
     def __init__(self, model: str | None = None, *, base_url: str | None = None,
                  api_key: str | None = None, device: str | None = None,
-                 dtype: str | None = None, timeout: float = 600.0, max_retries: int = 2) -> None:
+                 dtype: str | None = None, quantize: str | None = None,
+                 timeout: float = 600.0, max_retries: int = 2) -> None:
         self._model = model
         self._base_url = base_url or os.environ.get("OPENWEIGHT_BASE_URL") or None
         self._api_key = api_key or os.environ.get("OPENWEIGHT_API_KEY") or None
         self._device = device
         self._dtype = dtype
+        self._quantize = quantize
         self._timeout = timeout
         self._max_retries = max_retries
         self._backend: Backend | None = None
@@ -104,6 +107,7 @@ class _Base:
             # fail early on a bad device/dtype; nothing heavy is imported or loaded here
             from .errors import InvalidRequestError
             from .local.loader import DEVICES, DTYPES
+            from .local.quantize import QUANTIZE
 
             if device is not None and device.split(":")[0].lower() not in DEVICES:
                 raise InvalidRequestError(f"device {device!r} is not supported; use one of "
@@ -111,6 +115,9 @@ class _Base:
             if dtype is not None and dtype.lower() not in DTYPES:
                 raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of "
                                           f"{', '.join(DTYPES)}")
+            if quantize is not None and quantize.lower() not in QUANTIZE:
+                raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one "
+                                          f"of {', '.join(QUANTIZE)}")
 
     @property
     def is_remote(self) -> bool:
@@ -125,7 +132,8 @@ class _Base:
                                               api_key=self._api_key, timeout=self._timeout,
                                               max_retries=self._max_retries)
             else:
-                self._backend = _local_backend(self._model, self._device, self._dtype)
+                self._backend = _local_backend(self._model, self._device, self._dtype,
+                                               self._quantize)
         return self._backend
 
     @property

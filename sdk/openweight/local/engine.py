@@ -67,18 +67,19 @@ class LocalEngine:
     """Runs one model directory in this process."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, device: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, quantize: str | None = None) -> None:
         self.path = Path(path)
         self.name = name or self.path.name
         self._device = device
         self._dtype = dtype
+        self._quantize = quantize
         self._loaded: LoadedModel | None = None
 
     @property
     def loaded(self) -> LoadedModel:
         """The model, loaded on first use and shared through the process-wide cache."""
         if self._loaded is None:
-            self._loaded = load_model(self.path, self._device, self._dtype)
+            self._loaded = load_model(self.path, self._device, self._dtype, self._quantize)
         return self._loaded
 
     @property

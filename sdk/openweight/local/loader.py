@@ -30,6 +30,7 @@ class LoadedModel:
     dtype: str
     context_length: int
     eos_ids: frozenset[int]
+    quantize: str = "none"
     model_type: str = ""
     harmony_ids: dict[str, int] | None = None
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
@@ -37,7 +38,7 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_cache: dict[tuple[str, str, str], LoadedModel] = {}
+_cache: dict[tuple[str, str, str, str], LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
@@ -185,13 +186,20 @@ def _harmony_ids(config: Any, tokenizer: Any) -> dict[str, int] | None:
 
 
 def load_model(
-    path: str | Path, device: str | None = None, dtype: str | None = None
+    path: str | Path, device: str | None = None, dtype: str | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
-    """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``."""
+    """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised."""
+    from .quantize import QUANTIZE, quantize_model
+
     path = Path(path).expanduser().resolve()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    key = (str(path), dev, dt)
+    quant = (quantize or "none").lower()
+    if quant not in QUANTIZE:
+        raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one of "
+                                  f"{', '.join(QUANTIZE)}")
+    key = (str(path), dev, dt, quant)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
@@ -213,13 +221,17 @@ def load_model(
                 extra["quantization_config"] = Mxfp4Config(dequantize=True)
                 _notify_once(f"openweight: {why}; dequantising {path.name}'s MXFP4 weights to "
                              f"{dt} (about 4x the memory of MXFP4)")
-        check_fits(estimate_memory(path, dev, dt, keep_mxfp4=keep_mxfp4), path.name)
+        check_fits(estimate_memory(path, dev, dt, keep_mxfp4=keep_mxfp4, quantize=quant),
+                   path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dt),
                                                          **extra)
             model.to(dev)
             model.eval()
+            quantize_model(model, quant, dev)
+        except InvalidRequestError:
+            raise
         except Exception as exc:
             raise ModelLoadError(f"could not load the model in {path}: {exc}") from exc
         if getattr(tokenizer, "chat_template", None) is None:
@@ -233,6 +245,7 @@ def load_model(
             dtype=dt,
             context_length=_context_length(model.config, tokenizer),
             eos_ids=_eos_ids(model, tokenizer),
+            quantize=quant,
             model_type=str(getattr(model.config, "model_type", "")),
             harmony_ids=_harmony_ids(model.config, tokenizer),
         )

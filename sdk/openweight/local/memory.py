@@ -99,8 +99,11 @@ def _kv_bytes(config: Any, context: int, bytes_per: int) -> int:
     return total
 
 
+_QUANT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32}  # int4: plus a bf16 scale and zero per 32
+
+
 def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = False,
-                    context: int | None = None) -> MemoryEstimate:
+                    context: int | None = None, quantize: str = "none") -> MemoryEstimate:
     """Parameters x bytes per parameter, plus the KV cache for ``context`` tokens."""
     from transformers import AutoConfig
 
@@ -109,6 +112,8 @@ def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = F
     bytes_per = _BYTES[dtype]
     if keep_mxfp4:
         weights = int(expert_params * MXFP4_BYTES_PER_PARAM + (params - expert_params) * bytes_per)
+    elif quantize in _QUANT_BYTES:  # loaded in dtype first, then packed: the peak is dtype
+        weights = params * bytes_per
     else:
         weights = params * bytes_per
     window = int(getattr(config, "max_position_embeddings", PLANNING_CONTEXT) or PLANNING_CONTEXT)

@@ -1,0 +1,78 @@
+"""Weight-only int8/int4 quantisation of the local engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from openweight import Client, InvalidRequestError
+from openweight.local.quantize import quantize_model
+
+HI = [{"role": "user", "content": "hi there"}]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_tiny_model_generates(tiny_model: Path, mode: str) -> None:
+    client = Client(str(tiny_model), quantize=mode)
+    result = client.chat(HI, max_tokens=10, temperature=0)
+    assert result.usage.completion_tokens == 10 or result.finish_reason == "stop"
+    streamed = "".join(c.text for c in client.stream(HI, max_tokens=10, temperature=0))
+    assert streamed == result.text
+    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    assert lm.quantize == mode
+    kinds = {type(m).__name__ for m in lm.model.modules()}
+    assert "Linear" not in kinds
+    assert "Int8Linear" in kinds  # the output layer (and int4's fallback) is int8
+    if mode == "int4":
+        assert "Int4Linear" in kinds
+    plain = Client(str(tiny_model))._get_backend().loaded  # type: ignore[attr-defined]
+    assert plain is not lm and plain.quantize == "none"
+
+
+def test_quantized_logits_stay_close(tiny_model: Path) -> None:
+    import torch
+
+    plain = Client(str(tiny_model), dtype="float32")._get_backend().loaded  # type: ignore[attr-defined]
+    ids = torch.tensor([[5, 80, 90, 100, 33, 44]])
+    with torch.inference_mode():
+        ref = plain.model(ids).logits.float()
+        for mode, tolerance in (("int8", 0.05), ("int4", 0.5)):
+            quant = Client(str(tiny_model), dtype="float32", quantize=mode)
+            got = quant._get_backend().loaded.model(ids).logits.float()  # type: ignore[attr-defined]
+            rel = (got - ref).norm() / ref.norm()
+            assert rel < tolerance, (mode, float(rel))
+
+
+@pytest.mark.parametrize(("mode", "tolerance"), [("int8", 0.01), ("int4", 0.1)])
+def test_one_layer_matches_its_float_weights(mode: str, tolerance: float) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        ref = model(x)
+        quantize_model(model, mode, "cpu")
+        got = model(x)
+    assert type(model[0]).__name__ == ("Int4Linear" if mode == "int4" else "Int8Linear")
+    assert got.shape == ref.shape
+    assert float((got - ref).norm() / ref.norm()) < tolerance
+
+
+def test_bad_quantize_values(tiny_model: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="quantize 'int3'"):
+        Client(str(tiny_model), quantize="int3")
+    with pytest.raises(InvalidRequestError, match="runs on the CPU"):
+        quantize_model(object(), "int8", "cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_every_setting_still_answers_paris(smollm2_home: Path, monkeypatch: pytest.MonkeyPatch,
+                                           mode: str) -> None:
+    monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))
+    result = Client(quantize=mode).chat(
+        [{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        max_tokens=24)
+    assert "Paris" in result.text
