@@ -232,6 +232,12 @@ class _RemoteLogic:
             kwargs["verify"] = self._ssl
         return kwargs
 
+    @staticmethod
+    def _build(client: httpx.Client | httpx.AsyncClient, method: str, path: str,
+               body: dict[str, Any] | None, stream: bool) -> httpx.Request:
+        accept = {"Accept": "text/event-stream"} if stream else None
+        return client.build_request(method, path, json=body, headers=accept)
+
     def _chat_body(self, model: str, messages: list[Message], options: GenerationOptions,
                    stream: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "messages": [_wire(m) for m in messages]}
@@ -256,6 +262,8 @@ class _RemoteLogic:
         try:
             choice = data["choices"][0]
             message = choice["message"]
+            if not isinstance(message, Mapping):
+                raise TypeError(type(message).__name__)
         except (KeyError, IndexError, TypeError) as exc:
             raise RemoteError(f"the server's answer has no choices[0].message: "
                               f"{str(data)[:200]}") from exc
@@ -401,7 +409,7 @@ class RemoteBackend(_RemoteLogic):
               body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
         for attempt in range(self._max_retries + 1):
             try:
-                response = client.send(client.build_request(method, path, json=body),
+                response = client.send(self._build(client, method, path, body, stream),
                                        stream=stream)
                 if response.is_success:
                     return response
@@ -472,7 +480,7 @@ class RemoteBackend(_RemoteLogic):
                      body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
         for attempt in range(self._max_retries + 1):
             try:
-                response = await client.send(client.build_request(method, path, json=body),
+                response = await client.send(self._build(client, method, path, body, stream),
                                              stream=stream)
                 if response.is_success:
                     return response

@@ -198,29 +198,28 @@ def parse_prompt(body: Mapping[str, Any]) -> str:
 class ModelPool:
     """One openweight.Client per model name, made on first use and kept."""
 
-    def __init__(self, model: str | None, *, device: str | None, dtype: str | None) -> None:
-        from .client import Client
-
-        self._device = device
-        self._dtype = dtype
+    def __init__(self, model: str | None, *, device: str | None = None,
+                 dtype: str | None = None, quantize: str | None = None) -> None:
+        self._device, self._dtype, self._quantize = device, dtype, quantize  # for every model
         self._lock = threading.Lock()
-        self.default = Client(model=model, device=device, dtype=dtype)
-        self._check_local(self.default)
+        self.default = self._client(model)
         self.name = self.default.model  # resolves the name (pulling the model if needed)
         self._clients: dict[str, Client] = {self.name: self.default}
         if model:
             self._clients[model] = self.default
 
-    @staticmethod
-    def _check_local(client: "Client") -> None:
+    def _client(self, model: str | None) -> "Client":
+        from .client import Client
+
+        client = Client(model=model, device=self._device, dtype=self._dtype,
+                        quantize=self._quantize)
         if client.is_remote:
             raise InvalidRequestError("OPENWEIGHT_BASE_URL is set in the server's environment; "
                                       "openweight serve runs local models: unset it")
+        return client
 
     def get(self, name: str | None) -> "Client":
         """The client for a request's ``model`` field (blocking: may pull or load)."""
-        from .client import Client
-
         if not name:
             return self.default
         client = self._clients.get(name)
@@ -233,8 +232,7 @@ class ModelPool:
             if not NAME_RE.match(name):  # never let a request name a path on this machine
                 raise ApiError(404, f"unknown model {name!r}; GET /v1/models lists the models "
                                "served here", param="model", code="model_not_found")
-            client = Client(model=name, device=self._device, dtype=self._dtype)
-            self._check_local(client)
+            client = self._client(name)
             client.model  # noqa: B018 - resolve now: unknown names raise ModelNotFoundError
             self._clients[name] = client
             return client
@@ -390,7 +388,7 @@ def _stop(it: Iterator[Chunk], idle: threading.Event) -> None:
 
 def create_app(model: str | None = None, *, api_key: str | None = None,
                device: str | None = None, dtype: str | None = None,
-               preload: bool = True) -> "FastAPI":
+               quantize: str | None = None, preload: bool = True) -> "FastAPI":
     """The FastAPI app serving ``model`` (default: the store's default model).
 
     ``preload`` loads the weights now and runs one token, so the first request is fast
@@ -404,7 +402,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.responses import Response
 
-    pool = ModelPool(model, device=device, dtype=dtype)
+    pool = ModelPool(model, device=device, dtype=dtype, quantize=quantize)
     if preload:
         pool.default.chat([{"role": "user", "content": "Hi"}], max_tokens=1)
     limiter = anyio.CapacityLimiter(GENERATION_THREADS)  # /health stays free when busy
@@ -630,7 +628,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         print(f"openweight: loading {args.model or 'the default model'}...", file=sys.stderr,
               flush=True)
-        app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype)
+        app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype,
+                         quantize=args.quantize)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
@@ -671,5 +670,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "$OPENWEIGHT_API_KEY, else none)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (default: auto)")
+    p.add_argument("--quantize", help="none, int8 or int4 weight-only quantisation of the "
+                   "Linear layers (default: none)")
     p.set_defaults(func=cmd_serve)
     return p
