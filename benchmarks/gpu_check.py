@@ -1,0 +1,73 @@
+"""The CUDA path, checked on a machine with an NVIDIA GPU (run it where one is lent).
+
+    python benchmarks/gpu_check.py
+
+Reports: the device and dtype `auto` picks, whether gpt-oss's MXFP4 weights would stay
+packed (and why not), a tiny random gpt-oss running on the GPU through the real loading
+path, and greedy decode speed of the embedded default on the GPU against the CPU.
+Prints one JSON object; exits 1 if CUDA is not available.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+
+def decode_speed(client: object, tokens: int = 128) -> float:
+    from openweight import Client
+
+    assert isinstance(client, Client)
+    messages = [{"role": "user", "content": "Write a long story about a dragon who cooks."}]
+    client.chat(messages, max_tokens=4)
+    first = end = None
+    count = 0
+    for chunk in client.stream(messages, max_tokens=tokens, temperature=0):
+        now = time.perf_counter()
+        if first is None and chunk.text:
+            first = now
+        end = now
+        if chunk.usage:
+            count = chunk.usage.completion_tokens
+    assert first is not None and end is not None
+    return (count - 1) / (end - first)
+
+
+def main() -> int:
+    import torch
+
+    from openweight import Client
+    from openweight.local.loader import mxfp4_supported, resolve_device, resolve_dtype
+
+    from conftest import build_tiny_gpt_oss
+
+    report: dict[str, object] = {"cuda_available": torch.cuda.is_available()}
+    if not torch.cuda.is_available():
+        print(json.dumps(report))
+        return 1
+    device = resolve_device("auto")
+    report.update(device=device, gpu=torch.cuda.get_device_name(0),
+                  dtype=resolve_dtype("auto", device))
+    keep, why = mxfp4_supported(device)
+    report.update(mxfp4_kept=keep, mxfp4_reason=why)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_gpt_oss(Path(tmp) / "tiny-gpt-oss")
+        client = Client(str(path))
+        result = client.chat([{"role": "user", "content": "hi"}], max_tokens=16,
+                             reasoning_effort="low")
+        lm = client._get_backend().loaded  # type: ignore[attr-defined]
+        report.update(tiny_gpt_oss_device=str(next(lm.model.parameters()).device),
+                      tiny_gpt_oss_tokens=result.usage.completion_tokens)
+    report["smollm2_gpu_tok_s"] = round(decode_speed(Client()), 1)
+    report["smollm2_cpu_tok_s"] = round(decode_speed(Client(device="cpu")), 1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
