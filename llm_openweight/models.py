@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import json
 import os
 import threading
@@ -22,7 +23,7 @@ from typing import Any
 
 import click
 import llm
-from llm.parts import ReasoningPart, StreamEvent, TextPart
+from llm.parts import ReasoningPart, StreamEvent, TextPart, ToolCallPart, ToolResultPart
 from pydantic import Field, ValidationInfo, create_model, field_validator
 
 import openweight
@@ -223,17 +224,44 @@ def _cached(cache: dict[ClientKey, Any], key: ClientKey, make: Callable[..., Any
 
 
 def _messages(prompt: llm.Prompt) -> list[dict[str, Any]]:
-    """The whole conversation (llm hands it over as ``prompt.messages``) as SDK messages."""
+    """The whole conversation (llm hands it over as ``prompt.messages``) as SDK messages.
+
+    Tool calls become an assistant message's OpenAI-style ``tool_calls``; each tool result
+    (llm keeps a batch of them in one ``tool`` message) becomes its own ``tool`` message.
+    """
     out: list[dict[str, Any]] = []
     for message in prompt.messages:
+        if message.role == "tool":
+            out.extend({"role": "tool", "tool_call_id": p.tool_call_id, "content": p.output}
+                       for p in message.parts if isinstance(p, ToolResultPart))
+            continue
         text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
         thought = "".join(p.text for p in message.parts
                           if isinstance(p, ReasoningPart) and not p.redacted)
+        calls = [{"id": p.tool_call_id, "type": "function",
+                  "function": {"name": p.name, "arguments": p.arguments}}
+                 for p in message.parts if isinstance(p, ToolCallPart) and not p.server_executed]
         item: dict[str, Any] = {"role": message.role, "content": text}
         if thought:
             item["reasoning"] = thought
+        if calls:
+            item["tool_calls"] = calls
         out.append(item)
     return out
+
+
+def _tool_specs(prompt: llm.Prompt) -> list[dict[str, Any]]:
+    """llm's tools (``-T``, ``--functions``, ``tools=[...]``) as OpenAI function specs."""
+    specs = []
+    for tool in prompt.tools:
+        if not isinstance(tool, llm.Tool):  # a provider's server-side tool: not ours
+            continue
+        function: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            function["description"] = inspect.cleandoc(tool.description)  # a docstring
+        function["parameters"] = tool.input_schema or {"type": "object", "properties": {}}
+        specs.append({"type": "function", "function": function})
+    return specs
 
 
 class _Run:
@@ -252,10 +280,16 @@ class _Run:
                                (key or None) if self.remote else None)
         self.messages = _messages(prompt)
         self.options = {k: v for k, v in opts.items() if k not in CLIENT_ONLY}
+        if prompt.tools:
+            self.options["tools"] = _tool_specs(prompt)
+        if prompt.schema:  # llm has already turned its concise syntax into a JSON schema
+            self.options["response_format"] = {
+                "type": "json_schema", "json_schema": {"name": "output", "schema": prompt.schema}}
         self.started = time.monotonic()
         self.first: float | None = None
         self.finish_reason: str | None = None
         self.usage: openweight.Usage | None = None
+        self.tool_calls: list[openweight.ToolCall] = []
 
     def sync_client(self) -> openweight.Client:
         client: openweight.Client = _cached(_clients, self.key, openweight.Client)
@@ -277,6 +311,11 @@ class _Run:
             out.append(StreamEvent(type="text", chunk=chunk.text))
         if out and self.first is None:
             self.first = time.monotonic()
+        for call in chunk.tool_calls:  # whole calls, parsed once the model has finished
+            self.tool_calls.append(call)
+            out.append(StreamEvent(type="tool_call_name", chunk=call.name, tool_call_id=call.id))
+            out.append(StreamEvent(type="tool_call_args", chunk=json.dumps(dict(call.arguments)),
+                                   tool_call_id=call.id))
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
@@ -284,7 +323,10 @@ class _Run:
         return out
 
     def done(self, response: llm.Response | llm.AsyncResponse, model_name: str) -> None:
-        """Record usage, speed and the model that answered on the llm response."""
+        """Record tool calls, usage, speed and the model that answered on the llm response."""
+        for call in self.tool_calls:  # what tool_calls() returns and llm's chains run
+            response.add_tool_call(llm.ToolCall(name=call.name, arguments=dict(call.arguments),
+                                                tool_call_id=call.id))
         end = time.monotonic()
         usage = self.usage
         info: dict[str, Any] = {
@@ -318,6 +360,8 @@ class _OpenWeightMixin:
 
     can_stream = True
     supports_conversation = True
+    supports_tools = True
+    supports_schema = True
     needs_key: str | None = KEY_ALIAS
     key_env_var: str | None = KEY_ENV_VAR
     Options = _LazyOptions()

@@ -127,6 +127,7 @@ def test_models_options_show_descriptions_and_bounds(env: Path) -> None:
     for name in ("stop: str, array", "device: str", "dtype: str", "remote: str"):
         assert name in out
     assert "streaming" in out and "async" in out and "OPENWEIGHT_API_KEY" in out
+    assert "schemas" in out and "tools" in out
 
 
 def test_options_match_the_sdk_specs() -> None:
