@@ -111,6 +111,7 @@ def _check_url(value: str) -> str:
 def options_class() -> type[llm.Options]:
     """The model's ``Options``: every SDK option (bounds from OPTION_SPECS) plus our own."""
     from openweight.local.loader import DEVICES, DTYPES
+    from openweight.local.quantize import QUANTIZE
 
     class Checks(llm.Options):
         @field_validator("*", check_fields=False)
@@ -139,6 +140,13 @@ def options_class() -> type[llm.Options]:
                 raise ValueError(f"use one of {', '.join(DTYPES)}")
             return value.lower() if value else value
 
+        @field_validator("quantize", check_fields=False)
+        @classmethod
+        def _quantize(cls, value: str | None) -> str | None:
+            if value is not None and value.lower() not in QUANTIZE:
+                raise ValueError(f"use one of {', '.join(QUANTIZE)}")
+            return value.lower() if value else value
+
         @field_validator("remote", check_fields=False)
         @classmethod
         def _remote(cls, value: str | None) -> str | None:
@@ -154,6 +162,9 @@ def options_class() -> type[llm.Options]:
             None, description=f"Where to run a local model: {', '.join(DEVICES)} or cuda:N")),
         dtype=(str | None, Field(
             None, description=f"Weight dtype of a local model: {', '.join(DTYPES)}")),
+        quantize=(str | None, Field(
+            None, description="Weight-only quantisation of a local model on the CPU: "
+            f"{', '.join(QUANTIZE)} (faster decoding, a little less accuracy)")),
         remote=(str | None, Field(
             None, description="Base URL of an OpenAI-compatible server to use instead of this "
             "machine, e.g. http://HOST:8000/v1 (default: `llm openweight remote`)")),
@@ -168,7 +179,7 @@ class _LazyOptions:
         return options_class()
 
 
-CLIENT_ONLY = ("device", "dtype", "remote")
+CLIENT_ONLY = ("device", "dtype", "quantize", "remote")
 
 
 # -- the default remote, kept in llm's user dir --------------------------------------------
@@ -194,7 +205,7 @@ def write_config(data: dict[str, Any]) -> None:
 
 # -- clients, cached for the life of the process -------------------------------------------
 
-ClientKey = tuple[str | None, str | None, str | None, str | None, str | None]
+ClientKey = tuple[str | None, str | None, str | None, str | None, str | None, str | None]
 _clients: dict[ClientKey, openweight.Client] = {}
 _async_clients: dict[ClientKey, openweight.AsyncClient] = {}
 # a remote AsyncClient's connections belong to one event loop: cache those per loop
@@ -215,10 +226,10 @@ def _cached(cache: dict[ClientKey, Any], key: ClientKey, make: Callable[..., Any
     with _lock:
         client = cache.get(key)
         if client is None:
-            model, device, dtype, base_url, api_key = key
+            model, device, dtype, quantize, base_url, api_key = key
             with _sdk_errors():
                 client = make(model, base_url=base_url, api_key=api_key, device=device,
-                              dtype=dtype)
+                              dtype=dtype, quantize=quantize)
             cache[key] = client
         return client
 
@@ -276,7 +287,8 @@ class _Run:
         if name is None and self.remote is None:
             with _sdk_errors():
                 name = openweight.default_model()  # `openweight` follows the store's default
-        self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"), self.remote,
+        self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"),
+                               opts.get("quantize"), self.remote,
                                (key or None) if self.remote else None)
         self.messages = _messages(prompt)
         self.options = {k: v for k, v in opts.items() if k not in CLIENT_ONLY}

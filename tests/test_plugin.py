@@ -124,7 +124,8 @@ def test_models_options_show_descriptions_and_bounds(env: Path) -> None:
         assert f"{name}: {spec.kind.__name__}" in out
         assert spec.description.split()[0] in out
         assert (spec.bounds_text() if spec.kind is not bool else "true or false") in out
-    for name in ("stop: str, array", "device: str", "dtype: str", "remote: str"):
+    for name in ("stop: str, array", "device: str", "dtype: str", "quantize: str",
+                 "remote: str"):
         assert name in out
     assert "streaming" in out and "async" in out and "OPENWEIGHT_API_KEY" in out
     assert "schemas" in out and "tools" in out
@@ -134,7 +135,7 @@ def test_options_match_the_sdk_specs() -> None:
     fields = plugin_models.options_class().model_fields
     assert set(openweight.options.OPTION_SPECS) <= set(fields)
     assert set(fields) - set(openweight.options.OPTION_SPECS) == {"stop", "device", "dtype",
-                                                                  "remote"}
+                                                                  "quantize", "remote"}
 
 
 def test_import_and_registration_load_no_torch(env: Path) -> None:
@@ -226,14 +227,14 @@ def test_every_option_passes_through(env: Path, monkeypatch: pytest.MonkeyPatch)
     args = ["-o", "max_tokens", "4", "-o", "temperature", "0.7", "-o", "top_p", "0.9",
             "-o", "top_k", "20", "-o", "min_p", "0.05", "-o", "repetition_penalty", "1.1",
             "-o", "seed", "7", "-o", "stop", "zz", "-o", "device", "cpu",
-            "-o", "dtype", "float32"]
+            "-o", "dtype", "float32", "-o", "quantize", "int8"]
     first = run("-m", TINY, "hello", *args)
     assert first.exit_code == 0, first.output
     _, options = spy.calls[-1]
     assert options == {"max_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
                        "min_p": 0.05, "repetition_penalty": 1.1, "seed": 7, "stop": "zz"}
     assert spy.inits[-1] == {"model": "tiny", "base_url": None, "api_key": None,
-                             "device": "cpu", "dtype": "float32"}
+                             "device": "cpu", "dtype": "float32", "quantize": "int8"}
     again = run("-m", TINY, "hello", *args)  # same seed, same sample
     assert again.stdout == first.stdout
     assert len(spy.inits) == 1  # the client (and its loaded model) was reused
@@ -485,7 +486,8 @@ def test_remote_option_passes_base_url(fake: type[FakeClient], env: Path) -> Non
     result = run("-m", TINY, "hi", "-o", "remote", "http://gpu-box:8000/v1/")
     assert result.exit_code == 0, result.output
     assert fake.made[-1] == {"model": "tiny", "base_url": "http://gpu-box:8000/v1",
-                             "api_key": None, "device": None, "dtype": None}
+                             "api_key": None, "device": None, "dtype": None,
+                             "quantize": None}
     info = logged(env)[-1]["response_json"]
     assert info["remote"] == "http://gpu-box:8000/v1"
     # the key: `llm keys set openweight`, or --key, or OPENWEIGHT_API_KEY
