@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from .errors import InvalidRequestError
 from .options import GenerationOptions
 from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo, to_messages
 
 __all__ = ["AsyncClient", "AsyncStream", "Backend", "Client", "Stream"]
+
+CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
 
 
 class Backend(Protocol):
@@ -23,6 +27,21 @@ class Backend(Protocol):
     def chat(self, messages: list[Message], options: GenerationOptions) -> ChatResult: ...
 
     def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[Chunk]: ...
+
+
+def _complete(backend: Backend, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+    """Chunks continuing raw text, from a backend that can (the local engine, a server)."""
+    complete = getattr(backend, "complete", None)
+    if complete is None:  # pragma: no cover - both built-in backends have it
+        raise InvalidRequestError(f"{backend.name} cannot continue raw text; use chat()")
+    chunks: Iterator[Chunk] = complete(prompt, options)
+    return chunks
+
+
+def _collect(chunks: Iterator[Chunk], model: str) -> ChatResult:
+    from .local.engine import collect  # light: no torch, and one join for every backend
+
+    return collect(chunks, model)
 
 
 def _close(it: object) -> None:
@@ -105,7 +124,6 @@ class _Base:
         self._backend: Backend | None = None
         if self._base_url is None:
             # fail early on a bad device/dtype; nothing heavy is imported or loaded here
-            from .errors import InvalidRequestError
             from .local.loader import DEVICES, DTYPES
             from .local.quantize import QUANTIZE
 
@@ -151,6 +169,16 @@ class _Base:
             options = {**options, "tools": tool_specs(tools)}
         return to_messages(messages), GenerationOptions.from_kwargs(options)
 
+    @staticmethod
+    def _prepare_prompt(prompt: object, options: dict[str, Any]) -> GenerationOptions:
+        if not isinstance(prompt, str):
+            raise InvalidRequestError(f"prompt must be a string, not {type(prompt).__name__}")
+        chat_only = [name for name in CHAT_ONLY_OPTIONS if options.get(name) is not None]
+        if chat_only:
+            raise InvalidRequestError(f"option {chat_only[0]} applies to chat only; raw text "
+                                      "completion takes sampling options (use chat() instead)")
+        return GenerationOptions.from_kwargs(options)
+
 
 class Client(_Base):
     """Chat with a local model in this process, or with a remote OpenAI-compatible server.
@@ -172,6 +200,17 @@ class Client(_Base):
     def generate(self, prompt: str, **options: Any) -> ChatResult:
         """Answer one user turn."""
         return self.chat([{"role": "user", "content": prompt}], **options)
+
+    def complete(self, prompt: str, **options: Any) -> ChatResult:
+        """Continue raw text with no chat template (sampling options and response_format)."""
+        opts = self._prepare_prompt(prompt, options)
+        backend = self._get_backend()
+        return _collect(_complete(backend, prompt, opts), backend.name)
+
+    def stream_complete(self, prompt: str, **options: Any) -> Stream:
+        """Stream the continuation of raw text, chunk by chunk."""
+        opts = self._prepare_prompt(prompt, options)
+        return Stream(_complete(self._get_backend(), prompt, opts))
 
     def models(self) -> list[ModelInfo]:
         """The models this client can use: installed and catalog models, or the server's."""
@@ -207,24 +246,34 @@ class AsyncClient(_Base):
     async def _astream(self, msgs: list[Message], opts: GenerationOptions) -> AsyncIterator[Chunk]:
         backend = await self._backend_async()
         astream = getattr(backend, "astream", None)
-        if astream is not None:
-            async for chunk in astream(msgs, opts):
+        source: AsyncGenerator[Chunk, None] = (
+            astream(msgs, opts) if astream is not None
+            else _in_thread(lambda: backend.stream(msgs, opts)))
+        # aclosing: our aclose() closes the source (the HTTP response, the engine) at once
+        async with contextlib.aclosing(source) as chunks:
+            async for chunk in chunks:
                 yield chunk
-            return
-        it = await asyncio.to_thread(backend.stream, msgs, opts)
-        done = object()
-        try:
-            while True:
-                chunk = await asyncio.to_thread(next, it, done)
-                if chunk is done:
-                    break
-                assert isinstance(chunk, Chunk)
-                yield chunk
-        finally:
-            _close(it)
 
     async def generate(self, prompt: str, **options: Any) -> ChatResult:
         return await self.chat([{"role": "user", "content": prompt}], **options)
+
+    async def complete(self, prompt: str, **options: Any) -> ChatResult:
+        opts = self._prepare_prompt(prompt, options)
+        backend = await self._backend_async()
+        return await asyncio.to_thread(
+            lambda: _collect(_complete(backend, prompt, opts), backend.name))
+
+    def stream_complete(self, prompt: str, **options: Any) -> AsyncStream:
+        opts = self._prepare_prompt(prompt, options)
+        return AsyncStream(self._astream_complete(prompt, opts))
+
+    async def _astream_complete(self, prompt: str,
+                                opts: GenerationOptions) -> AsyncIterator[Chunk]:
+        backend = await self._backend_async()
+        source = _in_thread(lambda: _complete(backend, prompt, opts))
+        async with contextlib.aclosing(source) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def models(self) -> list[ModelInfo]:
         backend = await self._backend_async() if self.is_remote else None
@@ -235,3 +284,18 @@ class AsyncClient(_Base):
         from .store import list_models
 
         return await asyncio.to_thread(list_models)
+
+
+async def _in_thread(open_stream: Callable[[], Iterator[Chunk]]) -> AsyncGenerator[Chunk, None]:
+    """A sync stream's chunks, each fetched in a worker thread; closed when we stop."""
+    it = await asyncio.to_thread(open_stream)
+    done = object()
+    try:
+        while True:
+            chunk = await asyncio.to_thread(next, it, done)
+            if chunk is done:
+                break
+            assert isinstance(chunk, Chunk)
+            yield chunk
+    finally:
+        _close(it)

@@ -125,6 +125,7 @@ class StreamParser:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     calls: dict[int, _PartialCall] = field(default_factory=dict)
+    slots: dict[int, int] = field(default_factory=dict)  # a reused index -> its latest call
 
     def feed(self, event: ServerSentEvent) -> Chunk | None:
         data = event.data.strip()
@@ -154,20 +155,29 @@ class StreamParser:
             return None
         for i, raw in enumerate(delta.get("tool_calls") or ()):
             self._add_call(i, raw)
-        text = _text(delta.get("content"))
+        text = _text(delta.get("content")) or _text(choice.get("text"))  # or /completions
         reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
         return Chunk(text=text, reasoning=reasoning) if text or reasoning else None
 
     def _add_call(self, position: int, raw: object) -> None:
         if not isinstance(raw, Mapping):
             return
-        index = raw.get("index")
-        part = self.calls.setdefault(index if isinstance(index, int) else position,
-                                     _PartialCall())
-        part.id = part.id or _text(raw.get("id"))
+        wire, call_id = raw.get("index"), _text(raw.get("id"))
+        wire = wire if isinstance(wire, int) else position  # older Ollama sends no index
+        index = self.slots.get(wire, wire)
+        taken = self.calls.get(index)
+        if call_id and taken is not None and taken.id not in ("", call_id):
+            # Ollama gives every call index 0: a new id is a new call, and so are the
+            # fragments after it at that index
+            same = [i for i, p in self.calls.items() if p.id == call_id]
+            index = self.slots[wire] = same[0] if same else max(self.calls) + 1
+        part = self.calls.setdefault(index, _PartialCall())
+        part.id = part.id or call_id
         fn = raw.get("function")
         if isinstance(fn, Mapping):
-            part.name += _text(fn.get("name"))
+            name = _text(fn.get("name"))
+            if name != part.name:  # some servers repeat the whole name in every fragment
+                part.name += name
             args = fn.get("arguments")
             part.arguments += json.dumps(args) if isinstance(args, Mapping) else _text(args)
 
@@ -249,6 +259,11 @@ class _RemoteLogic:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    @staticmethod
+    def _completion_body(model: str, prompt: str, options: GenerationOptions) -> dict[str, Any]:
+        return {"model": model, "prompt": prompt, **options.to_dict(), "stream": True,
+                "stream_options": {"include_usage": True}}
+
     # -- answers -------------------------------------------------------------------------
 
     def _json(self, response: httpx.Response) -> Any:
@@ -261,7 +276,9 @@ class _RemoteLogic:
     def _parse_chat(self, data: Any, model: str) -> ChatResult:
         try:
             choice = data["choices"][0]
-            message = choice["message"]
+            message = choice.get("message")
+            if message is None and isinstance(choice.get("text"), str):  # /completions
+                message = {"content": choice["text"]}
             if not isinstance(message, Mapping):
                 raise TypeError(type(message).__name__)
         except (KeyError, IndexError, TypeError) as exc:
@@ -442,11 +459,26 @@ class RemoteBackend(_RemoteLogic):
     def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[Chunk]:
         """Send the request now (so errors raise here); iterate the returned chunks."""
         model = self.name
+        body = self._chat_body(model, messages, options, stream=True)
+        return self._open_stream("chat/completions", body, model)
+
+    def complete(self, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+        """Continue raw text through the server's legacy completions API."""
+        model = self.name
+        try:
+            return self._open_stream("completions", self._completion_body(model, prompt, options),
+                                     model)
+        except RemoteStatusError as exc:
+            if exc.status_code not in (404, 405, 501):
+                raise
+            raise InvalidRequestError(f"{self.base_url} has no completions API ({exc}); "
+                                      "continue raw text with a local model, or use chat()"
+                                      ) from exc
+
+    def _open_stream(self, path: str, body: dict[str, Any], model: str) -> Iterator[Chunk]:
         client = httpx.Client(**self._client_kwargs())
         try:
-            response = self._send(client, "POST", "chat/completions",
-                                  self._chat_body(model, messages, options, stream=True),
-                                  stream=True)
+            response = self._send(client, "POST", path, body, stream=True)
         except BaseException:
             client.close()
             raise

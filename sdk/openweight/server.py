@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,11 @@ __all__ = ["ApiError", "add_serve_parser", "cmd_serve", "create_app"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
+CHAT_FIELDS = ("tools", "tool_choice", "response_format")  # chat completions only
+OPTION_FIELDS = frozenset(f.name for f in fields(GenerationOptions))
+# what an engine's refusal of a model-dependent option says, and the field it is about
+REFUSALS = (("cannot call tools", "tools"), ("JSON schema", "response_format"),
+            ("always reasons", "thinking"))
 GENERATION_THREADS = 64
 log = logging.getLogger("openweight.server")
 
@@ -70,12 +75,22 @@ def api_error(exc: BaseException, param: str | None = None) -> ApiError:
     if isinstance(exc, ModelNotFoundError):
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, InvalidRequestError):
-        return ApiError(400, str(exc), param=param)
+        return ApiError(400, str(exc), param=_param_of(exc, param))
     if isinstance(exc, ModelLoadError):
         return ApiError(500, str(exc), type="server_error", code="model_load_error")
     if isinstance(exc, OpenWeightError):  # GenerationError and the rest
         return ApiError(500, str(exc), type="server_error")
     return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+
+def _param_of(exc: BaseException, default: str | None) -> str | None:
+    """The request field a refusal is about: the SDK names it ("option thinking is not
+    supported by ...") or says what it cannot do ("cannot call tools")."""
+    text = str(exc)
+    named = re.search(r"\boption (\w+)", text)
+    if named and named.group(1) in OPTION_FIELDS:
+        return named.group(1)
+    return next((param for needle, param in REFUSALS if needle in text), default)
 
 
 # -- parsing requests: plain JSON checked by hand, so every mistake is a clear 400 ---------
@@ -89,15 +104,19 @@ def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
     return value
 
 
-def parse_options(body: Mapping[str, Any], default_max_tokens: int | None) -> GenerationOptions:
-    """The sampling options of a request, validated where the SDK validates them."""
+def parse_options(body: Mapping[str, Any], default_max_tokens: int | None,
+                  chat: bool = False) -> GenerationOptions:
+    """The options of a request, validated where the SDK validates them. ``chat`` adds
+    tools, tool_choice and response_format."""
     raw: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens")
     max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
-    for name in OPTION_SPECS:
+    for name in (*OPTION_SPECS, *(CHAT_FIELDS if chat else ())):
         value = max_tokens if name == "max_tokens" else body.get(name)
         if value is not None:
             raw[name] = value
+    if chat:  # accepted for OpenAI clients that always send it; several calls may still come
+        _field(body, "parallel_tool_calls", bool, "true or false")
     if body.get("stop") is not None:
         raw["stop"] = body["stop"]
     template_kwargs = body.get("chat_template_kwargs")  # vLLM's way to switch thinking
@@ -245,16 +264,6 @@ class ModelPool:
         return names
 
 
-def _complete_stream(client: "Client", prompt: str,
-                     options: GenerationOptions) -> Iterator[Chunk]:
-    """Continue raw text (no chat template): the legacy completions API."""
-    complete = getattr(client._get_backend(), "complete", None)  # the local engine has it
-    if complete is None:  # pragma: no cover - the pool serves local engines only
-        raise ApiError(400, "this model cannot continue raw text; use /v1/chat/completions")
-    chunks: Iterator[Chunk] = complete(prompt, options)
-    return chunks
-
-
 # -- the answer: OpenAI's chat and completion shapes --------------------------------------
 
 @dataclass
@@ -282,8 +291,11 @@ def _usage(usage: Usage) -> dict[str, int]:
             "total_tokens": usage.total_tokens}
 
 
-def _calls(calls: list[ToolCall] | tuple[ToolCall, ...], indexed: bool) -> list[dict[str, Any]]:
-    return [{**({"index": i} if indexed else {}), "id": c.id, "type": "function",
+def _calls(calls: list[ToolCall] | tuple[ToolCall, ...],
+           start: int | None = None) -> list[dict[str, Any]]:
+    """OpenAI's tool_calls; a stream's deltas number them from ``start``."""
+    return [{**({"index": start + i} if start is not None else {}), "id": c.id,
+             "type": "function",
              "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
             for i, c in enumerate(calls)]
 
@@ -299,6 +311,7 @@ class Shape:
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.calls_sent = 0  # tool call indexes run on across the chunks of a stream
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -312,18 +325,24 @@ class Shape:
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
              "finish_reason": None}])
 
-    def delta(self, chunk: Chunk) -> dict[str, Any] | None:
+    def _event(self, delta: dict[str, Any], finish: FinishReason | None) -> dict[str, Any]:
+        return self._envelope(self.object + ".chunk", [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+    def events(self, chunk: Chunk) -> list[dict[str, Any]]:
+        """The events of one chunk: its delta, then (as OpenAI does) the finish on its own."""
         delta: dict[str, Any] = {}
         if chunk.reasoning:
             delta["reasoning_content"] = chunk.reasoning
         if chunk.text:
             delta["content"] = chunk.text
-        if chunk.tool_calls:
-            delta["tool_calls"] = _calls(chunk.tool_calls, indexed=True)
-        if not delta and chunk.finish_reason is None:
-            return None
-        return self._envelope(self.object + ".chunk", [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}])
+        if chunk.tool_calls:  # whole calls, arguments as a JSON string, as OpenAI streams them
+            delta["tool_calls"] = _calls(chunk.tool_calls, start=self.calls_sent)
+            self.calls_sent += len(chunk.tool_calls)
+        out = [self._event(delta, None)] if delta else []
+        if chunk.finish_reason is not None:
+            out.append(self._event({}, chunk.finish_reason))
+        return out
 
     def usage_event(self, usage: Usage) -> dict[str, Any]:
         out = self._envelope(self.object + ".chunk", [])
@@ -331,12 +350,14 @@ class Shape:
         return out
 
     def whole(self, answer: Answer) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(answer.text)}
+        text = "".join(answer.text)  # null beside tool calls, as OpenAI answers
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": None if answer.tool_calls and not text else text}
         reasoning = "".join(answer.reasoning)
         if reasoning:
             message["reasoning_content"] = reasoning
         if answer.tool_calls:
-            message["tool_calls"] = _calls(answer.tool_calls, indexed=False)
+            message["tool_calls"] = _calls(answer.tool_calls)
         return {"id": self.id, "object": self.object, "created": self.created,
                 "model": self.model, "choices": [{"index": 0, "message": message,
                                                   "logprobs": None,
@@ -353,11 +374,11 @@ class CompletionShape(Shape):
     def first(self) -> dict[str, Any] | None:
         return None
 
-    def delta(self, chunk: Chunk) -> dict[str, Any] | None:
+    def events(self, chunk: Chunk) -> list[dict[str, Any]]:
         if not chunk.text and chunk.finish_reason is None:
-            return None
-        return self._envelope(self.object, [{"index": 0, "text": chunk.text, "logprobs": None,
-                                             "finish_reason": chunk.finish_reason}])
+            return []
+        return [self._envelope(self.object, [{"index": 0, "text": chunk.text, "logprobs": None,
+                                              "finish_reason": chunk.finish_reason}])]
 
     def usage_event(self, usage: Usage) -> dict[str, Any]:
         out = self._envelope(self.object, [])
@@ -529,8 +550,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                 async with aclosing(chunks(it, request)) as gen:
                     async for chunk in gen:
                         usage = chunk.usage or usage
-                        event = shape.delta(chunk)
-                        if event is not None:
+                        for event in shape.events(chunk):
                             yield _sse(event)
                 if shape.include_usage and usage is not None:
                     yield _sse(shape.usage_event(usage))
@@ -559,7 +579,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request)
         messages = parse_messages(body)
-        options = parse_options(body, None)
+        options = parse_options(body, None, chat=True)
         stream, include_usage = stream_flags(body)
         client = await get_client(body)
         shape = Shape(client.model, include_usage)
@@ -575,7 +595,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         client = await get_client(body)
         shape = CompletionShape(client.model, include_usage)
         return await respond(request, stream, shape,
-                             lambda: _complete_stream(client, prompt, options), "prompt")
+                             lambda: client.stream_complete(prompt, **options.to_dict()),
+                             "prompt")
 
     app.include_router(v1)
     app.state.pool = pool
