@@ -72,6 +72,58 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ago(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    import math
+
+    from .daemon import list_daemons
+
+    daemons = list_daemons()
+    if args.json:
+        print(json.dumps([d.as_dict() for d in daemons], indent=2))
+        return 0
+    rows = [("MODEL", "PID", "ADDRESS", "DEVICE", "MEMORY", "IDLE", "STOPS IN")]
+    for d in daemons:
+        if d.state != "ready":
+            idle, until = d.state, "-"
+        elif d.in_flight:
+            idle, until = "busy", "-"
+        else:
+            idle = _ago(d.idle_seconds) if d.idle_seconds is not None else "-"
+            until = ("never" if math.isinf(d.keep_alive)
+                     else _ago(d.expires_in) if d.expires_in is not None else "-")
+        where = d.url.removeprefix("http://").removesuffix("/v1") if d.url else "-"
+        device = "/".join(v for v in (d.device, d.dtype, d.quantize)
+                          if v not in ("auto", "none"))
+        rows.append((d.model, str(d.pid), where, device or "auto", _size(d.rss_bytes), idle,
+                     until))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .daemon import list_daemons, stop_daemons
+
+    names = sorted({d.model for d in list_daemons()})
+    count = stop_daemons(args.name)
+    if count:
+        shown = args.name or ", ".join(names)
+        print(f"stopped {count} keep-alive server{'s' if count > 1 else ''} ({shown})")
+    else:
+        print("no keep-alive server is running" + (f" for {args.name}" if args.name else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openweight", description="Open-weight language models on your own hardware.")
@@ -98,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show what is known about a model")
     p.add_argument("name", nargs="?", help="model name (default: the default model)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ps", help="list the models kept loaded in the background (keep-alive)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("stop", help="stop keep-alive servers: all, or those serving NAME")
+    p.add_argument("name", nargs="?", help="model name or directory (default: all)")
+    p.set_defaults(func=cmd_stop)
 
     try:
         from .server import add_serve_parser

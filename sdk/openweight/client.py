@@ -172,11 +172,13 @@ class _Base:
     @staticmethod
     def _prepare_prompt(prompt: object, options: dict[str, Any]) -> GenerationOptions:
         if not isinstance(prompt, str):
-            raise InvalidRequestError(f"prompt must be a string, not {type(prompt).__name__}")
+            raise InvalidRequestError(f"prompt must be a string, not {type(prompt).__name__}",
+                                      param="prompt")
         chat_only = [name for name in CHAT_ONLY_OPTIONS if options.get(name) is not None]
         if chat_only:
             raise InvalidRequestError(f"option {chat_only[0]} applies to chat only; raw text "
-                                      "completion takes sampling options (use chat() instead)")
+                                      "completion takes sampling options (use chat() instead)",
+                                      param=chat_only[0])
         return GenerationOptions.from_kwargs(options)
 
 

@@ -29,7 +29,14 @@ class ModelLoadError(OpenWeightError):
 
 
 class InvalidRequestError(OpenWeightError, ValueError):
-    """A bad option, message or prompt (for example one longer than the context window)."""
+    """A bad option, message or prompt (for example one longer than the context window).
+
+    ``param`` names the request field at fault (``"temperature"``, ``"messages"``, ...)
+    when one is to blame; the server reports it in OpenAI's error shape."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class GenerationError(OpenWeightError):

@@ -169,6 +169,28 @@ def _check_stop(value: object) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _check(name: str, value: object) -> Any:
+    """The validated value of one option (InvalidRequestError if it is wrong)."""
+    spec = OPTION_SPECS.get(name)
+    if name == "stop":
+        return _check_stop(value)
+    if name == "tools":
+        return _check_tools(value)
+    if name == "tool_choice":
+        if value not in ("auto", "none"):
+            raise InvalidRequestError(f"option tool_choice={value!r} is not supported: "
+                                      "use 'auto' or 'none'")
+        return value
+    if name == "response_format":
+        return _check_response_format(value)
+    assert spec is not None
+    if spec.kind is bool:
+        return _check_bool(spec, value)
+    if spec.choices:
+        return _check_choice(spec, value)
+    return _check_number(spec, value)
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     """Validated sampling settings of one request. ``None`` means the default."""
@@ -210,30 +232,18 @@ class GenerationOptions:
         unknown = sorted(set(options) - known)
         if unknown:
             raise InvalidRequestError(
-                f"unknown option {unknown[0]!r}; the options are: {', '.join(sorted(known))}"
+                f"unknown option {unknown[0]!r}; the options are: {', '.join(sorted(known))}",
+                param=unknown[0],
             )
         values: dict[str, Any] = {}
         for name, value in options.items():
             if value is None:
                 continue
-            spec = OPTION_SPECS.get(name)
-            if name == "stop":
-                values[name] = _check_stop(value)
-            elif name == "tools":
-                values[name] = _check_tools(value)
-            elif name == "tool_choice":
-                if value not in ("auto", "none"):
-                    raise InvalidRequestError(f"option tool_choice={value!r} is not supported: "
-                                              "use 'auto' or 'none'")
-                values[name] = value
-            elif name == "response_format":
-                values[name] = _check_response_format(value)
-            elif spec is not None and spec.kind is bool:
-                values[name] = _check_bool(spec, value)
-            elif spec is not None and spec.choices:
-                values[name] = _check_choice(spec, value)
-            else:
-                values[name] = _check_number(OPTION_SPECS[name], value)
+            try:
+                values[name] = _check(name, value)
+            except InvalidRequestError as exc:
+                exc.param = name
+                raise
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

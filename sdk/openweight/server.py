@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +43,6 @@ __all__ = ["ApiError", "add_serve_parser", "cmd_serve", "create_app"]
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
 CHAT_FIELDS = ("tools", "tool_choice", "response_format")  # chat completions only
-OPTION_FIELDS = frozenset(f.name for f in fields(GenerationOptions))
-# what an engine's refusal of a model-dependent option says, and the field it is about
-REFUSALS = (("cannot call tools", "tools"), ("JSON schema", "response_format"),
-            ("always reasons", "thinking"))
 GENERATION_THREADS = 64
 log = logging.getLogger("openweight.server")
 
@@ -84,13 +80,8 @@ def api_error(exc: BaseException, param: str | None = None) -> ApiError:
 
 
 def _param_of(exc: BaseException, default: str | None) -> str | None:
-    """The request field a refusal is about: the SDK names it ("option thinking is not
-    supported by ...") or says what it cannot do ("cannot call tools")."""
-    text = str(exc)
-    named = re.search(r"\boption (\w+)", text)
-    if named and named.group(1) in OPTION_FIELDS:
-        return named.group(1)
-    return next((param for needle, param in REFUSALS if needle in text), default)
+    """The request field the SDK's error names, else ``default``."""
+    return getattr(exc, "param", None) or default
 
 
 # -- parsing requests: plain JSON checked by hand, so every mistake is a clear 400 ---------

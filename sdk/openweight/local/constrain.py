@@ -61,11 +61,13 @@ def compile_schema(lm: LoadedModel, schema: dict[str, Any]) -> str:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(closed_objects(schema)),
                                                      defaults=_JSON_OPTIONS)
     except (ValueError, TypeError) as exc:
-        raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from exc
+        raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}",
+                                  param="response_format") from exc
     is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, _ll_tokenizer(lm))
     if is_error:
         raise InvalidRequestError(f"this JSON schema cannot be enforced: {messages[0]}; "
-                                  "simplify the schema (see llguidance's supported keywords)")
+                                  "simplify the schema (see llguidance's supported keywords)",
+                                  param="response_format")
     return grammar
 
 

@@ -113,7 +113,7 @@ class LocalEngine:
                 raise InvalidRequestError(
                     f"{self.name} cannot call tools: its chat template takes no tool "
                     "definitions; use a model whose template does (gpt-oss, Qwen, Llama 3.x, "
-                    "Hermes-style)"
+                    "Hermes-style)", param="tools"
                 )
             extra["tools"] = list(opts.active_tools)
         schema = opts.json_schema
@@ -125,16 +125,19 @@ class LocalEngine:
             if lm.harmony_ids is None:
                 raise InvalidRequestError(
                     f"option reasoning_effort is not supported by {self.name}: it has no "
-                    "reasoning-effort control (gpt-oss models do); remove the option"
+                    "reasoning-effort control (gpt-oss models do); remove the option",
+                    param="reasoning_effort",
                 )
             extra["reasoning_effort"] = opts.reasoning_effort
         if opts.thinking is not None:
             if lm.harmony_ids is not None:
                 raise InvalidRequestError(f"{self.name} always reasons; control how much with "
-                                          "reasoning_effort (low, medium, high), not thinking")
+                                          "reasoning_effort (low, medium, high), not thinking",
+                                          param="thinking")
             if "enable_thinking" not in template:
                 raise InvalidRequestError(f"option thinking is not supported by {self.name}: "
-                                          "its chat template has no thinking switch")
+                                          "its chat template has no thinking switch",
+                                          param="thinking")
             extra["enable_thinking"] = opts.thinking
         try:
             return str(lm.tokenizer.apply_chat_template(
@@ -143,7 +146,7 @@ class LocalEngine:
             ))
         except Exception as exc:
             raise InvalidRequestError(f"the chat template of {self.name} rejected these "
-                                      f"messages: {exc}") from exc
+                                      f"messages: {exc}", param="messages") from exc
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -166,17 +169,18 @@ class LocalEngine:
         """Continue raw text, with no chat template (the legacy completions API)."""
         ids = list(self.loaded.tokenizer(prompt)["input_ids"])
         if not prompt or not ids:
-            raise InvalidRequestError("the prompt is empty; give some text to continue")
-        return self._start(ids, options, PlainParser(self.loaded.tokenizer))
+            raise InvalidRequestError("the prompt is empty; give some text to continue",
+                                      param="prompt")
+        return self._start(ids, options, PlainParser(self.loaded.tokenizer), field="prompt")
 
-    def _start(self, prompt: list[int], options: GenerationOptions,
-               parser: OutputParser) -> Iterator[Chunk]:
+    def _start(self, prompt: list[int], options: GenerationOptions, parser: OutputParser,
+               field: str = "messages") -> Iterator[Chunk]:
         lm = self.loaded
         room = lm.context_length - len(prompt)
         if room <= 0:
             raise InvalidRequestError(
                 f"the prompt is {len(prompt)} tokens but {self.name} has a context window of "
-                f"{lm.context_length} tokens; shorten the conversation"
+                f"{lm.context_length} tokens; shorten the conversation", param=field
             )
         max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
         return self._generate(lm, prompt, max_new, options, parser)
