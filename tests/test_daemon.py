@@ -1,0 +1,388 @@
+"""Keep-alive daemons: start, reuse, races, stale records, tokens, idle exit, ps and stop.
+
+Every daemon here serves the tiny random model from a temp store, and every fixture stops
+the daemons it may have started, so no process outlives the tests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openweight import Client, InvalidRequestError, ModelNotFoundError, cli, daemon
+from openweight.daemon import (
+    ensure_daemon,
+    find_daemon,
+    keep_alive_seconds,
+    list_daemons,
+    start_daemon,
+    stop_daemons,
+)
+
+pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
+ENV = ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "OPENWEIGHT_KEEP_ALIVE")
+
+
+def _use_store(mp: pytest.MonkeyPatch, home: Path, tiny_model: Path) -> None:
+    import openweight
+
+    mp.setenv("OPENWEIGHT_HOME", str(home))
+    mp.setenv("OPENWEIGHT_OFFLINE", "1")
+    for var in ENV:
+        mp.delenv(var, raising=False)
+    openweight.pull(str(tiny_model), name="tiny", progress=False)
+
+
+def _daemon_pids(key: str | None = None) -> list[int]:
+    """Running daemon processes of this test's store (for ``key``), found in /proc."""
+    home = os.environ.get("OPENWEIGHT_HOME")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if b"openweight.daemon" in argv and state != "Z" and (
+                key is None or key.encode() in argv) and _home_of(int(entry.name)) == home:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+        daemon._reap()
+    return True
+
+
+def _home_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"OPENWEIGHT_HOME="):
+            return item.split(b"=", 1)[1].decode()
+    return None
+
+
+def _cleanup(home: Path) -> None:
+    """Stop this store's daemons, then make sure none of its processes is left."""
+    stop_daemons()
+    for pid in _daemon_pids():
+        os.kill(pid, signal.SIGKILL)
+    assert _eventually(lambda: _daemon_pids() == [], timeout=10)
+
+
+@pytest.fixture()
+def ow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            tiny_model: Path) -> Iterator[Path]:
+    home = tmp_path / "store"
+    _use_store(monkeypatch, home, tiny_model)
+    try:
+        yield home
+    finally:
+        _cleanup(home)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory,
+           tiny_model: Path) -> Iterator[tuple[Path, str, str]]:
+    """One daemon for the tiny model, shared by the read-only tests: (home, url, token)."""
+    home = tmp_path_factory.mktemp("daemon") / "store"
+    with pytest.MonkeyPatch.context() as mp:
+        _use_store(mp, home, tiny_model)
+        try:
+            url, token = ensure_daemon("tiny", keep_alive=120)
+            yield home, url, token
+        finally:
+            _cleanup(home)
+
+
+def _record(home: Path) -> dict[str, Any]:
+    [path] = (home / "run").glob("*.json")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _get(url: str, path: str, token: str | None) -> tuple[int, dict[str, Any]]:
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+# -- keep-alive values ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (None, 300.0), ("300", 300.0), (300, 300.0), (2.5, 2.5), ("5m", 300.0), ("90s", 90.0),
+    ("1h30m", 5400.0), ("5m0s", 300.0), ("500ms", 0.5), ("0", 0.0), (0, 0.0),
+    ("-1", math.inf), (-1, math.inf), ("-5m", math.inf), (" 2m ", 120.0),
+])
+def test_keep_alive_seconds(value: str | float | None, seconds: float,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENWEIGHT_KEEP_ALIVE", raising=False)
+    assert keep_alive_seconds(value) == seconds
+
+
+def test_keep_alive_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "10m")
+    assert keep_alive_seconds() == 600.0
+    assert keep_alive_seconds("1m") == 60.0  # an explicit value wins
+    monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "soon")
+    with pytest.raises(InvalidRequestError, match="OPENWEIGHT_KEEP_ALIVE 'soon'"):
+        keep_alive_seconds()
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "m", "1x", "", "1m-2s", True, float("nan")])
+def test_keep_alive_rejects(value: object) -> None:
+    with pytest.raises(InvalidRequestError, match="is not a duration"):
+        keep_alive_seconds(value)  # type: ignore[arg-type]
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, openweight.daemon; "
+            "print(sorted(m for m in ('torch', 'transformers', 'httpx', 'fastapi', 'uvicorn') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
+# -- one daemon, shared ---------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_start_then_reuse(served: tuple[Path, str, str]) -> None:
+    home, url, token = served
+    rec = _record(home)
+    assert rec["state"] == "ready" and rec["model_name"] == "tiny"
+    assert url == f"http://127.0.0.1:{rec['port']}/v1"
+    started = time.monotonic()
+    assert ensure_daemon("tiny", keep_alive=120) == (url, token)  # same pid and port
+    assert time.monotonic() - started < 1.0
+    assert _record(home)["pid"] == rec["pid"]
+    assert find_daemon("tiny") == (url, token)
+    result = Client(base_url=url, api_key=token).chat([{"role": "user", "content": "Hi"}],
+                                                      max_tokens=3)
+    assert result.model == "tiny" and result.usage.completion_tokens == 3
+
+
+@pytest.mark.slow
+def test_files_are_private(served: tuple[Path, str, str]) -> None:
+    home, _, token = served
+    run = home / "run"
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    for path in run.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert (run / "token").read_text().strip() == token
+    assert len(token) >= 32
+    assert token not in next(run.glob("*.json")).read_text()  # the record names the file
+    argv = Path(f"/proc/{_record(home)['pid']}/cmdline").read_bytes().decode()
+    assert token not in argv  # the key is never on the command line
+    environ = Path(f"/proc/{_record(home)['pid']}/environ").read_bytes().split(b"\0")
+    assert b"OPENWEIGHT_KEEP_ALIVE=0" in environ  # a daemon never proxies to another one
+
+
+@pytest.mark.slow
+def test_listens_on_loopback_only(served: tuple[Path, str, str]) -> None:
+    home, _, _ = served
+    port = int(_record(home)["port"])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    listening.append((table, local.rsplit(":", 1)[0]))
+    assert listening == [("/proc/net/tcp", "0100007F")]  # 127.0.0.1, nothing on IPv6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["/health", "/v1/models", daemon.STATUS_PATH])
+def test_token_required_everywhere(served: tuple[Path, str, str], path: str) -> None:
+    _, url, token = served
+    status, body = _get(url, path, None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert _get(url, path, "x" * len(token))[0] == 401
+    assert _get(url, path, token)[0] == 200
+
+
+@pytest.mark.slow
+def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    home, url, _ = served
+    [info] = list_daemons()
+    assert info.model == "tiny" and info.state == "ready" and info.url == url
+    assert info.pid == _record(home)["pid"]
+    assert info.rss_bytes and info.rss_bytes > 10_000_000
+    assert info.idle_seconds is not None and 0 <= info.idle_seconds < 120
+    assert info.keep_alive == 120.0
+    assert cli.main(["ps"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["MODEL", "PID", "ADDRESS", "DEVICE", "MEMORY", "IDLE", "STOPS",
+                              "IN"]
+    assert row.split()[:3] == ["tiny", str(info.pid), url[len("http://"):-len("/v1")]]
+    assert "MB" in row
+    assert cli.main(["ps", "--json"]) == 0
+    [data] = json.loads(capsys.readouterr().out)
+    assert data["model"] == "tiny" and data["keep_alive"] == 120.0
+    time.sleep(1.1)
+    assert list_daemons()[0].idle_seconds >= 1.0  # ps does not touch
+    ensure_daemon("tiny", keep_alive="5m")  # a later call sets the keep-alive, as Ollama's do
+    assert list_daemons()[0].keep_alive == 300.0
+    assert list_daemons()[0].idle_seconds < 1.0
+
+
+# -- starting, racing, replacing ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_stop(ow_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ensure_daemon("tiny", keep_alive=-1)  # until stopped
+    pid = int(_record(ow_home)["pid"])
+    assert cli.main(["ps"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "never"
+    assert list_daemons()[0].keep_alive == math.inf
+    assert cli.main(["stop", "other"]) == 0
+    assert capsys.readouterr().out == "no keep-alive server is running for other\n"
+    assert cli.main(["stop", "tiny"]) == 0
+    assert capsys.readouterr().out == "stopped 1 keep-alive server (tiny)\n"
+    daemon._reap()
+    assert pid not in _daemon_pids()
+    assert list(ow_home.joinpath("run").glob("*.json")) == []
+    assert cli.main(["ps"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1  # the header only
+    assert stop_daemons() == 0
+    assert find_daemon("tiny") is None
+
+
+RACER = """
+import sys
+from openweight.daemon import ensure_daemon
+print(ensure_daemon("tiny", keep_alive=60)[0])
+"""
+
+
+@pytest.mark.slow
+def test_racing_callers_start_one(ow_home: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", RACER], stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    urls: list[str] = []
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            urls.append(ensure_daemon("tiny", keep_alive=60)[0])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        urls.append(out.strip())
+    assert not errors
+    assert len(urls) == 7 and len(set(urls)) == 1
+    key = str(_record(ow_home)["key"])
+    assert _daemon_pids(key) == [_record(ow_home)["pid"]]
+
+
+@pytest.mark.slow
+def test_stale_records_are_replaced(ow_home: Path) -> None:
+    _, token = ensure_daemon("tiny", keep_alive=60)
+    first = _record(ow_home)
+    os.kill(int(first["pid"]), signal.SIGKILL)  # a crash
+    url2, token2 = ensure_daemon("tiny", keep_alive=60)
+    second = _record(ow_home)
+    assert second["pid"] != first["pid"] and token2 == token
+    assert int(first["pid"]) not in _daemon_pids()
+    assert _get(url2, "/health", token)[0] == 200
+
+    # a record naming a live process that is not a daemon: replaced, the process left alone
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        path = next((ow_home / "run").glob("*.json"))
+        os.kill(int(second["pid"]), signal.SIGKILL)
+        path.write_text(json.dumps({**second, "pid": sleeper.pid}))
+        ensure_daemon("tiny", keep_alive=60)
+        third = _record(ow_home)
+        assert third["pid"] not in (sleeper.pid, second["pid"])
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    # a daemon that does not take the user's token (made anew: the old one was unsafe)
+    (ow_home / "run" / "token").chmod(0o644)
+    _, token3 = ensure_daemon("tiny", keep_alive=60)
+    fourth = _record(ow_home)
+    assert token3 != token and fourth["pid"] != third["pid"]
+    assert stat.S_IMODE((ow_home / "run" / "token").stat().st_mode) == 0o600
+    assert _eventually(lambda: _daemon_pids() == [fourth["pid"]])
+
+    # an unreadable record is no daemon
+    path.write_text("{not json")
+    assert list_daemons() == [] and not path.exists()
+    assert _eventually(lambda: _daemon_pids() == [])  # its daemon saw its record go: exited
+
+
+@pytest.mark.slow
+def test_idle_timeout(ow_home: Path) -> None:
+    url, token = ensure_daemon("tiny", keep_alive="2s")
+    pid = int(_record(ow_home)["pid"])
+    time.sleep(1.2)
+    assert _get(url, "/health", token)[0] == 200  # a request resets the idle clock
+    time.sleep(1.2)
+    assert pid in _daemon_pids()
+    assert _eventually(lambda: pid not in _daemon_pids())
+    assert list((ow_home / "run").glob("*.json")) == []
+    assert "keep-alive server stopped" in next((ow_home / "run").glob("*.log")).read_text()
+
+
+@pytest.mark.slow
+def test_start_error_is_raised_as_is(ow_home: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-model'"):
+        ensure_daemon("no-such-model", keep_alive=60)
+    assert list((ow_home / "run").glob("*.json")) == []
+    with pytest.raises(InvalidRequestError, match="keep_alive is 0"):
+        ensure_daemon("tiny", keep_alive=0)
+    assert find_daemon("tiny", keep_alive=0) is None
+
+
+@pytest.mark.slow
+def test_start_in_background(ow_home: Path) -> None:
+    """start_daemon() returns at once; find_daemon() waits for a daemon still loading."""
+    started = time.monotonic()
+    start_daemon("tiny", keep_alive=60)
+    start_daemon("tiny", keep_alive=60)  # one is enough
+    assert time.monotonic() - started < 2.0
+    assert _record(ow_home)["state"] in ("starting", "loading")
+    found = find_daemon("tiny")
+    assert found is not None and _record(ow_home)["state"] == "ready"
+    assert _get(found[0], "/health", found[1])[0] == 200
+    assert len(_daemon_pids(str(_record(ow_home)["key"]))) == 1
