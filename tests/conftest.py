@@ -216,6 +216,27 @@ def family_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     return get
 
 
+def token_ids(tok: object, parts: list[str]) -> list[int]:
+    """Token ids for a script: a part that is one token in the vocabulary stays atomic
+    (special tokens, think tags), other text is encoded (byte by byte here)."""
+    vocab = tok.get_vocab()  # type: ignore[attr-defined]
+    out: list[int] = []
+    for part in parts:
+        out += [vocab[part]] if part in vocab else tok(part, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    return out
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]},
+    },
+}
+
+
 def scripted_generate(token_ids: list[int]):  # type: ignore[no-untyped-def]
     """A stand-in for model.generate that emits fixed token ids through the real streamer,
     honouring max_new_tokens, eos ids and stopping criteria (a scripted engine)."""

@@ -22,20 +22,11 @@ import openweight
 from llm_openweight import models as plugin_models
 from openweight import Chunk, Usage
 
-from conftest import scripted_generate
+from conftest import WEATHER, scripted_generate, token_ids
 
 ASK = "Weather in Paris?"
 TOOL_OUTPUT = "18C and sunny in Paris"
 ANSWER = "It is 18C in Paris."
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]},
-    },
-}
 
 # Each format's scripts: a turn that calls get_weather(city="Paris"), then a final answer.
 CALLS: dict[str, list[str]] = {
@@ -87,13 +78,7 @@ def models(env: Path, tiny_gpt_oss: Path,  # noqa: F811
     return paths
 
 
-def _ids(tok: Any, parts: list[str]) -> list[int]:
-    """Token ids: a part that is one token in the vocabulary stays atomic, text is encoded."""
-    vocab = tok.get_vocab()
-    out: list[int] = []
-    for part in parts:
-        out += [vocab[part]] if part in vocab else tok(part, add_special_tokens=False)["input_ids"]
-    return out
+_ids = token_ids
 
 
 def script(monkeypatch: pytest.MonkeyPatch, name: str, *turns: list[str]) -> list[str]:

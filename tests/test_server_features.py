@@ -27,19 +27,10 @@ from openweight import GenerationOptions, InvalidRequestError, Message, ToolCall
 from openweight import remote as remote_mod
 from openweight.remote import RemoteBackend
 
-from conftest import scripted_generate
+from conftest import WEATHER, scripted_generate, token_ids
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 HI = [{"role": "user", "content": "What is 2+2?"}]
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]},
-    },
-}
 PARIS = {"city": "Paris"}
 RESULT = "18C and sunny"
 
@@ -113,13 +104,7 @@ def url(served: ServerThread) -> str:
     return served.url
 
 
-def _ids(tok: Any, parts: list[str]) -> list[int]:
-    """Token ids: special tokens and think tags atomic, text byte by byte."""
-    vocab = tok.get_vocab()
-    out: list[int] = []
-    for part in parts:
-        out += [vocab[part]] if part in vocab else tok(part, add_special_tokens=False)["input_ids"]
-    return out
+_ids = token_ids
 
 
 def script(served: ServerThread, monkeypatch: pytest.MonkeyPatch, model: str | None,

@@ -14,7 +14,7 @@ from openweight.options import GenerationOptions
 from openweight.store import CATALOG
 from openweight.types import to_messages
 
-from conftest import scripted_generate
+from conftest import scripted_generate, token_ids
 
 HI = [{"role": "user", "content": "Why is the sky blue?"}]
 REASON = "Rayleigh scattering — short λ scatter more ✓"
@@ -29,12 +29,7 @@ def _tok(client: Client) -> Any:
     return client._get_backend().loaded.tokenizer  # type: ignore[attr-defined]
 
 
-def _ids(tok: Any, parts: list[str]) -> list[int]:
-    vocab = tok.get_vocab()
-    out: list[int] = []
-    for part in parts:
-        out += [vocab[part]] if part in vocab else tok(part, add_special_tokens=False)["input_ids"]
-    return out
+_ids = token_ids
 
 
 def _script(client: Client, monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:

@@ -15,17 +15,8 @@ from openweight.local.constrain import closed_objects
 from openweight.options import GenerationOptions
 from openweight.types import to_messages
 
-from conftest import scripted_generate
+from conftest import WEATHER, scripted_generate, token_ids
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                       "required": ["city"]},
-    },
-}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string"},
                                            "age": {"type": "integer"},
@@ -46,12 +37,7 @@ BOOK = {
 }
 
 
-def _ids(tok: Any, parts: list[str]) -> list[int]:
-    vocab = tok.get_vocab()
-    out: list[int] = []
-    for part in parts:
-        out += [vocab[part]] if part in vocab else tok(part, add_special_tokens=False)["input_ids"]
-    return out
+_ids = token_ids
 
 
 def _scripted(path: Path, monkeypatch: pytest.MonkeyPatch, parts: list[str]) -> Client:

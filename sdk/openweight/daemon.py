@@ -259,12 +259,10 @@ def _reap() -> None:
 
 def _alive(pid: int) -> bool:
     _reap()
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    from .store.sources import pid_alive
+
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie answers signal 0 but is gone
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):

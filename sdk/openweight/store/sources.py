@@ -50,7 +50,8 @@ def is_offline() -> bool:
                for v in ("OPENWEIGHT_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 reaches it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -66,7 +67,7 @@ def new_tmp_dir() -> Path:
     tmp_root.mkdir(parents=True, exist_ok=True)
     for old in tmp_root.iterdir():
         pid = old.name.split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     path = tmp_root / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     path.mkdir()
