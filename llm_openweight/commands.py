@@ -21,6 +21,8 @@ PASSTHROUGH = {
     "rm": "Remove installed models",
     "default": "Show or set the default model (what `llm -m openweight` uses)",
     "info": "Show what is known about a model",
+    "ps": "List the models kept loaded in the background (keep-alive)",
+    "stop": "Stop keep-alive servers: all, or those serving a model",
 }
 
 

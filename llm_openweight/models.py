@@ -152,6 +152,15 @@ def options_class() -> type[llm.Options]:
         def _remote(cls, value: str | None) -> str | None:
             return _check_url(value) if value is not None else None
 
+        @field_validator("keep_alive", check_fields=False)
+        @classmethod
+        def _keep_alive(cls, value: str | float | None) -> str | float | None:
+            if value is not None:
+                from openweight.daemon import keep_alive_seconds
+
+                keep_alive_seconds(value)  # an InvalidRequestError: a ValueError
+            return value
+
     options: type[llm.Options] = create_model(  # type: ignore[call-overload]
         "OpenWeightOptions",
         __base__=Checks,
@@ -168,6 +177,11 @@ def options_class() -> type[llm.Options]:
         remote=(str | None, Field(
             None, description="Base URL of an OpenAI-compatible server to use instead of this "
             "machine, e.g. http://HOST:8000/v1 (default: `llm openweight remote`)")),
+        keep_alive=(str | float | None, Field(
+            None, description="Keep a local model loaded in a background server for this long "
+            "after the call, for the next calls: seconds or a duration (300, 5m, 1h30m); 0: off, "
+            "load it in this process; -1: until `llm openweight stop` (default: "
+            "OPENWEIGHT_KEEP_ALIVE, else 5m)")),
     )
     return options
 
@@ -179,7 +193,7 @@ class _LazyOptions:
         return options_class()
 
 
-CLIENT_ONLY = ("device", "dtype", "quantize", "remote")
+CLIENT_ONLY = ("device", "dtype", "quantize", "remote", "keep_alive")
 
 
 # -- the default remote, kept in llm's user dir --------------------------------------------
@@ -227,9 +241,11 @@ def _cached(cache: dict[ClientKey, Any], key: ClientKey, make: Callable[..., Any
         client = cache.get(key)
         if client is None:
             model, device, dtype, quantize, base_url, api_key = key
+            # in this process: keep_alive=0, so the client never looks for a keep-alive server
+            local = {"keep_alive": 0} if base_url is None else {}
             with _sdk_errors():
                 client = make(model, base_url=base_url, api_key=api_key, device=device,
-                              dtype=dtype, quantize=quantize)
+                              dtype=dtype, quantize=quantize, **local)
             cache[key] = client
         return client
 
@@ -287,6 +303,15 @@ class _Run:
         if name is None and self.remote is None:
             with _sdk_errors():
                 name = openweight.default_model()  # `openweight` follows the store's default
+        # a local model is served by a keep-alive server unless keep_alive is 0 (see connect)
+        self.keep_alive = 0.0
+        if self.remote is None:
+            from openweight import daemon
+
+            with _sdk_errors():  # a bad OPENWEIGHT_KEEP_ALIVE: a clean error too
+                seconds = daemon.keep_alive_seconds(opts.get("keep_alive"))
+            self.keep_alive = seconds if daemon.SUPPORTED else 0.0
+        self.server: str | None = None  # the keep-alive server's URL, once connected
         self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"),
                                opts.get("quantize"), self.remote,
                                (key or None) if self.remote else None)
@@ -303,16 +328,73 @@ class _Run:
         self.usage: openweight.Usage | None = None
         self.tool_calls: list[openweight.ToolCall] = []
 
+    def connect(self) -> None:
+        """With keep-alive on, send the request to the model's keep-alive server.
+
+        The model is pulled here first if it is not installed (its progress shows on this
+        process's stderr), then its server is found, or started and waited for. Blocking:
+        the async model runs it in a thread.
+        """
+        if not self.keep_alive:
+            return
+        from openweight import daemon
+        from openweight.store import ensure_model
+
+        name, device, dtype, quantize = self.key[:4]
+        name, _ = ensure_model(name)
+        url, token = daemon.ensure_daemon(name, device=device, dtype=dtype, quantize=quantize,
+                                          keep_alive=self.keep_alive)
+        self.server = url
+        self.key = (name, device, dtype, quantize, url, token)
+
     def sync_client(self) -> openweight.Client:
         client: openweight.Client = _cached(_clients, self.key, openweight.Client)
         return client
 
     def async_client(self) -> openweight.AsyncClient:
         cache = _async_clients
-        if self.remote is not None:
+        if self.key[4] is not None:  # a remote or keep-alive server
             cache = _loop_clients.setdefault(asyncio.get_running_loop(), {})
         client: openweight.AsyncClient = _cached(cache, self.key, openweight.AsyncClient)
         return client
+
+    def open_stream(self) -> tuple[openweight.Client, openweight.Stream,
+                                   openweight.Chunk | None]:
+        """The client, its stream and the stream's first chunk (None: it is empty).
+
+        A keep-alive server that stopped just before the request (its idle timeout, or
+        `openweight stop`) is found or started again, once.
+        """
+        for again in (False, True):
+            self.connect()
+            client = self.sync_client()
+            stream: openweight.Stream | None = None
+            try:
+                stream = client.stream(self.messages, **self.options)
+                return client, stream, next(stream, None)
+            except BaseException as exc:
+                if stream is not None:
+                    stream.close()
+                if (again or self.server is None
+                        or not isinstance(exc, openweight.RemoteConnectionError)):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aopen_stream(self) -> tuple[openweight.AsyncClient, openweight.AsyncStream,
+                                          openweight.Chunk | None]:
+        """``open_stream`` for the async model."""
+        for again in (False, True):
+            await asyncio.to_thread(self.connect)
+            client = self.async_client()
+            stream = client.stream(self.messages, **self.options)
+            try:
+                return client, stream, await anext(stream, None)
+            except BaseException as exc:
+                await stream.aclose()
+                if (again or self.server is None
+                        or not isinstance(exc, openweight.RemoteConnectionError)):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def events(self, chunk: openweight.Chunk) -> list[StreamEvent]:
         """llm stream events for one SDK chunk; remembers the finish reason and usage."""
@@ -345,6 +427,7 @@ class _Run:
             "model": model_name,
             "finish_reason": self.finish_reason,
             "remote": self.remote,
+            "keep_alive_server": self.server,
             "duration_s": round(end - self.started, 4),
         }
         if self.first is not None:
@@ -403,9 +486,11 @@ class OpenWeight(_OpenWeightMixin, llm.KeyModel):  # type: ignore[misc]
                 conversation: llm.Conversation | None,
                 key: str | None = None) -> Iterator[StreamEvent]:
         run = _Run(self, prompt, key)
-        client = run.sync_client()
         with _sdk_errors():
-            with client.stream(run.messages, **run.options) as chunks:
+            client, chunks, first = run.open_stream()
+            with chunks:
+                if first is not None:
+                    yield from run.events(first)
                 for chunk in chunks:
                     yield from run.events(chunk)
             run.done(response, client.model)
@@ -416,9 +501,11 @@ class AsyncOpenWeight(_OpenWeightMixin, llm.AsyncKeyModel):  # type: ignore[misc
                       conversation: llm.AsyncConversation | None,
                       key: str | None = None) -> AsyncGenerator[StreamEvent, None]:
         run = _Run(self, prompt, key)
-        client = run.async_client()
         with _sdk_errors():
-            async with client.stream(run.messages, **run.options) as chunks:
+            client, chunks, first = await run.aopen_stream()
+            async with chunks:
+                for event in run.events(first) if first is not None else ():
+                    yield event
                 async for chunk in chunks:
                     for event in run.events(chunk):
                         yield event

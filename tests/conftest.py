@@ -258,6 +258,13 @@ def scripted_generate(token_ids: list[int]):  # type: ignore[no-untyped-def]
     return generate
 
 
+@pytest.fixture(autouse=True)
+def _keep_alive_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models run in the test process, as the tests expect (scripted and patched engines):
+    keep-alive is on by default for the llm plugin, so the tests that want it opt in."""
+    monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "0")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")

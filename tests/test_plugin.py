@@ -134,8 +134,8 @@ def test_models_options_show_descriptions_and_bounds(env: Path) -> None:
 def test_options_match_the_sdk_specs() -> None:
     fields = plugin_models.options_class().model_fields
     assert set(openweight.options.OPTION_SPECS) <= set(fields)
-    assert set(fields) - set(openweight.options.OPTION_SPECS) == {"stop", "device", "dtype",
-                                                                  "quantize", "remote"}
+    assert set(fields) - set(openweight.options.OPTION_SPECS) == {
+        "stop", "device", "dtype", "quantize", "remote", "keep_alive"}
 
 
 def test_import_and_registration_load_no_torch(env: Path) -> None:
@@ -234,7 +234,8 @@ def test_every_option_passes_through(env: Path, monkeypatch: pytest.MonkeyPatch)
     assert options == {"max_tokens": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
                        "min_p": 0.05, "repetition_penalty": 1.1, "seed": 7, "stop": "zz"}
     assert spy.inits[-1] == {"model": "tiny", "base_url": None, "api_key": None,
-                             "device": "cpu", "dtype": "float32", "quantize": "int8"}
+                             "device": "cpu", "dtype": "float32", "quantize": "int8",
+                             "keep_alive": 0}  # in this process: never via keep-alive
     again = run("-m", TINY, "hello", *args)  # same seed, same sample
     assert again.stdout == first.stdout
     assert len(spy.inits) == 1  # the client (and its loaded model) was reused
@@ -605,7 +606,7 @@ def test_commands_pull_default_rm(env: Path, tiny_model: Path, store: Path) -> N
 def test_openweight_help_lists_the_commands(env: Path) -> None:
     result = run("openweight", "--help")
     assert result.exit_code == 0
-    for name in ("models", "pull", "rm", "default", "info", "remote"):
+    for name in ("models", "pull", "rm", "default", "info", "remote", "ps", "stop"):
         assert f"  {name} " in result.output
 
 

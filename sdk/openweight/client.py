@@ -5,18 +5,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, OpenWeightError, RemoteConnectionError
 from .options import GenerationOptions
 from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo, to_messages
 
 __all__ = ["AsyncClient", "AsyncStream", "Backend", "Client", "Stream"]
 
 CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -92,14 +100,16 @@ class AsyncStream(AsyncIterator[Chunk]):
         await self.aclose()
 
 
+def _is_path(model: str | None) -> bool:
+    return model is not None and (
+        model.startswith(("/", ".", "~")) or Path(model).expanduser().exists())
+
+
 def _local_backend(model: str | None, device: str | None, dtype: str | None,
                    quantize: str | None) -> Backend:
     from .local import LocalEngine
 
-    looks_like_path = model is not None and (
-        model.startswith(("/", ".", "~")) or Path(model).expanduser().exists()
-    )
-    if model is not None and looks_like_path:
+    if model is not None and _is_path(model):
         path = Path(model).expanduser()
         return LocalEngine(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
     from .store import ensure_model
@@ -112,6 +122,7 @@ class _Base:
     def __init__(self, model: str | None = None, *, base_url: str | None = None,
                  api_key: str | None = None, device: str | None = None,
                  dtype: str | None = None, quantize: str | None = None,
+                 keep_alive: str | float | None = None,
                  timeout: float = 600.0, max_retries: int = 2) -> None:
         self._model = model
         self._base_url = base_url or os.environ.get("OPENWEIGHT_BASE_URL") or None
@@ -122,6 +133,14 @@ class _Base:
         self._timeout = timeout
         self._max_retries = max_retries
         self._backend: Backend | None = None
+        # keep-alive: seconds to start (or refresh) a background server with; None: use one
+        # that already runs for these settings, never start one; 0: always in this process
+        self._keep_alive: float | None = None
+        self._via_daemon = False  # the backend is a keep-alive server (found again if gone)
+        if keep_alive is not None:
+            from .daemon import keep_alive_seconds
+
+            self._keep_alive = keep_alive_seconds(keep_alive)  # a bad value fails here
         if self._base_url is None:
             # fail early on a bad device/dtype; nothing heavy is imported or loaded here
             from .local.loader import DEVICES, DTYPES
@@ -136,23 +155,87 @@ class _Base:
             if quantize is not None and quantize.lower() not in QUANTIZE:
                 raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one "
                                           f"of {', '.join(QUANTIZE)}")
+            from .daemon import KEEP_ALIVE_ENV, keep_alive_seconds
+
+            if keep_alive is None and os.environ.get(KEEP_ALIVE_ENV, "").strip():
+                self._keep_alive = keep_alive_seconds(None)
 
     @property
     def is_remote(self) -> bool:
+        """Does this client talk to a server given by ``base_url`` or OPENWEIGHT_BASE_URL?"""
         return self._base_url is not None
+
+    def _remote(self, base_url: str, api_key: str | None, model: str | None) -> Backend:
+        from .remote import RemoteBackend
+
+        return RemoteBackend(base_url, model=model, api_key=api_key, timeout=self._timeout,
+                             max_retries=self._max_retries)
 
     def _get_backend(self) -> Backend:
         if self._backend is None:
             if self._base_url is not None:
-                from .remote import RemoteBackend
-
-                self._backend = RemoteBackend(self._base_url, model=self._model,
-                                              api_key=self._api_key, timeout=self._timeout,
-                                              max_retries=self._max_retries)
+                self._backend = self._remote(self._base_url, self._api_key, self._model)
+            elif (server := self._keep_alive_server()) is not None:
+                url, token, name = server
+                self._backend = self._remote(url, token, name)
+                self._via_daemon = True
             else:
                 self._backend = _local_backend(self._model, self._device, self._dtype,
                                                self._quantize)
         return self._backend
+
+    def _keep_alive_server(self) -> tuple[str, str, str] | None:
+        """``(url, token, model name)`` of the keep-alive server to use, or None (local).
+
+        With ``keep_alive`` (or OPENWEIGHT_KEEP_ALIVE) nonzero, one is started if none runs,
+        after pulling the model here (its progress shows in this process). Without it, only
+        a server already running for the same model, device, dtype and quantize is used.
+        """
+        from . import daemon
+
+        if not daemon.SUPPORTED or self._keep_alive == 0:
+            return None
+        model, device, dtype, quantize = self._model, self._device, self._dtype, self._quantize
+        if self._keep_alive is None:  # reuse only: a lookup costs a few milliseconds
+            try:
+                found = daemon.find_daemon(model, device=device, dtype=dtype,
+                                           quantize=quantize)
+            except OpenWeightError:
+                return None  # nothing usable runs: load the model here (errors show there)
+            if found is None:
+                return None
+            url, token = found
+        else:
+            if not _is_path(model):
+                from .store import ensure_model
+
+                model, _ = ensure_model(model)  # pull in the foreground, with progress
+            url, token = daemon.ensure_daemon(model, device=device, dtype=dtype, quantize=quantize,
+                                              keep_alive=self._keep_alive)
+        if model is None:
+            from .store import default_model
+
+            model = default_model()
+        return url, token, Path(model).name if _is_path(model) else model
+
+    def _forget_daemon(self) -> bool:
+        """After a connection error: True if it was a keep-alive server, forgotten so that
+        the next call finds (or starts) one again, or runs here."""
+        if not self._via_daemon:
+            return False
+        self._backend = None
+        self._via_daemon = False
+        return True
+
+    def _retry(self, call: Callable[[Backend], T]) -> T:
+        """``call(backend)``, once more if a keep-alive server went away (idle timeout,
+        ``openweight stop``) before answering."""
+        try:
+            return call(self._get_backend())
+        except RemoteConnectionError:
+            if not self._forget_daemon():
+                raise
+        return call(self._get_backend())
 
     @property
     def model(self) -> str:
@@ -187,17 +270,23 @@ class Client(_Base):
 
     ``Client()`` uses the default local model; ``Client(base_url=...)`` (or the
     ``OPENWEIGHT_BASE_URL`` environment variable) talks to a server instead.
+
+    A local model runs in this process, unless a keep-alive server (see
+    ``openweight.daemon``) already runs for the same model, device, dtype and quantize:
+    then that one answers. ``keep_alive="5m"`` (or OPENWEIGHT_KEEP_ALIVE) starts one if
+    none runs, kept loaded for that long after the last request; ``keep_alive=0`` always
+    runs the model in this process.
     """
 
     def chat(self, messages: Iterable[MessageInput], **options: Any) -> ChatResult:
         """Answer a conversation; options are those of GenerationOptions."""
         msgs, opts = self._prepare(messages, options)
-        return self._get_backend().chat(msgs, opts)
+        return self._retry(lambda backend: backend.chat(msgs, opts))
 
     def stream(self, messages: Iterable[MessageInput], **options: Any) -> Stream:
         """Stream the answer chunk by chunk; the last chunk carries finish_reason and usage."""
         msgs, opts = self._prepare(messages, options)
-        return Stream(self._get_backend().stream(msgs, opts))
+        return Stream(self._retry(lambda backend: backend.stream(msgs, opts)))
 
     def generate(self, prompt: str, **options: Any) -> ChatResult:
         """Answer one user turn."""
@@ -206,13 +295,13 @@ class Client(_Base):
     def complete(self, prompt: str, **options: Any) -> ChatResult:
         """Continue raw text with no chat template (sampling options and response_format)."""
         opts = self._prepare_prompt(prompt, options)
-        backend = self._get_backend()
-        return _collect(_complete(backend, prompt, opts), backend.name)
+        return self._retry(lambda backend: _collect(_complete(backend, prompt, opts),
+                                                    backend.name))
 
     def stream_complete(self, prompt: str, **options: Any) -> Stream:
         """Stream the continuation of raw text, chunk by chunk."""
         opts = self._prepare_prompt(prompt, options)
-        return Stream(_complete(self._get_backend(), prompt, opts))
+        return Stream(self._retry(lambda backend: _complete(backend, prompt, opts)))
 
     def models(self) -> list[ModelInfo]:
         """The models this client can use: installed and catalog models, or the server's."""
@@ -232,50 +321,70 @@ class AsyncClient(_Base):
             return await asyncio.to_thread(self._get_backend)
         return self._backend
 
+    async def _aretry(self, call: Callable[[Backend], Awaitable[T]]) -> T:
+        """``await call(backend)``, once more if a keep-alive server went away."""
+        try:
+            return await call(await self._backend_async())
+        except RemoteConnectionError:
+            if not self._forget_daemon():
+                raise
+        return await call(await self._backend_async())
+
+    async def _retry_stream(self, open_source: Callable[[Backend], AsyncGenerator[Chunk, None]],
+                            ) -> AsyncIterator[Chunk]:
+        """The source's chunks; opened once more if a keep-alive server went away before
+        the first chunk (never after: the caller has seen part of the answer)."""
+        for again in (False, True):
+            # aclosing: our aclose() closes the source (the HTTP response, the engine) at once
+            async with contextlib.aclosing(open_source(await self._backend_async())) as chunks:
+                started = False
+                try:
+                    async for chunk in chunks:
+                        started = True
+                        yield chunk
+                    return
+                except RemoteConnectionError:
+                    if started or again or not self._forget_daemon():
+                        raise
+
     async def chat(self, messages: Iterable[MessageInput], **options: Any) -> ChatResult:
         msgs, opts = self._prepare(messages, options)
-        backend = await self._backend_async()
-        achat = getattr(backend, "achat", None)
-        if achat is not None:
-            result: ChatResult = await achat(msgs, opts)
-            return result
-        return await asyncio.to_thread(backend.chat, msgs, opts)
+
+        async def call(backend: Backend) -> ChatResult:
+            achat = getattr(backend, "achat", None)
+            if achat is not None:
+                result: ChatResult = await achat(msgs, opts)
+                return result
+            return await asyncio.to_thread(backend.chat, msgs, opts)
+
+        return await self._aretry(call)
 
     def stream(self, messages: Iterable[MessageInput], **options: Any) -> AsyncStream:
         msgs, opts = self._prepare(messages, options)
         return AsyncStream(self._astream(msgs, opts))
 
-    async def _astream(self, msgs: list[Message], opts: GenerationOptions) -> AsyncIterator[Chunk]:
-        backend = await self._backend_async()
-        astream = getattr(backend, "astream", None)
-        source: AsyncGenerator[Chunk, None] = (
-            astream(msgs, opts) if astream is not None
-            else _in_thread(lambda: backend.stream(msgs, opts)))
-        # aclosing: our aclose() closes the source (the HTTP response, the engine) at once
-        async with contextlib.aclosing(source) as chunks:
-            async for chunk in chunks:
-                yield chunk
+    def _astream(self, msgs: list[Message], opts: GenerationOptions) -> AsyncIterator[Chunk]:
+        def open_source(backend: Backend) -> AsyncGenerator[Chunk, None]:
+            astream = getattr(backend, "astream", None)
+            if astream is not None:
+                source: AsyncGenerator[Chunk, None] = astream(msgs, opts)
+                return source
+            return _in_thread(lambda: backend.stream(msgs, opts))
+
+        return self._retry_stream(open_source)
 
     async def generate(self, prompt: str, **options: Any) -> ChatResult:
         return await self.chat([{"role": "user", "content": prompt}], **options)
 
     async def complete(self, prompt: str, **options: Any) -> ChatResult:
         opts = self._prepare_prompt(prompt, options)
-        backend = await self._backend_async()
-        return await asyncio.to_thread(
-            lambda: _collect(_complete(backend, prompt, opts), backend.name))
+        return await self._aretry(lambda backend: asyncio.to_thread(
+            lambda: _collect(_complete(backend, prompt, opts), backend.name)))
 
     def stream_complete(self, prompt: str, **options: Any) -> AsyncStream:
         opts = self._prepare_prompt(prompt, options)
-        return AsyncStream(self._astream_complete(prompt, opts))
-
-    async def _astream_complete(self, prompt: str,
-                                opts: GenerationOptions) -> AsyncIterator[Chunk]:
-        backend = await self._backend_async()
-        source = _in_thread(lambda: _complete(backend, prompt, opts))
-        async with contextlib.aclosing(source) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        return AsyncStream(self._retry_stream(
+            lambda backend: _in_thread(lambda: _complete(backend, prompt, opts))))
 
     async def models(self) -> list[ModelInfo]:
         backend = await self._backend_async() if self.is_remote else None

@@ -626,6 +626,7 @@ def _is_loopback(host: str) -> bool:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    os.environ["OPENWEIGHT_KEEP_ALIVE"] = "0"  # it runs models itself, never via keep-alive
     # this process runs the models itself: a base URL meant for clients must not loop back
     if os.environ.pop("OPENWEIGHT_BASE_URL", None):
         print("openweight: ignoring OPENWEIGHT_BASE_URL (the server runs models locally)",
