@@ -358,16 +358,17 @@ def test_sdk_maps_server_errors(server: str) -> None:
 
 
 def test_error_after_the_stream_started(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_put = engine_mod._QueueStreamer.put
+    real_source = engine_mod.default_source
     calls = []
 
-    def failing_put(self: Any, value: Any) -> None:
-        calls.append(1)
-        if len(calls) > 4:
-            raise RuntimeError("the GPU caught fire")
-        real_put(self, value)
+    def failing_source(*args: Any) -> Any:
+        for token in real_source(*args):
+            calls.append(1)
+            if len(calls) > 4:
+                raise RuntimeError("the GPU caught fire")
+            yield token
 
-    monkeypatch.setattr(engine_mod._QueueStreamer, "put", failing_put)
+    monkeypatch.setattr(engine_mod, "default_source", failing_source)
     body = {"messages": HI, "temperature": 0, "max_tokens": 50, "stream": True}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200

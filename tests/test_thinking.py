@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from openweight import Client, InvalidRequestError
+from openweight.local.engine import resolved_settings, sampling_settings
 from openweight.local.thinking import ThinkParser
 from openweight.options import GenerationOptions
 from openweight.store import CATALOG
@@ -141,9 +142,11 @@ def test_llama3_generation_defaults_respected(family_model: Callable[[str], Path
     client = _client(family_model, "llama3")
     engine = client._get_backend()
     lm = engine.loaded  # type: ignore[attr-defined]
-    unset = engine._generation_kwargs(lm, GenerationOptions(), 8)  # type: ignore[attr-defined]
+    unset = sampling_settings(lm, GenerationOptions(), 8)
     assert unset["do_sample"] is True and "temperature" not in unset  # the config's 0.6 applies
-    greedy = engine._generation_kwargs(lm, GenerationOptions(temperature=0), 8)  # type: ignore[attr-defined]
+    assert resolved_settings(lm, GenerationOptions(), 8)["temperature"] == 0.6
+    assert resolved_settings(lm, GenerationOptions(temperature=0.9), 8)["temperature"] == 0.9
+    greedy = sampling_settings(lm, GenerationOptions(temperature=0), 8)
     assert greedy["do_sample"] is False
     a = client.chat(HI, max_tokens=12, seed=5)
     b = client.chat(HI, max_tokens=12, seed=5)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import GenerationError, InvalidRequestError
+from ..errors import GenerationError, InvalidRequestError, OpenWeightError
 from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
 from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
 from .decode import StopMatcher
@@ -24,9 +24,17 @@ from .thinking import (
     think_token_ids,
 )
 
-__all__ = ["LocalEngine", "collect"]
+__all__ = ["LocalEngine", "TokenSource", "collect", "default_source", "generate_source",
+           "resolved_settings", "sampling_settings"]
 
 _DONE = object()
+
+TokenSource = Callable[[LoadedModel, list[int], int, GenerationOptions, threading.Event],
+                       Iterator[int]]
+"""Yields the token ids generated after ``prompt``: (model, prompt ids, max new tokens,
+options, cancel event). It stops by itself after max_new tokens or an end-of-sequence id,
+promptly once the event is set, and frees what it holds when closed."""
+
 POLL_SECONDS = 0.5
 
 
@@ -159,22 +167,27 @@ class LocalEngine:
     def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         return collect(self.stream(messages, options), self.name)
 
-    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> Iterator[Chunk]:
-        """Validate now, then return a generator of chunks (close it to stop generating)."""
+    def stream(self, messages: Sequence[Message], options: GenerationOptions, *,
+               source: TokenSource | None = None) -> Iterator[Chunk]:
+        """Validate now, then return a generator of chunks (close it to stop generating).
+        ``source`` replaces how tokens are generated (see ``TokenSource``)."""
         lm = self.loaded
         text = self.format(messages, options)
-        return self._start(self.tokenize(text), options, self._parser(lm, text, options))
+        return self._start(self.tokenize(text), options, self._parser(lm, text, options),
+                           source=source)
 
-    def complete(self, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+    def complete(self, prompt: str, options: GenerationOptions, *,
+                 source: TokenSource | None = None) -> Iterator[Chunk]:
         """Continue raw text, with no chat template (the legacy completions API)."""
         ids = list(self.loaded.tokenizer(prompt)["input_ids"])
         if not prompt or not ids:
             raise InvalidRequestError("the prompt is empty; give some text to continue",
                                       param="prompt")
-        return self._start(ids, options, PlainParser(self.loaded.tokenizer), field="prompt")
+        return self._start(ids, options, PlainParser(self.loaded.tokenizer), field="prompt",
+                           source=source)
 
     def _start(self, prompt: list[int], options: GenerationOptions, parser: OutputParser,
-               field: str = "messages") -> Iterator[Chunk]:
+               field: str = "messages", source: TokenSource | None = None) -> Iterator[Chunk]:
         lm = self.loaded
         room = lm.context_length - len(prompt)
         if room <= 0:
@@ -183,7 +196,7 @@ class LocalEngine:
                 f"{lm.context_length} tokens; shorten the conversation", param=field
             )
         max_new = min(options.max_tokens or DEFAULT_MAX_TOKENS, room)
-        return self._generate(lm, prompt, max_new, options, parser)
+        return self._generate(lm, prompt, max_new, options, parser, source)
 
     def _parser(self, lm: LoadedModel, prompt: str, options: GenerationOptions) -> OutputParser:
         """The output format of this model family: harmony, tags, JSON calls, or plain."""
@@ -203,103 +216,24 @@ class LocalEngine:
             return JsonCallParser(lm.tokenizer)
         return PlainParser(lm.tokenizer)
 
-    def _generation_kwargs(self, lm: LoadedModel, options: GenerationOptions,
-                           max_new: int) -> dict[str, Any]:
-        config = lm.model.generation_config
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
-            "min_new_tokens": 0,
-            "eos_token_id": sorted(lm.eos_ids) or None,
-            "pad_token_id": lm.tokenizer.pad_token_id
-            if lm.tokenizer.pad_token_id is not None
-            else (min(lm.eos_ids) if lm.eos_ids else 0),
-        }
-        if options.temperature == 0.0 or (options.temperature is None and not config.do_sample):
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
-        else:
-            kwargs.update(do_sample=True)
-            for name in ("temperature", "top_p", "top_k", "min_p"):
-                value = getattr(options, name)
-                if value is not None:
-                    kwargs[name] = value
-            if options.top_k == 0:
-                kwargs["top_k"] = None
-        if options.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = options.repetition_penalty
-        return kwargs
-
     def _generate(self, lm: LoadedModel, prompt: list[int], max_new: int,
-                  options: GenerationOptions,
-                  parser: OutputParser | None = None) -> Iterator[Chunk]:
-        import torch
-
-        tokens: queue.Queue[object] = queue.Queue()
+                  options: GenerationOptions, parser: OutputParser | None = None,
+                  source: TokenSource | None = None) -> Iterator[Chunk]:
         cancel = threading.Event()
-        kwargs = self._generation_kwargs(lm, options, max_new)
-        schema = options.json_schema
-        if schema is not None:
-            from .constrain import SchemaConstraint, compile_schema
+        if options.json_schema is not None:  # validate now, not at the first token
+            from .constrain import compile_schema
 
-            kwargs["logits_processor"] = [SchemaConstraint(lm, compile_schema(lm, schema))]
-
-        def work() -> None:
-            try:
-                with lm.lock, torch.inference_mode():
-                    if cancel.is_set():
-                        return
-                    if options.seed is not None:
-                        torch.manual_seed(options.seed)
-                    cache, _reused = lm.prefix_cache.take(prompt)
-                    if cache is None:
-                        from transformers import DynamicCache
-
-                        cache = DynamicCache(config=lm.model.config)
-                    ids = torch.tensor([prompt], device=lm.device)
-                    streamer = _QueueStreamer(tokens)
-                    lm.model.generate(
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        streamer=streamer,
-                        stopping_criteria=[_Cancelled(cancel)],
-                        cache=cache,
-                        **kwargs,
-                    )
-                    # the cache now holds the prompt and all but the last generated token
-                    held = (prompt + streamer.generated)[: cache.get_seq_length()]
-                    lm.prefix_cache.put(held, cache)
-            except BaseException as exc:  # handed to the consumer, never lost
-                tokens.put(exc)
-            finally:
-                tokens.put(_DONE)
-
-        worker = threading.Thread(target=work, name="openweight-generate", daemon=True)
+            compile_schema(lm, options.json_schema)
         parser = parser or PlainParser(lm.tokenizer)
-
-        def next_token() -> int | None:
-            """The next generated token id; None when generation has ended."""
-            while True:
-                try:
-                    item = tokens.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    if not worker.is_alive() and tokens.empty():
-                        raise GenerationError("the generation thread ended without a "
-                                              "result") from None
-                    continue
-                if item is _DONE:
-                    return None
-                if isinstance(item, BaseException):
-                    raise GenerationError(f"generation failed in {self.name}: {item}") from item
-                assert isinstance(item, int)
-                return item
+        tokens = (source or default_source)(lm, prompt, max_new, options, cancel)
 
         def chunks() -> Iterator[Chunk]:
             stops = StopMatcher(options.stop)
             count = 0
             finish: FinishReason = "length"
-            worker.start()
             try:
                 deltas: list[Delta] = []
-                while (token := next_token()) is not None:
+                for token in tokens:
                     count += 1
                     deltas = parser.feed(token)
                     if token in lm.eos_ids:
@@ -326,12 +260,153 @@ class LocalEngine:
                     finish = "tool_calls"
                 yield Chunk(tool_calls=tuple(parser.tool_calls), finish_reason=finish,
                             usage=Usage(prompt_tokens=len(prompt), completion_tokens=count))
+            except OpenWeightError:
+                raise
+            except Exception as exc:
+                raise GenerationError(f"generation failed in {self.name}: {exc}") from exc
             finally:
                 cancel.set()
-                if worker.is_alive():
-                    worker.join(timeout=30)
+                close = getattr(tokens, "close", None)
+                if close is not None:
+                    close()
 
         return _LocalStream(chunks(), cancel)
+
+
+def sampling_settings(lm: LoadedModel, options: GenerationOptions,
+                      max_new: int) -> dict[str, Any]:
+    """``generate`` keyword arguments for these options: greedy or sampling and its knobs,
+    end-of-sequence and padding ids."""
+    config = lm.model.generation_config
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new,
+        "min_new_tokens": 0,
+        "eos_token_id": sorted(lm.eos_ids) or None,
+        "pad_token_id": lm.tokenizer.pad_token_id
+        if lm.tokenizer.pad_token_id is not None
+        else (min(lm.eos_ids) if lm.eos_ids else 0),
+    }
+    if options.temperature == 0.0 or (options.temperature is None and not config.do_sample):
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None, min_p=None)
+    else:
+        kwargs.update(do_sample=True)
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            value = getattr(options, name)
+            if value is not None:
+                kwargs[name] = value
+        if options.top_k == 0:
+            kwargs["top_k"] = None
+    if options.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = options.repetition_penalty
+    return kwargs
+
+
+def _constraints(lm: LoadedModel, options: GenerationOptions) -> list[Any]:
+    if options.json_schema is None:
+        return []
+    from .constrain import SchemaConstraint, compile_schema
+
+    return [SchemaConstraint(lm, compile_schema(lm, options.json_schema))]
+
+
+def default_source(lm: LoadedModel, prompt: list[int], max_new: int,
+                   options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
+    """The fast CPU path where the model takes it; otherwise transformers' ``generate``.
+    A ``generate`` set on the model instance (a hook, a test's scripted generate) wins."""
+    if lm.fast is not None and "generate" not in vars(lm.model):
+        return _fast_source(lm, prompt, max_new, options, cancel)
+    return generate_source(lm, prompt, max_new, options, cancel)
+
+
+def resolved_settings(lm: LoadedModel, options: GenerationOptions,
+                      max_new: int) -> dict[str, Any]:
+    """``sampling_settings`` with the knobs left unset filled from the model's generation
+    config, as ``generate`` fills them (the fast path has no ``generate`` to do it)."""
+    settings = sampling_settings(lm, options, max_new)
+    config = lm.model.generation_config
+    if settings.get("do_sample"):
+        for name in ("temperature", "top_p", "top_k", "min_p"):
+            settings.setdefault(name, getattr(config, name, None))
+    settings.setdefault("repetition_penalty", getattr(config, "repetition_penalty", None))
+    return settings
+
+
+def _fast_source(lm: LoadedModel, prompt: list[int], max_new: int,
+                 options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
+    from .fast import fast_tokens
+
+    return fast_tokens(lm, prompt, max_new, resolved_settings(lm, options, max_new),
+                       _constraints(lm, options), options.seed, cancel)
+
+
+def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
+                    options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
+    """transformers' ``generate`` on a worker thread, one model at a time."""
+    import torch
+    from transformers import Cache
+
+    tokens: queue.Queue[object] = queue.Queue()
+    kwargs = sampling_settings(lm, options, max_new)
+    processors = _constraints(lm, options)
+    if processors:
+        kwargs["logits_processor"] = processors
+
+    def work() -> None:
+        try:
+            with lm.lock, torch.inference_mode():
+                if cancel.is_set():
+                    return
+                if options.seed is not None:
+                    torch.manual_seed(options.seed)
+                cache, _reused = lm.prefix_cache.take(prompt, kind=Cache)
+                if cache is None:
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache(config=lm.model.config)
+                ids = torch.tensor([prompt], device=lm.device)
+                streamer = _QueueStreamer(tokens)
+                lm.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    streamer=streamer,
+                    stopping_criteria=[_Cancelled(cancel)],
+                    cache=cache,
+                    **kwargs,
+                )
+                # the cache now holds the prompt and all but the last generated token
+                held = (prompt + streamer.generated)[: cache.get_seq_length()]
+                lm.prefix_cache.put(held, cache)
+        except BaseException as exc:  # handed to the consumer, never lost
+            tokens.put(exc)
+        finally:
+            tokens.put(_DONE)
+
+    worker = threading.Thread(target=work, name="openweight-generate", daemon=True)
+
+    def generated() -> Iterator[int]:
+        worker.start()
+        try:
+            while True:
+                try:
+                    item = tokens.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if not worker.is_alive() and tokens.empty():
+                        raise GenerationError("the generation thread ended without a "
+                                              "result") from None
+                    continue
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise GenerationError(f"generation failed in {lm.path.name}: "
+                                          f"{item}") from item
+                assert isinstance(item, int)
+                yield item
+        finally:
+            cancel.set()
+            if worker.is_alive():
+                worker.join(timeout=30)
+
+    return generated()
 
 
 def _with_system(messages: Sequence[Message], instruction: str) -> list[Message]:

@@ -34,6 +34,9 @@ class LoadedModel:
     model_type: str = ""
     harmony_ids: dict[str, int] | None = None
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
+    # the lean CPU decode path (local/fast.py), or None where the model cannot take it
+    fast: Any = None
+    fast_off_reason: str | None = None
     # one generation at a time per model: results never depend on what runs beside them
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -249,6 +252,11 @@ def load_model(
             model_type=str(getattr(model.config, "model_type", "")),
             harmony_ids=_harmony_ids(model.config, tokenizer),
         )
+        from .fast import FastModel, unsupported_reason
+
+        loaded.fast_off_reason = unsupported_reason(model, dev)
+        if loaded.fast_off_reason is None:
+            loaded.fast = FastModel(model)
         _cache[key] = loaded
         return loaded
 

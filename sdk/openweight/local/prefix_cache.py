@@ -49,12 +49,15 @@ class PrefixCache:
     def tokens(self) -> int:
         return sum(len(ids) for ids, _ in self._entries.values())
 
-    def take(self, prompt: list[int]) -> tuple[Any | None, int]:
+    def take(self, prompt: list[int], kind: type | None = None) -> tuple[Any | None, int]:
         """The cache sharing the longest prefix with ``prompt`` (removed from the LRU: the
-        caller extends it), cropped to that prefix, and how many tokens it covers."""
+        caller extends it), cropped to that prefix, and how many tokens it covers. ``kind``
+        limits the search to caches of that class (each decode path reads its own)."""
         with self._lock:
             best, best_len = None, 0
-            for key, (ids, _) in self._entries.items():
+            for key, (ids, held) in self._entries.items():
+                if kind is not None and not isinstance(held, kind):
+                    continue
                 n = _common_prefix(ids, prompt)
                 if n > best_len:
                     best, best_len = key, n

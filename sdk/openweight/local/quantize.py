@@ -21,6 +21,8 @@ def _int8_linear(linear: Any, dtype: Any) -> Any:
     import torch
 
     class Int8Linear(torch.nn.Module):  # type: ignore[misc]
+        quant_kind = "int8"
+
         def __init__(self) -> None:
             super().__init__()
             w = linear.weight.detach().float()
@@ -48,6 +50,8 @@ def _int4_linear(linear: Any) -> Any:
     groups = k // INT4_GROUP
 
     class Int4Linear(torch.nn.Module):  # type: ignore[misc]
+        quant_kind = "int4"
+
         def __init__(self) -> None:
             super().__init__()
             w = linear.weight.detach().float().reshape(n, groups, INT4_GROUP)

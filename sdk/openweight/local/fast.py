@@ -1,0 +1,372 @@
+"""A lean decode loop for Llama-style models on the CPU (Llama, Qwen2, Qwen3, Mistral).
+
+transformers' ``generate`` spends most of a small model's token in Python and in many small
+operations. This path runs the same weights (the model's own modules, quantised or not)
+with far fewer operations per token:
+
+- q/k/v and gate/up projections are fused into one matrix product each (the fused weights
+  share memory with the model's modules, so nothing is stored twice);
+- rotary embeddings are applied to queries and keys in one step;
+- attention runs in float32 on a float32 KV cache: PyTorch's bfloat16 attention on a CPU is
+  several times slower than float32 at decode sizes;
+- prefill computes logits for the last position only.
+
+The model object is untouched: ``generate``, continuous batching and every other user of
+the model still work on it. ``OPENWEIGHT_FAST=0`` turns this path off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+__all__ = ["FastCache", "FastModel", "fast_tokens", "unsupported_reason"]
+
+SUPPORTED_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
+CAPACITY_STEP = 256  # KV cache capacity grows in steps of this many positions
+INT4_BLOCK = 64  # the packed int4 CPU layout interleaves output rows in blocks of 64
+
+
+def unsupported_reason(model: Any, device: str) -> str | None:
+    """Why this model cannot take the fast path (None: it can)."""
+    if os.environ.get("OPENWEIGHT_FAST", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "turned off by OPENWEIGHT_FAST=0"
+    if device != "cpu":
+        return f"the fast path is for the CPU, not {device}"
+    config = model.config
+    kind = getattr(config, "model_type", "")
+    if kind not in SUPPORTED_TYPES:
+        return f"model type {kind!r} is not one of {', '.join(sorted(SUPPORTED_TYPES))}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "unexpected module layout"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(
+            hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")
+        ) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            return "unexpected module layout"
+    return None
+
+
+def _kind(module: Any) -> str:
+    import torch
+
+    kind = getattr(module, "quant_kind", None)
+    if kind is not None:
+        return str(kind)
+    return "linear" if isinstance(module, torch.nn.Linear) else "other"
+
+
+def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
+    """One matrix product computing ``cat([m(x) for m in modules], -1)``.
+
+    The fused weight is built by concatenation and the modules' weights are pointed at
+    slices of it, so memory is not doubled. Mixed or unalignable layers fall back to
+    calling the modules one by one.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    kinds = {_kind(m) for m in modules}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    rows = [int(m.out_features) for m in modules]
+    if kind == "int4" and any(r % INT4_BLOCK for r in rows):
+        kind = "mixed"
+    if kind in ("mixed", "other"):
+        if len(modules) == 1:
+            return modules[0]  # type: ignore[no-any-return]
+        return lambda x: torch.cat([m(x) for m in modules], -1)
+
+    bias = None
+    if any(m.bias is not None for m in modules):
+        like = next(m.bias for m in modules if m.bias is not None)
+        bias = torch.cat([m.bias.detach() if m.bias is not None else like.new_zeros(r)
+                          for m, r in zip(modules, rows, strict=True)])
+    weight = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 \
+        else modules[0].weight.detach()
+    start = 0
+    for m, r in zip(modules, rows, strict=True):  # share storage with the fused weight
+        view = weight[start:start + r]
+        if kind == "linear":
+            m.weight = torch.nn.Parameter(view, requires_grad=False)
+        else:
+            m.weight = view
+        start += r
+
+    if kind == "linear":
+        return lambda x: F.linear(x, weight, bias)
+    if kind == "int8":
+        scales = torch.cat([m.scales for m in modules])
+        dtype = scales.dtype
+
+        def int8(x: Any) -> Any:
+            out = torch._weight_int8pack_mm(x.to(dtype), weight, scales)
+            return out if bias is None else out + bias
+
+        return int8
+    from .quantize import INT4_GROUP
+
+    scale_zero = torch.cat([m.scale_zero for m in modules], dim=1)
+
+    def int4(x: Any) -> Any:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight,
+                                                         INT4_GROUP, scale_zero)
+        return out if bias is None else out + bias
+
+    return int4
+
+
+class FastCache:
+    """One request's KV cache: float32 keys and values for every layer and position.
+
+    ``get_seq_length`` and ``crop`` match transformers' cache API, so the prefix cache can
+    hold these too.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
+        import torch
+
+        shape = (layers, kv_heads, _round(capacity), head_dim)
+        self.k = torch.zeros(shape)
+        self.v = torch.zeros(shape)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.numel() * self.k.element_size() * 2)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` positions (``n < 0``: drop the last ``-n``)."""
+        self.length = max(0, self.length + n) if n < 0 else min(n, self.length)
+
+    def reserve(self, total: int) -> None:
+        """Make room for ``total`` positions, keeping what is held."""
+        if total <= self.capacity:
+            return
+        import torch
+
+        layers, heads, _, dim = self.k.shape
+        k = torch.zeros((layers, heads, _round(total), dim))
+        v = torch.zeros_like(k)
+        k[:, :, : self.length] = self.k[:, :, : self.length]
+        v[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = k, v
+
+
+def _round(n: int) -> int:
+    return max(CAPACITY_STEP, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
+
+
+class _Layer:
+    def __init__(self, layer: Any, heads: int, kv_heads: int, head_dim: int) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1 = layer.input_layernorm.weight.detach()
+        self.eps1 = _eps(layer.input_layernorm)
+        self.norm2 = layer.post_attention_layernorm.weight.detach()
+        self.eps2 = _eps(layer.post_attention_layernorm)
+        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _fuse([attn.o_proj])
+        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down = _fuse([mlp.down_proj])
+        self.scaling = float(attn.scaling)
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.qk_norm = None if q_norm is None or k_norm is None else (
+            q_norm.weight.detach(), k_norm.weight.detach(), _eps(q_norm))
+        self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+
+def _eps(norm: Any) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+class FastModel:
+    """The fast decode path over one loaded transformers model."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        config = model.config
+        inner = model.model
+        self.model = model
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None)
+                            or config.hidden_size // config.num_attention_heads)
+        self.hidden = int(config.hidden_size)
+        self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim)
+                       for layer in inner.layers]
+        self.embed = inner.embed_tokens
+        self.norm = inner.norm.weight.detach()
+        self.eps = _eps(inner.norm)
+        self.lm_head = model.get_output_embeddings()
+        self.dtype = self.norm.dtype
+        self._rotary = inner.rotary_emb
+        self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
+        self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
+
+    def new_cache(self, capacity: int) -> FastCache:
+        return FastCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
+
+    def _rope(self, start: int, end: int) -> tuple[Any, Any]:
+        """cos and sign-folded sin for positions [start, end), from the model's own rotary
+        module (so every rope scaling it knows applies)."""
+        import torch
+
+        if end > self._cos.shape[0]:
+            size = _round(max(end, 2 * self._cos.shape[0]))
+            positions = torch.arange(size).unsqueeze(0)
+            probe = torch.empty(1, dtype=torch.float32)
+            cos, sin = self._rotary(probe, positions)
+            half = self.head_dim // 2
+            sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)])
+            self._cos = cos[0].to(self.dtype)
+            self._sin = (sin[0] * sign).to(self.dtype)
+        return self._cos[start:end], self._sin[start:end]
+
+    def forward(self, ids: Sequence[int], cache: FastCache) -> Any:
+        """Run ``ids`` after what ``cache`` holds; returns float32 logits of the last one."""
+        import torch
+        import torch.nn.functional as F
+
+        pos, count = cache.length, len(ids)
+        end = pos + count
+        cache.reserve(end)
+        cos, sin = self._rope(pos, end)
+        half = self.head_dim // 2
+        heads, kv, dim = self.heads, self.kv_heads, self.head_dim
+        mask = None
+        if count > 1 and pos > 0:  # causal, offset by what the cache holds
+            mask = (torch.arange(end).unsqueeze(0)
+                    <= torch.arange(pos, end).unsqueeze(1))
+        x = self.embed(torch.tensor(ids))
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), layer.norm1, layer.eps1)
+            qkv = layer.qkv(h)
+            if layer.qk_norm is None:
+                qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim).transpose(0, 1)
+                qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * sin
+                q, k = qk[:heads], qk[heads:]
+            else:
+                q_w, k_w, eps = layer.qk_norm
+                q_raw, k_raw, _ = qkv.split(layer.split, -1)
+                q = F.rms_norm(q_raw.view(count, heads, dim), (dim,), q_w, eps).transpose(0, 1)
+                k = F.rms_norm(k_raw.view(count, kv, dim), (dim,), k_w, eps).transpose(0, 1)
+                q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
+                k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
+            cache.k[i, :, pos:end] = k
+            cache.v[i, :, pos:end] = qkv[:, (heads + kv) * dim:].view(count, kv, dim) \
+                .transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q.float().unsqueeze(0), cache.k[i:i + 1, :, :end], cache.v[i:i + 1, :, :end],
+                attn_mask=mask, is_causal=count > 1 and mask is None, scale=layer.scaling,
+                enable_gqa=heads != kv,
+            )
+            x = x + layer.o(o[0].transpose(0, 1).reshape(count, heads * dim).to(x.dtype))
+            h = F.rms_norm(x, (self.hidden,), layer.norm2, layer.eps2)
+            gate, up = layer.gate_up(h).chunk(2, -1)
+            x = x + layer.down(F.silu(gate) * up)
+        cache.length = end
+        last = F.rms_norm(x[-1:], (self.hidden,), self.norm, self.eps)
+        return self.lm_head(last).float()
+
+
+class _Sampler:
+    """Picks each next token the way ``generate`` would with the same settings."""
+
+    def __init__(self, settings: dict[str, Any], processors: list[Any], seed: int | None,
+                 prompt: Sequence[int], max_new: int) -> None:
+        import torch
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.sample = bool(settings.get("do_sample"))
+        steps: list[Any] = []
+        penalty = settings.get("repetition_penalty")
+        if penalty is not None and penalty != 1.0:
+            steps.append(RepetitionPenaltyLogitsProcessor(penalty))
+        steps.extend(processors)
+        if self.sample:
+            temperature = settings.get("temperature")
+            if temperature is not None and temperature != 1.0:
+                steps.append(TemperatureLogitsWarper(temperature))
+            if settings.get("top_k"):
+                steps.append(TopKLogitsWarper(int(settings["top_k"])))
+            if settings.get("top_p") is not None and settings["top_p"] < 1.0:
+                steps.append(TopPLogitsWarper(settings["top_p"]))
+            if settings.get("min_p"):
+                steps.append(MinPLogitsWarper(settings["min_p"]))
+        self.steps = steps
+        self.generator = None
+        if self.sample:
+            self.generator = torch.Generator()
+            if seed is not None:
+                self.generator.manual_seed(seed)
+            else:
+                self.generator.seed()
+        self.ids = torch.zeros(len(prompt) + max_new, dtype=torch.long)
+        self.ids[: len(prompt)] = torch.tensor(list(prompt), dtype=torch.long)
+        self.length = len(prompt)
+
+    def pick(self, logits: Any) -> int:
+        import torch
+
+        if self.steps:
+            seq = self.ids[: self.length].unsqueeze(0)
+            for step in self.steps:
+                logits = step(seq, logits)
+        if self.sample:
+            probs = torch.softmax(logits, dim=-1)
+            token = int(torch.multinomial(probs[0], 1, generator=self.generator))
+        else:
+            token = int(logits[0].argmax())
+        if self.length < self.ids.shape[0]:
+            self.ids[self.length] = token
+            self.length += 1
+        return token
+
+
+def fast_tokens(lm: Any, prompt: list[int], max_new: int, settings: dict[str, Any],
+                processors: list[Any], seed: int | None, cancel: Any) -> Iterator[int]:
+    """Generated token ids, decoded on the calling thread; the prompt's KV cache is taken
+    from (and, with what was generated, returned to) the model's prefix cache."""
+    import torch
+
+    fast: FastModel = lm.fast
+    cache, reused = lm.prefix_cache.take(prompt, kind=FastCache)
+    if cache is None:
+        cache, reused = fast.new_cache(len(prompt) + max_new), 0
+    cache.reserve(len(prompt) + max_new)
+    sampler = _Sampler(settings, processors, seed, prompt, max_new)
+    generated: list[int] = []
+    try:
+        with torch.inference_mode():
+            logits = fast.forward(prompt[reused:], cache)
+        while not cancel.is_set():
+            token = sampler.pick(logits)
+            generated.append(token)
+            yield token
+            if token in lm.eos_ids or len(generated) >= max_new or cancel.is_set():
+                return
+            with torch.inference_mode():
+                logits = fast.forward([token], cache)
+    finally:
+        held = (prompt + generated)[: cache.length]
+        lm.prefix_cache.put(held, cache)

@@ -1,0 +1,173 @@
+"""The lean CPU decode path (local/fast.py): same logits as transformers, shared weights,
+offset prefill, sampling, the prefix cache, and the switch that turns it off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from openweight import Client
+from openweight.local.fast import FastCache, FastModel, unsupported_reason
+from openweight.local.loader import load_model, unload_all
+from openweight.local.quantize import quantize_model
+
+HI = [{"role": "user", "content": "hi there, how are you?"}]
+
+
+def _model(arch: str, seed: int = 0) -> Any:
+    """A random model whose layer widths suit every kernel (int4 needs rows in 64s)."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    common: dict[str, Any] = dict(vocab_size=300, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512,
+                                  initializer_range=0.2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    if arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=32, **common))
+    elif arch == "qwen2":  # biases on q/k/v
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    return model.to(torch.bfloat16).eval()
+
+
+def _reference(model: Any, ids: list[int]) -> Any:
+    """transformers' own logits for every position."""
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _close(a: Any, b: Any) -> None:
+    scale = float(b.abs().max())
+    assert float((a - b).abs().max()) <= 0.03 * scale, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_forward_matches_transformers(arch: str, mode: str) -> None:
+    import torch
+
+    model = _model(arch)
+    quantize_model(model, mode, "cpu")
+    ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = _reference(model, ids)
+    fast = FastModel(model)
+    cache = fast.new_cache(8)  # grows as needed
+    with torch.inference_mode():
+        _close(fast.forward(ids[:20], cache)[0], want[19])  # prefill from position 0
+        _close(fast.forward(ids[20:30], cache)[0], want[29])  # prefill after a cached prefix
+        for j in range(30, 40):  # one token at a time
+            _close(fast.forward([ids[j]], cache)[0], want[j])
+    assert cache.get_seq_length() == 40 and cache.capacity >= 40
+    # the fused weights are the modules' weights: transformers' forward is unchanged
+    assert torch.equal(_reference(model, ids), want)
+
+
+def test_fused_weights_share_memory() -> None:
+    model = _model("llama")
+    before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    FastModel(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    storage = attn.q_proj.weight.untyped_storage().data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == storage
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == storage
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == \
+        mlp.gate_proj.weight.untyped_storage().data_ptr()
+    seen: dict[int, int] = {}
+    for t in model.state_dict().values():
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    assert sum(seen.values()) <= before  # nothing is held twice
+
+
+def test_cache_crop_and_reserve() -> None:
+    import torch
+
+    model = _model("llama")
+    fast = FastModel(model)
+    ids = list(range(1, 31))
+    cache = fast.new_cache(4)
+    with torch.inference_mode():
+        fast.forward(ids, cache)
+        cache.crop(-10)  # forget the last ten positions, then recompute them
+        assert cache.get_seq_length() == 20
+        again = fast.forward(ids[20:], cache)
+        fresh = fast.forward(ids, fast.new_cache(len(ids)))
+    _close(again[0], fresh[0])
+    cache.crop(5)
+    assert cache.get_seq_length() == 5
+
+
+def test_unsupported_models_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("llama")
+    assert unsupported_reason(model, "cpu") is None
+    assert "CPU" in str(unsupported_reason(model, "cuda"))
+    monkeypatch.setenv("OPENWEIGHT_FAST", "0")
+    assert "OPENWEIGHT_FAST" in str(unsupported_reason(model, "cpu"))
+
+
+def test_engine_uses_it_and_can_do_without(tiny_model: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    unload_all()
+    lm = load_model(tiny_model)
+    assert lm.fast is not None and lm.fast_off_reason is None
+    client = Client(str(tiny_model))
+    fast = client.chat(HI, max_tokens=12, temperature=0)
+    assert fast.usage.completion_tokens > 0
+    monkeypatch.setenv("OPENWEIGHT_FAST", "0")
+    unload_all()
+    lm = load_model(tiny_model)
+    assert lm.fast is None and "OPENWEIGHT_FAST" in str(lm.fast_off_reason)
+    slow = Client(str(tiny_model)).chat(HI, max_tokens=12, temperature=0)
+    assert slow.usage.completion_tokens > 0
+    unload_all()
+
+
+def test_sampling_settings_are_honoured(tiny_model: Path) -> None:
+    client = Client(str(tiny_model))
+    greedy = client.chat(HI, max_tokens=16, temperature=0).text
+    # top_k=1 keeps only the most likely token: sampling then is greedy
+    assert client.chat(HI, max_tokens=16, temperature=1.5, top_k=1, seed=3).text == greedy
+    a = client.chat(HI, max_tokens=16, temperature=1.5, seed=7).text
+    assert a == client.chat(HI, max_tokens=16, temperature=1.5, seed=7).text
+    others = {client.chat(HI, max_tokens=16, temperature=1.5, seed=s).text for s in range(4)}
+    assert len(others) > 1  # seeds matter
+    penalised = client.chat(HI, max_tokens=16, temperature=0, repetition_penalty=5.0).text
+    assert penalised != greedy
+
+
+def test_prefix_cache_holds_fast_caches(tiny_model: Path) -> None:
+    client = Client(str(tiny_model))
+    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm.prefix_cache.clear()
+    first = client.chat(HI, max_tokens=24, temperature=0)
+    history = [*HI, {"role": "assistant", "content": first.text},
+               {"role": "user", "content": "and then?"}]
+    hits = lm.prefix_cache.hits
+    cached = client.chat(history, max_tokens=24, temperature=0).text
+    assert lm.prefix_cache.hits == hits + 1
+    assert all(isinstance(held, FastCache) for _, held in lm.prefix_cache._entries.values())
+    lm.prefix_cache.clear()
+    assert client.chat(history, max_tokens=24, temperature=0).text == cached
+
+
+def test_closing_mid_stream_returns_the_cache(tiny_model: Path) -> None:
+    client = Client(str(tiny_model))
+    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm.prefix_cache.clear()
+    stream = client.stream(HI * 3, max_tokens=200, temperature=0)
+    next(iter(stream))
+    stream.close()
+    assert len(lm.prefix_cache) == 1  # the partial conversation is kept for reuse
