@@ -173,7 +173,8 @@ def options_class() -> type[llm.Options]:
             None, description=f"Weight dtype of a local model: {', '.join(DTYPES)}")),
         quantize=(str | None, Field(
             None, description="Weight-only quantisation of a local model on the CPU: "
-            f"{', '.join(QUANTIZE)} (faster decoding, a little less accuracy)")),
+            f"{', '.join(QUANTIZE)} (default auto: int4 for 4-bit GGUF sources, else int8 "
+            "on a CPU, none on a GPU)")),
         remote=(str | None, Field(
             None, description="Base URL of an OpenAI-compatible server to use instead of this "
             "machine, e.g. http://HOST:8000/v1 (default: `llm openweight remote`)")),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from openweight import Client, InvalidRequestError
+from openweight.local.loader import resolve_quantize, source_bits
 from openweight.local.quantize import quantize_model
 
 HI = [{"role": "user", "content": "hi there"}]
@@ -26,7 +27,7 @@ def test_quantized_tiny_model_generates(tiny_model: Path, mode: str) -> None:
     assert "Int8Linear" in kinds  # the output layer (and int4's fallback) is int8
     if mode == "int4":
         assert "Int4Linear" in kinds
-    plain = Client(str(tiny_model))._get_backend().loaded  # type: ignore[attr-defined]
+    plain = Client(str(tiny_model), quantize="none")._get_backend().loaded  # type: ignore[attr-defined]
     assert plain is not lm and plain.quantize == "none"
 
 
@@ -60,6 +61,30 @@ def test_one_layer_matches_its_float_weights(mode: str, tolerance: float) -> Non
     assert float((got - ref).norm() / ref.norm()) < tolerance
 
 
+def test_auto_resolves_by_device_family_and_source(tiny_model: Path, tiny_gpt_oss: Path,
+                                                  tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    assert resolve_quantize(None, "cpu", tiny_model) == "int8"  # full-precision source
+    assert resolve_quantize("AUTO", "cpu", tiny_model) == "int8"
+    assert resolve_quantize("none", "cpu", tiny_model) == "none"
+    assert resolve_quantize("auto", "cuda", tiny_model) == "none"  # GPUs have the bandwidth
+    assert resolve_quantize("auto", "cpu", tiny_gpt_oss) == "none"  # no fast path for it
+    four_bit = tmp_path / "from-q4-gguf"
+    shutil.copytree(tiny_model, four_bit)
+    config = json.loads((four_bit / "config.json").read_text())
+    config["openweight_source_bits"] = 4
+    (four_bit / "config.json").write_text(json.dumps(config))
+    assert source_bits(four_bit) == 4 and source_bits(tiny_model) is None
+    assert resolve_quantize(None, "cpu", four_bit) == "int4"
+    lm = Client(str(four_bit))._get_backend().loaded  # type: ignore[attr-defined]
+    assert lm.quantize == "int4"
+    with pytest.raises(InvalidRequestError, match="quantize 'int3'") as info:
+        resolve_quantize("int3", "cpu", tiny_model)
+    assert info.value.param == "quantize"
+
+
 def test_bad_quantize_values(tiny_model: Path) -> None:
     with pytest.raises(InvalidRequestError, match="quantize 'int3'"):
         Client(str(tiny_model), quantize="int3")
@@ -68,7 +93,7 @@ def test_bad_quantize_values(tiny_model: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+@pytest.mark.parametrize("mode", ["auto", "none", "int8", "int4"])
 def test_every_setting_still_answers_paris(smollm2_home: Path, monkeypatch: pytest.MonkeyPatch,
                                            mode: str) -> None:
     monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))

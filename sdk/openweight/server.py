@@ -683,7 +683,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "$OPENWEIGHT_API_KEY, else none)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (default: auto)")
-    p.add_argument("--quantize", help="none, int8 or int4 weight-only quantisation of the "
-                   "Linear layers (default: none)")
+    p.add_argument("--quantize", help="auto, none, int8 or int4 weight-only quantisation of "
+                   "the Linear layers (default: auto, see README Performance)")
     p.set_defaults(func=cmd_serve)
     return p

@@ -87,6 +87,33 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
     return "bfloat16" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "float32"
 
 
+def source_bits(path: Path) -> int | None:
+    """Bits per weight of the file the model was converted from (a GGUF's quantisation,
+    recorded by ``openweight pull``), or None when it came as full-precision weights."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    value = config.get("openweight_source_bits")
+    return int(value) if isinstance(value, int | float) else None
+
+
+def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
+    """``auto`` (the default): on a CPU, Llama-style models get int4 when their weights came
+    from a 4-bit GGUF (nothing more is lost) and int8 otherwise; elsewhere ``none``."""
+    from .fast import SUPPORTED_TYPES
+    from .quantize import QUANTIZE
+
+    quant = (quantize or "auto").lower()
+    if quant not in QUANTIZE:
+        raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one of "
+                                  f"{', '.join(QUANTIZE)}", param="quantize")
+    if quant != "auto":
+        return quant
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if device != "cpu" or config.get("model_type") not in SUPPORTED_TYPES:
+        return "none"
+    bits = source_bits(path)
+    return "int4" if bits is not None and bits <= 4 else "int8"
+
+
 def check_model_dir(path: Path) -> None:
     """Fail with the name of the file that is missing or corrupt, before torch sees it."""
     if not path.exists():
@@ -193,20 +220,17 @@ def load_model(
     quantize: str | None = None,
 ) -> LoadedModel:
     """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised."""
-    from .quantize import QUANTIZE, quantize_model
+    from .quantize import quantize_model
 
     path = Path(path).expanduser().resolve()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    quant = (quantize or "none").lower()
-    if quant not in QUANTIZE:
-        raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one of "
-                                  f"{', '.join(QUANTIZE)}")
+    check_model_dir(path)
+    quant = resolve_quantize(quantize, dev, path)
     key = (str(path), dev, dt, quant)
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-        check_model_dir(path)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

@@ -13,7 +13,7 @@ from ..errors import InvalidRequestError
 
 __all__ = ["INT4_GROUP", "QUANTIZE", "quantize_model"]
 
-QUANTIZE = ("none", "int8", "int4")
+QUANTIZE = ("auto", "none", "int8", "int4")
 INT4_GROUP = 32
 
 
@@ -81,7 +81,7 @@ def quantize_model(model: Any, mode: str, device: str) -> int:
     """Replace every Linear layer in place; returns how many were quantised."""
     if mode == "none":
         return 0
-    if mode not in QUANTIZE:
+    if mode not in QUANTIZE or mode == "auto":  # auto is resolved by the loader
         raise InvalidRequestError(f"quantize {mode!r} is not supported; use one of "
                                   f"{', '.join(QUANTIZE)}")
     if device != "cpu":

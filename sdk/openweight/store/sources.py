@@ -172,6 +172,25 @@ def check_gguf(path: Path) -> None:
                                   "give a .gguf file or a model directory")
 
 
+def gguf_bits(gguf: Path) -> int | None:
+    """Bits per weight of a GGUF file's quantisation (``MOSTLY_Q4_1`` -> 4), if it says."""
+    import re
+
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        field = GGUFReader(str(gguf)).fields.get("general.file_type")
+        if field is None:
+            return None
+        name = LlamaFileType(int(field.parts[field.data[0]][0])).name
+    except Exception:  # an unknown file type or an old writer: not worth failing a pull
+        return None
+    found = re.search(r"I?Q(\d)", name)
+    if found:
+        return int(found.group(1))
+    return 16 if "F16" in name else 32 if "F32" in name else None
+
+
 def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     """Dequantise a GGUF file with transformers and save it as a safetensors model dir."""
     check_gguf(gguf)
@@ -193,6 +212,8 @@ def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # what the weights were: quantize="auto" packs a 4-bit source back to 4 bits
+    model.config.openweight_source_bits = gguf_bits(gguf)
     model.save_pretrained(str(dest))
     tokenizer.save_pretrained(str(dest))
     if progress:
