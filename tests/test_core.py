@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -222,31 +223,53 @@ def test_threads_match_sequential(tiny_model: Path) -> None:
     assert [results[i] for i in range(len(prompts))] == sequential
 
 
-def _generation_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "openweight-generate" and t.is_alive()]
+@pytest.fixture(params=["fast", "generate"])
+def either_path(request: pytest.FixtureRequest, tiny_model: Path,
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
+    """A client on the fast decode path, or on transformers' generate."""
+    from openweight.local import unload_all
 
-
-def test_closing_stream_stops_worker(tiny_model: Path) -> None:
+    if request.param == "generate":
+        monkeypatch.setenv("OPENWEIGHT_FAST", "0")
+    unload_all()
     client = Client(str(tiny_model))
-    stream = client.stream(HI, max_tokens=200, temperature=0)
+    assert (client._get_backend().loaded.fast is None) == (request.param == "generate")  # type: ignore[attr-defined]
+    yield client
+    unload_all()
+
+
+def _model_thread_free() -> bool:
+    """The model thread takes new work within a second (no generation left running)."""
+    from openweight.local import worker
+
+    try:
+        worker.submit(lambda: None).result(timeout=1)
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_closing_stream_stops_generating(either_path: Client) -> None:
+    client = either_path
+    stream = client.stream(HI, max_tokens=1000, temperature=0)
     first = next(stream)
     assert first.finish_reason is None
     stream.close()
-    assert not _generation_threads()
+    assert _model_thread_free()
     # the model is free again at once
     assert client.chat(HI, max_tokens=2).usage.completion_tokens == 2
 
 
-def test_abandoned_stream_stops_worker(tiny_model: Path) -> None:
-    client = Client(str(tiny_model))
-    stream = client.stream(HI, max_tokens=200, temperature=0)
+def test_abandoned_stream_stops_generating(either_path: Client) -> None:
+    client = either_path
+    stream = client.stream(HI, max_tokens=1000, temperature=0)
     next(stream)
     del stream
     gc.collect()
     deadline = time.monotonic() + 10
-    while _generation_threads() and time.monotonic() < deadline:
+    while not _model_thread_free() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _generation_threads()
+    assert _model_thread_free()
 
 
 def test_worker_exception_surfaces_as_generation_error(
@@ -299,10 +322,7 @@ async def test_async_stream_close(tiny_model: Path) -> None:
     async with client.stream(HI, max_tokens=200, temperature=0) as stream:
         async for _ in stream:
             break
-    deadline = time.monotonic() + 10
-    while _generation_threads() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert not _generation_threads()
+    assert await asyncio.to_thread(_model_thread_free)
 
 
 async def test_async_bad_option_raises_at_call(tiny_model: Path) -> None:

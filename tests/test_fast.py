@@ -171,3 +171,36 @@ def test_closing_mid_stream_returns_the_cache(tiny_model: Path) -> None:
     next(iter(stream))
     stream.close()
     assert len(lm.prefix_cache) == 1  # the partial conversation is kept for reuse
+
+
+def test_model_thread_runs_the_work_and_hands_back_errors() -> None:
+    import threading
+
+    from openweight.local import worker
+
+    names = {worker.call(lambda: threading.current_thread().name) for _ in range(3)}
+    assert names == {worker.NAME}
+    assert worker.call(lambda: worker.call(lambda: 41) + 1) == 42  # nested: runs inline
+    with pytest.raises(ZeroDivisionError):
+        worker.call(lambda: 1 // 0)
+    assert worker.call(lambda: "still alive") == "still alive"
+
+
+def test_streams_from_many_threads_interleave_and_match(tiny_model: Path) -> None:
+    import threading
+
+    client = Client(str(tiny_model))
+    prompts = [[{"role": "user", "content": f"story number {i}"}] for i in range(4)]
+    alone = [client.chat(p, max_tokens=20, temperature=0).text for p in prompts]
+    together: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        together[i] = "".join(c.text for c in client.stream(prompts[i], max_tokens=20,
+                                                            temperature=0))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [together[i] for i in range(4)] == alone

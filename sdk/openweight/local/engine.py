@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import GenerationError, InvalidRequestError, OpenWeightError
 from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
 from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
+from . import worker
 from .decode import StopMatcher
 from .loader import LoadedModel, load_model
 from .parsers import Delta, JsonCallParser, OutputParser, PlainParser
@@ -87,7 +88,8 @@ class LocalEngine:
     def loaded(self) -> LoadedModel:
         """The model, loaded on first use and shared through the process-wide cache."""
         if self._loaded is None:
-            self._loaded = load_model(self.path, self._device, self._dtype, self._quantize)
+            path, device, dtype, quantize = self.path, self._device, self._dtype, self._quantize
+            self._loaded = worker.call(lambda: load_model(path, device, dtype, quantize))
         return self._loaded
 
     @property
@@ -341,7 +343,7 @@ def _fast_source(lm: LoadedModel, prompt: list[int], max_new: int,
 
 def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
                     options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
-    """transformers' ``generate`` on a worker thread, one model at a time."""
+    """transformers' ``generate`` on the model thread, streaming through a queue."""
     import torch
     from transformers import Cache
 
@@ -381,17 +383,15 @@ def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
         finally:
             tokens.put(_DONE)
 
-    worker = threading.Thread(target=work, name="openweight-generate", daemon=True)
-
     def generated() -> Iterator[int]:
-        worker.start()
+        job = worker.submit(work)
         try:
             while True:
                 try:
                     item = tokens.get(timeout=POLL_SECONDS)
                 except queue.Empty:
-                    if not worker.is_alive() and tokens.empty():
-                        raise GenerationError("the generation thread ended without a "
+                    if job.done() and tokens.empty():
+                        raise GenerationError("the generation job ended without a "
                                               "result") from None
                     continue
                 if item is _DONE:
@@ -402,9 +402,9 @@ def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
                 assert isinstance(item, int)
                 yield item
         finally:
-            cancel.set()
-            if worker.is_alive():
-                worker.join(timeout=30)
+            cancel.set()  # generate() stops at its next token
+            with contextlib.suppress(Exception):
+                job.result(timeout=30)
 
     return generated()
 

@@ -345,28 +345,42 @@ class _Sampler:
 
 def fast_tokens(lm: Any, prompt: list[int], max_new: int, settings: dict[str, Any],
                 processors: list[Any], seed: int | None, cancel: Any) -> Iterator[int]:
-    """Generated token ids, decoded on the calling thread; the prompt's KV cache is taken
-    from (and, with what was generated, returned to) the model's prefix cache."""
+    """Generated token ids. Each step runs on the model thread (see ``worker``); the
+    prompt's KV cache is taken from (and, with what was generated, returned to) the model's
+    prefix cache."""
     import torch
+
+    from . import worker
 
     fast: FastModel = lm.fast
     cache, reused = lm.prefix_cache.take(prompt, kind=FastCache)
-    if cache is None:
-        cache, reused = fast.new_cache(len(prompt) + max_new), 0
-    cache.reserve(len(prompt) + max_new)
-    sampler = _Sampler(settings, processors, seed, prompt, max_new)
+    sampler: _Sampler | None = None
+
+    def first() -> int:
+        nonlocal cache, sampler
+        if cache is None:
+            cache = fast.new_cache(len(prompt) + max_new)
+        cache.reserve(len(prompt) + max_new)
+        sampler = _Sampler(settings, processors, seed, prompt, max_new)
+        with torch.inference_mode():
+            return sampler.pick(fast.forward(prompt[reused:], cache))
+
+    def step(token: int) -> int:
+        assert sampler is not None and cache is not None
+        with torch.inference_mode():
+            return sampler.pick(fast.forward([token], cache))
+
     generated: list[int] = []
     try:
-        with torch.inference_mode():
-            logits = fast.forward(prompt[reused:], cache)
-        while not cancel.is_set():
-            token = sampler.pick(logits)
+        if cancel.is_set():
+            return
+        token = worker.call(first)
+        while True:
             generated.append(token)
             yield token
             if token in lm.eos_ids or len(generated) >= max_new or cancel.is_set():
                 return
-            with torch.inference_mode():
-                logits = fast.forward([token], cache)
+            token = worker.call(lambda: step(generated[-1]))
     finally:
-        held = (prompt + generated)[: cache.length]
-        lm.prefix_cache.put(held, cache)
+        if cache is not None:
+            lm.prefix_cache.put((prompt + generated)[: cache.length], cache)
