@@ -106,7 +106,7 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
         dtype = scales.dtype
 
         def int8(x: Any) -> Any:
-            out = torch._weight_int8pack_mm(x.to(dtype), weight, scales)
+            out = torch._weight_int8pack_mm(x.to(dtype).contiguous(), weight, scales)
             return out if bias is None else out + bias
 
         return int8
@@ -115,7 +115,7 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
     scale_zero = torch.cat([m.scale_zero for m in modules], dim=1)
 
     def int4(x: Any) -> Any:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight,
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), weight,
                                                          INT4_GROUP, scale_zero)
         return out if bias is None else out + bias
 
@@ -123,27 +123,31 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
 
 
 class FastCache:
-    """One request's KV cache: float32 keys and values for every layer and position.
+    """One request's KV cache: float32 keys and values, one [1, kv_heads, capacity, head_dim]
+    tensor per layer.
 
     ``get_seq_length`` and ``crop`` match transformers' cache API, so the prefix cache can
     hold these too.
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int) -> None:
+        self._shape = (1, kv_heads, _round(capacity), head_dim)
+        self.k = self._alloc(layers)
+        self.v = self._alloc(layers)
+        self.length = 0
+
+    def _alloc(self, layers: int) -> list[Any]:
         import torch
 
-        shape = (layers, kv_heads, _round(capacity), head_dim)
-        self.k = torch.zeros(shape)
-        self.v = torch.zeros(shape)
-        self.length = 0
+        return [torch.zeros(self._shape) for _ in range(layers)]
 
     @property
     def capacity(self) -> int:
-        return int(self.k.shape[2])
+        return self._shape[2]
 
     @property
     def nbytes(self) -> int:
-        return int(self.k.numel() * self.k.element_size() * 2)
+        return sum(int(t.numel() * t.element_size()) for t in (*self.k, *self.v))
 
     def get_seq_length(self) -> int:
         return self.length
@@ -156,27 +160,44 @@ class FastCache:
         """Make room for ``total`` positions, keeping what is held."""
         if total <= self.capacity:
             return
-        import torch
-
-        layers, heads, _, dim = self.k.shape
-        k = torch.zeros((layers, heads, _round(total), dim))
-        v = torch.zeros_like(k)
-        k[:, :, : self.length] = self.k[:, :, : self.length]
-        v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
+        old_k, old_v, held = self.k, self.v, self.length
+        self._shape = (*self._shape[:2], _round(total), self._shape[3])
+        self.k, self.v = self._alloc(len(old_k)), self._alloc(len(old_v))
+        for new, old in zip((*self.k, *self.v), (*old_k, *old_v), strict=True):
+            new[:, :, :held] = old[:, :, :held]
 
 
 def _round(n: int) -> int:
     return max(CAPACITY_STEP, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
 
 
+class _Norm:
+    """RMSNorm as one fused layer_norm: the layer norm of [x, -x] (mean 0, variance mean(x²))
+    is x / rms(x) in its first half. Exact, and half the time of PyTorch's rms_norm on a
+    CPU, which runs as eight separate operations."""
+
+    def __init__(self, norm: Any) -> None:
+        import torch
+
+        weight = norm.weight.detach()
+        self.size = int(weight.shape[0])
+        self.weight = torch.cat([weight, weight])
+        self.eps = _eps(norm)
+
+    def __call__(self, x: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        both = torch.cat([x, -x], -1)
+        return F.layer_norm(both, (2 * self.size,), self.weight, None, self.eps)[
+            ..., : self.size]
+
+
 class _Layer:
     def __init__(self, layer: Any, heads: int, kv_heads: int, head_dim: int) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.norm1 = layer.input_layernorm.weight.detach()
-        self.eps1 = _eps(layer.input_layernorm)
-        self.norm2 = layer.post_attention_layernorm.weight.detach()
-        self.eps2 = _eps(layer.post_attention_layernorm)
+        self.norm1 = _Norm(layer.input_layernorm)
+        self.norm2 = _Norm(layer.post_attention_layernorm)
         self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         self.o = _fuse([attn.o_proj])
         self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
@@ -184,7 +205,7 @@ class _Layer:
         self.scaling = float(attn.scaling)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.qk_norm = None if q_norm is None or k_norm is None else (
-            q_norm.weight.detach(), k_norm.weight.detach(), _eps(q_norm))
+            _Norm(q_norm), _Norm(k_norm))
         self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
 
 
@@ -209,10 +230,9 @@ class FastModel:
         self.layers = [_Layer(layer, self.heads, self.kv_heads, self.head_dim)
                        for layer in inner.layers]
         self.embed = inner.embed_tokens
-        self.norm = inner.norm.weight.detach()
-        self.eps = _eps(inner.norm)
+        self.norm = _Norm(inner.norm)
         self.lm_head = model.get_output_embeddings()
-        self.dtype = self.norm.dtype
+        self.dtype = inner.norm.weight.dtype
         self._rotary = inner.rotary_emb
         self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
         self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
@@ -237,7 +257,7 @@ class FastModel:
         return self._cos[start:end], self._sin[start:end]
 
     def forward(self, ids: Sequence[int], cache: FastCache) -> Any:
-        """Run ``ids`` after what ``cache`` holds; returns float32 logits of the last one."""
+        """Run ``ids`` after what ``cache`` holds; returns the logits of the last one."""
         import torch
         import torch.nn.functional as F
 
@@ -253,34 +273,32 @@ class FastModel:
                     <= torch.arange(pos, end).unsqueeze(1))
         x = self.embed(torch.tensor(ids))
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, (self.hidden,), layer.norm1, layer.eps1)
-            qkv = layer.qkv(h)
+            qkv = layer.qkv(layer.norm1(x))
             if layer.qk_norm is None:
                 qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim).transpose(0, 1)
                 qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * sin
                 q, k = qk[:heads], qk[heads:]
             else:
-                q_w, k_w, eps = layer.qk_norm
+                q_norm, k_norm = layer.qk_norm
                 q_raw, k_raw, _ = qkv.split(layer.split, -1)
-                q = F.rms_norm(q_raw.view(count, heads, dim), (dim,), q_w, eps).transpose(0, 1)
-                k = F.rms_norm(k_raw.view(count, kv, dim), (dim,), k_w, eps).transpose(0, 1)
+                q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
+                k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
                 q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
                 k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
-            cache.k[i, :, pos:end] = k
-            cache.v[i, :, pos:end] = qkv[:, (heads + kv) * dim:].view(count, kv, dim) \
+            keys, values = cache.k[i], cache.v[i]
+            keys[0, :, pos:end] = k
+            values[0, :, pos:end] = qkv[:, (heads + kv) * dim:].view(count, kv, dim) \
                 .transpose(0, 1)
             o = F.scaled_dot_product_attention(
-                q.float().unsqueeze(0), cache.k[i:i + 1, :, :end], cache.v[i:i + 1, :, :end],
+                q.float().unsqueeze(0), keys[:, :, :end], values[:, :, :end],
                 attn_mask=mask, is_causal=count > 1 and mask is None, scale=layer.scaling,
                 enable_gqa=heads != kv,
             )
             x = x + layer.o(o[0].transpose(0, 1).reshape(count, heads * dim).to(x.dtype))
-            h = F.rms_norm(x, (self.hidden,), layer.norm2, layer.eps2)
-            gate, up = layer.gate_up(h).chunk(2, -1)
+            gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
         cache.length = end
-        last = F.rms_norm(x[-1:], (self.hidden,), self.norm, self.eps)
-        return self.lm_head(last).float()
+        return self.lm_head(self.norm(x[-1:]))
 
 
 class _Sampler:
@@ -329,14 +347,15 @@ class _Sampler:
         import torch
 
         if self.steps:
+            logits = logits.float()
             seq = self.ids[: self.length].unsqueeze(0)
             for step in self.steps:
                 logits = step(seq, logits)
         if self.sample:
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits.float(), dim=-1)
             token = int(torch.multinomial(probs[0], 1, generator=self.generator))
-        else:
-            token = int(logits[0].argmax())
+        else:  # max is several times faster than argmax on a CPU
+            token = int(logits[0].max(-1).indices)
         if self.length < self.ids.shape[0]:
             self.ids[self.length] = token
             self.length += 1
