@@ -249,16 +249,30 @@ def _write_record(path: Path, data: dict[str, Any]) -> None:
 
 # -- processes --------------------------------------------------------------------------------
 
-_children: list[subprocess.Popen[bytes]] = []
+class _Daemon(subprocess.Popen[bytes]):
+    """A daemon this process started. It may outlive this process (that is what it is for):
+    dropped while it still runs, at exit, it is left running, with no ResourceWarning and
+    no wait; dropped after it has exited, its exit status is collected."""
+
+    def __del__(self) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(Exception):
+                self.poll()  # collect it if it has exited; never wait
+
+
+_children: list[_Daemon] = []
 
 
 def _reap() -> None:
-    """Collect daemons this process started that have exited (no zombies left behind)."""
+    """Collect the exit status of daemons this process started that have exited (no
+    zombies left behind); those still running are kept, to be collected later."""
     _children[:] = [p for p in _children if p.poll() is None]
 
 
 def _alive(pid: int) -> bool:
     _reap()
+    if any(child.pid == pid for child in _children):
+        return True  # our own, and poll() has just said it runs (an exited one is collected)
     from .store.sources import pid_alive
 
     if not pid_alive(pid):
@@ -292,6 +306,7 @@ def _terminate(pids: list[tuple[int, str]], grace: float = STOP_GRACE) -> None:
         while any(_alive(pid) for pid, _ in pids) and time.monotonic() < deadline:
             time.sleep(POLL)
         grace = 5.0
+    _reap()  # those that were ours and have exited: their exit status, collected
 
 
 def _rss_of(pid: int) -> int | None:
@@ -401,8 +416,8 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> 
     env[KEEP_ALIVE_ENV] = "0"  # it runs the model itself: never through another daemon
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env,
-                                cwd=run, start_new_session=True, close_fds=True)
+        proc = _Daemon(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env, cwd=run,
+                       start_new_session=True, close_fds=True)
     finally:
         os.close(fd)
     _children.append(proc)
