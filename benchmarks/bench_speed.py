@@ -29,6 +29,14 @@ STORY = "Write a long, detailed story about a dragon who learns to cook."
 LONG = ("Summarise the following notes in one sentence.\n" + " ".join(
     f"Note {i}: the river rose by {i % 7} centimetres near the old mill." for i in range(40)))
 
+# For the quality column: openweight's perplexity on it, per quantize setting.
+TEXT = ("The river Thames flows through southern England, past Oxford and through London, "
+        "before it reaches the North Sea. For centuries it carried goods and people, and "
+        "the city grew along its banks. Today its water is cleaner than it has been for "
+        "two hundred years, and seals and porpoises are seen again near the estuary. "
+        "Boats still take visitors from Westminster to Greenwich, where the old naval "
+        "college stands beside the park and the observatory on the hill.")
+
 # One measurement in a fresh process; prints a JSON object.
 OPENWEIGHT_CHILD = r"""
 import json, os, resource, sys, time
@@ -52,8 +60,15 @@ prefill = p / (f - s)
 s, f, e, n, p = run(STORY, 128)
 decode = (n - 1) / (e - f) if n > 1 else 0.0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# quality: perplexity of a fixed English text through the (quantised) model
+import torch
+lm = client._get_backend().loaded
+ids = torch.tensor([lm.tokenizer(TEXT)["input_ids"]])
+with torch.inference_mode():
+    ppl = float(torch.exp(lm.model(ids, labels=ids).loss))
 print(json.dumps({"load_s": load, "ttft_s": f - s, "prefill_tps": prefill,
-                  "decode_tps": decode, "decode_tokens": n, "peak_mb": peak}))
+                  "decode_tps": decode, "decode_tokens": n, "peak_mb": peak,
+                  "perplexity": ppl}))
 """
 
 LLAMA_CHILD = r"""
@@ -113,7 +128,7 @@ print(json.dumps(ttft))
 
 
 def child(code: str, *args: str, env: dict[str, str]) -> object:
-    prelude = f"import os\nLONG = {LONG!r}\nSTORY = {STORY!r}\n"
+    prelude = f"import os\nLONG = {LONG!r}\nSTORY = {STORY!r}\nTEXT = {TEXT!r}\n"
     done = subprocess.run([sys.executable, "-c", prelude + code, *args], env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -172,6 +187,8 @@ def report(results: dict[str, list[dict[str, float]]], turns: dict[str, object],
     lines = [f"Medians of {runs} runs, SmolLM2-135M-Instruct, {os.cpu_count()} CPU threads.",
              "", "| engine | " + " | ".join(m[0] for m in metrics) + " |",
              "|---" * (len(metrics) + 1) + "|"]
+    lines[2] += " perplexity |"
+    lines[3] += "---|"
     for name, rows in results.items():
         cells = []
         for _, key, _higher in metrics:
@@ -179,9 +196,12 @@ def report(results: dict[str, list[dict[str, float]]], turns: dict[str, object],
             ratio = value / median_of(base, key) if name != "llama.cpp" else 1.0
             cells.append(f"{value:.2f} ({ratio:.2f}x)" if value < 100 else
                          f"{value:.0f} ({ratio:.2f}x)")
+        cells.append(f"{median_of(rows, 'perplexity'):.2f}" if "perplexity" in rows[0] else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Ratios are openweight / llama.cpp (higher is better for tok/s, lower for "
-              "times and memory).", "", "Time to first token per chat turn (s):", "",
+              "times and memory). Perplexity: of a fixed 90-token English text (lower is "
+              "better), the quality cost of each quantize setting.", "",
+              "Time to first token per chat turn (s):", "",
               "| turn | prompt tokens | with prefix cache | without |", "|---|---|---|---|"]
     on, off = turns["on"], turns["off"]
     assert isinstance(on, list) and isinstance(off, list)
