@@ -5,10 +5,11 @@ report gives medians and ratios:
 
 - ``cold``: ``llm -m openweight PROMPT -o max_tokens 16`` with ``OPENWEIGHT_KEEP_ALIVE=0``:
   the process imports torch and loads the model itself.
-- ``first``: no daemon runs; one process calls ``ensure_daemon()`` (start the
-  daemon, wait for the model), then runs llm's CLI against it.
-- ``warm``: a daemon runs; one process calls ``ensure_daemon()`` (finds it, checks it,
-  resets its idle clock) and runs llm's CLI against it: the second and later calls.
+- ``first``: plain ``llm -m openweight PROMPT -o max_tokens 16`` (keep-alive on, the
+  default) with no daemon running: the plugin starts the daemon, waits for the model and
+  sends the request there.
+- ``warm``: the same call with a daemon running: the plugin finds it, checks it, resets
+  its idle clock and sends the request there: the second and later calls.
 - ``warm, trio hidden``: ``warm`` with ``import trio`` made to fail. httpcore (under httpx,
   which the remote backend uses) imports trio whenever it is installed, ~80 ms on this
   machine; nothing llm or llm-openweight depends on pulls trio in, so this is the warm
@@ -21,15 +22,9 @@ report gives medians and ratios:
   same GGUF file). Its wheel is fetched with ``pip download`` and put on ``PYTHONPATH`` for
   those runs only: nothing is installed.
 
-Until the plugin starts daemons itself, the keep-alive ways run DRIVER: llm's CLI in one
-process, with the plugin's ``execute`` wrapped to do first what the plugin will do
-(``ensure_daemon()``, then point ``OPENWEIGHT_BASE_URL``/``OPENWEIGHT_API_KEY`` at the
-daemon, which the plugin already honours). Once the plugin does it itself, ``--wired`` times plain
-``llm -m openweight`` for the first and warm calls.
-
 Targets: warm / llama.cpp <= 1.0, and the first call with keep-alive / cold <= 1.0.
 
-    python benchmarks/bench_keepalive.py [--runs 5] [--home STORE] [--check] [--wired]
+    python benchmarks/bench_keepalive.py [--runs 5] [--home STORE] [--check]
 
 This machine has 2 shared cores: run it alone. The report ends with how long tasks waited
 for a CPU during the run; above 25% the numbers are not worth keeping.
@@ -52,25 +47,6 @@ from pathlib import Path
 PROMPT = "What is the capital of France? Answer in one sentence."
 OW_ARGS = ["-m", "openweight", PROMPT, "-o", "max_tokens", "16"]
 PEER_ARGS = ["-m", "SmolLM2", PROMPT]
-
-DRIVER = r"""
-import functools, os, sys
-from llm.cli import cli
-import llm_openweight.models
-from openweight import daemon
-
-model_class = llm_openweight.models.OpenWeight
-execute = model_class.execute
-
-@functools.wraps(execute)
-def wired(self, *args, **kwargs):  # where the plugin will do it: when a prompt runs
-    os.environ["OPENWEIGHT_BASE_URL"], os.environ["OPENWEIGHT_API_KEY"] = (
-        daemon.ensure_daemon(None))
-    return execute(self, *args, **kwargs)
-
-model_class.execute = wired
-cli.main(sys.argv[1:], prog_name="llm")
-"""
 
 WAYS = ["cold", "first", "warm", "warm, trio hidden", "warm (env)", "warm, 1 token",
         "llama.cpp"]
@@ -129,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", help="an openweight store holding smollm2-135m (default: "
                         "a temp store, converted from the wheel's GGUF first)")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--wired", action="store_true",
-                        help="the plugin starts daemons itself: time plain `llm` calls")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -151,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         base.update(OPENWEIGHT_HOME=str(home), OPENWEIGHT_OFFLINE="1",
                     LLM_USER_PATH=str(tmp / "llm"))
         llm = llm_command()
-        ow = [*llm] if args.wired else [sys.executable, "-c", DRIVER]
         cold_env = {**base, "OPENWEIGHT_KEEP_ALIVE": "0"}
         peer_env = {**base, "PYTHONPATH": str(plugin)}
         (tmp / "notrio" / "trio").mkdir(parents=True)
@@ -176,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 print(f"round {i + 1}/{args.runs}", file=sys.stderr, flush=True)
                 daemon.stop_daemons()
-                record("first", [*ow, *OW_ARGS], base)
+                record("first", [*llm, *OW_ARGS], base)
                 for _ in range(2):
-                    record("warm", [*ow, *OW_ARGS], base)
-                record("warm, trio hidden", [*ow, *OW_ARGS], notrio_env)
-                record("warm, 1 token", [*ow, *OW_ARGS[:-1], "1"], base)
+                    record("warm", [*llm, *OW_ARGS], base)
+                record("warm, trio hidden", [*llm, *OW_ARGS], notrio_env)
+                record("warm, 1 token", [*llm, *OW_ARGS[:-1], "1"], base)
                 url, key = daemon.ensure_daemon(None)
                 record("warm (env)", [*llm, *OW_ARGS],
                        {**base, "OPENWEIGHT_BASE_URL": url, "OPENWEIGHT_API_KEY": key})
