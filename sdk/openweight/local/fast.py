@@ -276,15 +276,15 @@ class FastModel:
             qkv = layer.qkv(layer.norm1(x))
             if layer.qk_norm is None:
                 qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim).transpose(0, 1)
-                qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * sin
+                qk = qk * cos + qk.roll(half, -1) * sin  # roll: [x2, x1]; sin carries the sign
                 q, k = qk[:heads], qk[heads:]
             else:
                 q_norm, k_norm = layer.qk_norm
                 q_raw, k_raw, _ = qkv.split(layer.split, -1)
                 q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
                 k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
-                q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
-                k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
+                q = q * cos + q.roll(half, -1) * sin
+                k = k * cos + k.roll(half, -1) * sin
             keys, values = cache.k[i], cache.v[i]
             keys[0, :, pos:end] = k
             values[0, :, pos:end] = qkv[:, (heads + kv) * dim:].view(count, kv, dim) \
