@@ -24,7 +24,18 @@ def _conversation(client: Client, turns: int, **options: Any) -> list[str]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_greedy_identical_with_and_without_cache(tiny_model: Path, dtype: str) -> None:
-    client = Client(str(tiny_model), dtype=dtype)
+    _check_identical(Client(str(tiny_model), dtype=dtype))
+
+
+@pytest.mark.slow
+def test_greedy_identical_on_the_default_model(smollm2_home: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real model on its default settings (int4, the fast path)."""
+    monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))
+    _check_identical(Client())
+
+
+def _check_identical(client: Client) -> None:
     lm = client._get_backend().loaded  # type: ignore[attr-defined]
     lm.prefix_cache.clear()
     hits_before = lm.prefix_cache.hits
