@@ -106,7 +106,8 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
         dtype = scales.dtype
 
         def int8(x: Any) -> Any:
-            out = torch._weight_int8pack_mm(x.to(dtype).contiguous(), weight, scales)
+            x = _prepared(x, dtype)
+            out = torch._weight_int8pack_mm(x, weight, scales)
             return out if bias is None else out + bias
 
         return int8
@@ -114,12 +115,22 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
 
     scale_zero = torch.cat([m.scale_zero for m in modules], dim=1)
 
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    bf16 = torch.bfloat16
+
     def int4(x: Any) -> Any:
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), weight,
-                                                         INT4_GROUP, scale_zero)
+        out = mm(_prepared(x, bf16), weight, INT4_GROUP, scale_zero)
         return out if bias is None else out + bias
 
     return int4
+
+
+def _prepared(x: Any, dtype: Any) -> Any:
+    """``x`` in ``dtype`` and contiguous, as the packed kernels want (no-op calls skipped:
+    each costs a dispatch, and a decode step makes thousands)."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 class FastCache:
@@ -286,15 +297,18 @@ class FastModel:
                 q = q * cos + q.roll(half, -1) * sin
                 k = k * cos + k.roll(half, -1) * sin
             keys, values = cache.k[i], cache.v[i]
-            keys[0, :, pos:end] = k
-            values[0, :, pos:end] = qkv[:, (heads + kv) * dim:].view(count, kv, dim) \
-                .transpose(0, 1)
+            keys.narrow(2, pos, count).copy_(k)
+            values.narrow(2, pos, count).copy_(
+                qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1))
             o = F.scaled_dot_product_attention(
-                q.float().unsqueeze(0), keys[:, :, :end], values[:, :, :end],
+                q.float().unsqueeze(0), keys.narrow(2, 0, end), values.narrow(2, 0, end),
                 attn_mask=mask, is_causal=count > 1 and mask is None, scale=layer.scaling,
                 enable_gqa=heads != kv,
             )
-            x = x + layer.o(o[0].transpose(0, 1).reshape(count, heads * dim).to(x.dtype))
+            # [1, heads, count, dim] -> [count, heads * dim] (a view when count is 1)
+            o = o.view(1, heads * dim) if count == 1 else \
+                o[0].transpose(0, 1).reshape(count, heads * dim)
+            x = x + layer.o(o.to(x.dtype))
             gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
             x = x + layer.down(F.silu(gate) * up)
         cache.length = end
