@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from contextlib import aclosing, suppress
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from .client import Client
+    from .local import LocalEngine
+    from .local.batching import Batching
 
 __all__ = ["ApiError", "add_serve_parser", "cmd_serve", "create_app"]
 
@@ -396,15 +398,56 @@ def _stop(it: Iterator[Chunk], idle: threading.Event) -> None:
         close()  # now it can run the generator's cleanup, which joins the thread
 
 
+# -- continuous batching: concurrent requests of a local model share decode steps ---------
+
+def _batching(enabled: bool | None) -> "Batching | None":
+    from .local.batching import Batching, batching_enabled
+
+    return Batching() if (batching_enabled() if enabled is None else enabled) else None
+
+
+def _local_engine(client: "Client", batch: "Batching | None") -> "LocalEngine | None":
+    """The client's engine when it runs the model in this process and batching is on."""
+    if batch is None:
+        return None
+    from .local import LocalEngine
+
+    backend = client._get_backend()
+    return backend if isinstance(backend, LocalEngine) else None
+
+
+def _open_chat(client: "Client", messages: list[Message], options: GenerationOptions,
+               batch: "Batching | None") -> Iterator[Chunk]:
+    engine = _local_engine(client, batch)
+    if engine is None or batch is None:
+        return client.stream(messages, **options.to_dict())
+    return engine.stream(messages, options, source=batch.source)
+
+
+def _open_completion(client: "Client", prompt: str, options: GenerationOptions,
+                     batch: "Batching | None") -> Iterator[Chunk]:
+    from .client import CHAT_ONLY_OPTIONS
+
+    engine = _local_engine(client, batch)
+    chat_only = any(options.to_dict().get(name) is not None for name in CHAT_ONLY_OPTIONS)
+    if engine is None or batch is None or chat_only:  # the client explains what is wrong
+        return client.stream_complete(prompt, **options.to_dict())
+    return engine.complete(prompt, options, source=batch.source)
+
+
 # -- the app ------------------------------------------------------------------------------
 
 def create_app(model: str | None = None, *, api_key: str | None = None,
                device: str | None = None, dtype: str | None = None,
-               quantize: str | None = None, preload: bool = True) -> "FastAPI":
+               quantize: str | None = None, preload: bool = True,
+               batching: bool | None = None) -> "FastAPI":
     """The FastAPI app serving ``model`` (default: the store's default model).
 
     ``preload`` loads the weights now and runs one token, so the first request is fast
-    and a broken model fails here rather than on a client.
+    and a broken model fails here rather than on a client. ``batching`` (default: on unless
+    OPENWEIGHT_BATCH=0) decodes concurrent requests of a local model together (see
+    ``openweight.local.batching``); its batchers start at the first request and stop with
+    the app (its lifespan) or ``app.state.batching.close()``.
     """
     import anyio
     import anyio.to_thread
@@ -420,6 +463,14 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     limiter = anyio.CapacityLimiter(GENERATION_THREADS)  # /health stays free when busy
     stopping = threading.Event()  # set on Ctrl-C: answers in flight end at their next token
 
+    @asynccontextmanager
+    async def lifespan(app: "FastAPI") -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if app.state.batching is not None:
+                await anyio.to_thread.run_sync(app.state.batching.close)
+
     async def in_thread(func: Callable[..., Any], *args: Any) -> Any:
         return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
 
@@ -433,7 +484,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                            "with the key the server was started with", code="invalid_api_key")
 
     app = FastAPI(title="openweight", summary="OpenAI-compatible API over local models",
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     @app.exception_handler(ApiError)
@@ -575,7 +626,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         client = await get_client(body)
         shape = Shape(client.model, include_usage)
         return await respond(request, stream, shape,
-                             lambda: client.stream(messages, **options.to_dict()), "messages")
+                             lambda: _open_chat(client, messages, options, app.state.batching),
+                             "messages")
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
@@ -586,12 +638,14 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         client = await get_client(body)
         shape = CompletionShape(client.model, include_usage)
         return await respond(request, stream, shape,
-                             lambda: client.stream_complete(prompt, **options.to_dict()),
+                             lambda: _open_completion(client, prompt, options,
+                                                      app.state.batching),
                              "prompt")
 
     app.include_router(v1)
     app.state.pool = pool
     app.state.stopping = stopping
+    app.state.batching = _batching(batching)  # read per request: None turns it off
     return app
 
 
@@ -656,7 +710,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 app.state.stopping.set()  # end streams now rather than wait for them
                 super().handle_exit(sig, frame)
 
-        config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="off",
+        config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on",
                                 timeout_graceful_shutdown=5)
         with suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
             Server(config).run(sockets=[sock])

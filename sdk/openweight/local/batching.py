@@ -1,0 +1,502 @@
+"""Continuous batching for the server: concurrent requests share each decode step.
+
+transformers' ``ContinuousBatchingManager`` does the batching: its scheduler admits
+requests, splits long prompts into chunks, gives every request pages of a paged KV cache
+(reusing the pages of a shared prefix), and streams each request's tokens as they come.
+What this module adds is the model it batches over, ``_BatchModel``: a thin
+``forward(**paged_attention_args)`` built from the fast CPU path's own layers (``fast.py``:
+fused projections, float32 attention), run on the model thread (``worker.py``). Each row is
+computed with the same operations as the single-stream path: the quantised matrix products
+are row-independent and attention runs per request, so a greedy answer is the same token
+for token whether it was decoded alone, beside seven others, or on the single-stream path.
+
+Sampling stays per request: each request gets the single-stream path's own sampler
+(temperature, top_p, top_k, min_p, repetition penalty and its own seeded generator), picked
+inside the forward, and hands the manager a one-hot row to take the argmax of.
+
+``Batching.source`` is a ``TokenSource`` (see ``engine.py``): requests it cannot batch (a
+json_schema, a model the fast path does not take, a GPU, a request longer than the batch
+cache) go to the engine's ``default_source`` unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import GenerationError
+from ..options import GenerationOptions
+from . import worker
+from .loader import LoadedModel
+
+__all__ = ["BATCH_ENV", "Batching", "batching_enabled"]
+
+BATCH_ENV = "OPENWEIGHT_BATCH"  # "0" turns batching off
+KV_ENV = "OPENWEIGHT_BATCH_KV_MB"  # memory for the batch's KV cache
+DEFAULT_KV_MB = 1024
+PAGE_SIZE = 512  # tokens per cache page: a request in one page is read in place
+MAX_BATCH_TOKENS = 512  # tokens per step: longer prompts are prefilled in chunks
+MAX_REQUESTS = 32  # requests decoded together in one step
+POLL_SECONDS = 0.05
+log = logging.getLogger("openweight.batching")
+
+
+def batching_enabled() -> bool:
+    return os.environ.get(BATCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class Batching:
+    """The continuous batchers of one server: one per loaded model, started on first use.
+
+    ``source`` is the ``TokenSource`` a server hands the engine; ``close`` stops them all.
+    """
+
+    def __init__(self, kv_bytes: int | None = None) -> None:
+        if kv_bytes is None:
+            kv_bytes = int(float(os.environ.get(KV_ENV, DEFAULT_KV_MB)) * 2**20)
+        self.kv_bytes = kv_bytes
+        self._batchers: dict[int, _Batcher] = {}
+        self._broken: dict[int, str] = {}  # models whose batcher failed to start, and why
+        self._lock = threading.Lock()
+        self._closed = False
+        self.batched = 0  # requests the batch took
+        self.single = 0  # requests sent to the single-stream path
+
+    def fallback_reason(self, lm: LoadedModel, prompt_len: int, max_new: int,
+                        options: GenerationOptions) -> str | None:
+        """Why this request goes to the single-stream path (None: it is batched)."""
+        if self._closed:
+            return "the server is stopping"
+        if lm.fast is None:
+            return f"the fast path does not take this model ({lm.fast_off_reason})"
+        if "generate" in vars(lm.model):  # a hook (or a test's script) replaces generate
+            return "the model's generate is replaced"
+        if options.json_schema is not None:
+            return "json_schema constrained decoding runs on the single-stream path"
+        reason = self._broken.get(id(lm)) or _model_reason(lm)
+        if reason is not None:
+            return reason
+        if prompt_len + max_new > self._capacity(lm):
+            return "the request is longer than the batch's KV cache"
+        return None
+
+    def source(self, lm: LoadedModel, prompt: list[int], max_new: int,
+               options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
+        """A ``TokenSource``: the batch where it can take the request, else the engine's."""
+        if self.fallback_reason(lm, len(prompt), max_new, options) is None:
+            batcher = self._batcher(lm)
+            if batcher is not None:
+                self.batched += 1
+                return batcher.tokens(prompt, max_new, options, cancel)
+        from . import engine
+
+        self.single += 1
+        return engine.default_source(lm, prompt, max_new, options, cancel)
+
+    def stats(self) -> dict[str, int]:
+        """Requests batched and sent to the single-stream path, requests in the batches
+        now, decode steps run and the most requests one step carried."""
+        batchers = list(self._batchers.values())
+        return {"batched": self.batched, "single": self.single,
+                "active": sum(len(b.requests) for b in batchers),
+                "steps": sum(b.steps[0] for b in batchers),
+                "max_rows": max((b.steps[1] for b in batchers), default=0)}
+
+    def close(self) -> None:
+        """Stop every batcher; their requests in flight fail with a GenerationError."""
+        with self._lock:
+            self._closed = True
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close()
+
+    def _capacity(self, lm: LoadedModel) -> int:
+        """Tokens the batch cache holds: what the KV budget pays for, at least a few pages
+        and at most a full context for every request of a step. A longer request runs on
+        the single-stream path."""
+        pages = self.kv_bytes // (_bytes_per_token(lm) * PAGE_SIZE)
+        most = MAX_REQUESTS * -(-lm.context_length // PAGE_SIZE)
+        return int(min(max(pages, 4), most) * PAGE_SIZE)
+
+    def _batcher(self, lm: LoadedModel) -> _Batcher | None:
+        """The model's batcher, started now if it has none (or its loop died of an error:
+        the requests it held got that error, later ones get a new loop)."""
+        key = id(lm)
+        with self._lock:
+            batcher = self._batchers.get(key)
+            if batcher is not None and not batcher.running():
+                batcher.close()
+                batcher = None
+            if batcher is None and not self._closed and key not in self._broken:
+                try:
+                    batcher = _Batcher(lm, self._capacity(lm))
+                except Exception as exc:  # an unsupported transformers version, memory
+                    log.warning("openweight: continuous batching is off for %s: %s",
+                                lm.path.name, exc)
+                    self._broken[key] = f"the batch could not start: {exc}"
+                    return None
+                self._batchers[key] = batcher
+            return batcher
+
+
+def _model_reason(lm: LoadedModel) -> str | None:
+    """Why the batch cannot hold this model's KV cache (None: it can)."""
+    layer_types = getattr(lm.model.config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return "the model has layers other than full attention"
+    if layer_types is None and getattr(lm.model.config, "sliding_window", None) is not None:
+        return "the model uses sliding-window attention"
+    return None
+
+
+def _bytes_per_token(lm: LoadedModel) -> int:
+    fast = lm.fast
+    return int(len(fast.layers) * 2 * fast.kv_heads * fast.head_dim * 4)  # float32 K and V
+
+
+@dataclass
+class _Request:
+    """What the forward needs to pick a request's tokens; the sampler is made on the model
+    thread at its first token."""
+
+    settings: dict[str, Any]
+    seed: int | None
+    prompt: list[int]
+    max_new: int
+    sampler: Any = None
+
+
+class _Batcher:
+    """One ContinuousBatchingManager over one loaded model, and the routing of its outputs
+    to the requests' token streams."""
+
+    def __init__(self, lm: LoadedModel, capacity: int) -> None:
+        self.lm = lm
+        self.requests: dict[int, _Request] = {}  # by slot, read by the forward
+        self.steps = [0, 0]  # steps run, most requests picked in one step
+        self._queues: dict[str, queue.SimpleQueue[Any]] = {}
+        self._ids = itertools.count(1)
+        self._closed = threading.Event()
+        self._manager = worker.call(lambda: _start_manager(lm, self.requests, self.steps,
+                                                           capacity))
+        self._dispatcher = threading.Thread(target=self._dispatch, name="openweight-batch-out",
+                                            daemon=True)
+        self._dispatcher.start()
+
+    def tokens(self, prompt: list[int], max_new: int, options: GenerationOptions,
+               cancel: threading.Event) -> Iterator[int]:
+        from .engine import resolved_settings
+
+        slot = next(self._ids) % 2**31
+        request_id = f"openweight-{slot}"
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        manager = self._manager
+        submitted = finished = False
+        try:
+            if cancel.is_set():
+                return
+            self._queues[request_id] = box
+            self.requests[slot] = _Request(resolved_settings(self.lm, options, max_new),
+                                           options.seed, prompt, max_new)
+            eos = sorted(self.lm.eos_ids) or [-1]
+            if manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new,
+                                   streaming=True, eos_token_id=eos,
+                                   openweight_slot=slot) is None:  # the loop is stopping
+                from . import engine
+
+                yield from engine.default_source(self.lm, prompt, max_new, options, cancel)
+                return
+            submitted = True
+            sent = 0
+            while True:
+                try:
+                    out = box.get(timeout=POLL_SECONDS)
+                except queue.Empty:
+                    if cancel.is_set():
+                        return
+                    if not manager.is_running():
+                        raise GenerationError(f"the batch loop of {self.lm.path.name} stopped "
+                                              "before this answer ended") from None
+                    continue
+                if out.error is not None:
+                    finished = True
+                    raise GenerationError(f"generation failed in {self.lm.path.name}: "
+                                          f"{out.error}")
+                for token in out.generated_tokens[sent:]:
+                    sent += 1
+                    yield int(token)
+                if out.is_finished():
+                    finished = True
+                    return
+                if cancel.is_set():
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            self.requests.pop(slot, None)
+            if submitted and not finished:
+                manager.cancel_request(request_id)  # frees its pages at the next step
+
+    def running(self) -> bool:
+        return not self._closed.is_set() and bool(self._manager.is_running())
+
+    def _dispatch(self) -> None:
+        """Route each output of the manager to its request's queue."""
+        manager = self._manager
+        while not self._closed.is_set():
+            out = manager.get_result(timeout=0.1)
+            if out is None:
+                if not manager.is_running():
+                    self._closed.wait(0.1)
+                continue
+            box = self._queues.get(out.request_id)
+            if box is not None:
+                box.put(out)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(Exception):
+            self._manager.stop(block=True, timeout=10, hard_stop=True)
+        self._dispatcher.join(timeout=5)
+
+
+def _start_manager(lm: LoadedModel, requests: dict[int, _Request], steps: list[int],
+                   capacity: int) -> Any:
+    """Make and start the manager (on the model thread, so its cache is allocated there and
+    its loop thread is a daemon like the model thread)."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = _batch_model_class()(lm, requests, steps)
+    eos = sorted(lm.eos_ids) or [-1]
+    generation = GenerationConfig(do_sample=False, eos_token_id=eos, max_new_tokens=256,
+                                  pad_token_id=eos[0])
+    config = ContinuousBatchingConfig(
+        page_size=PAGE_SIZE, num_blocks=capacity // PAGE_SIZE,
+        max_batch_tokens=MAX_BATCH_TOKENS, max_requests_per_batch=MAX_REQUESTS,
+        max_blocks_per_request=0, use_async_batching=False, use_cuda_graph=False,
+        allow_block_sharing=True, auto_switch_to_flash=False,
+    )
+    manager = model.init_continuous_batching(generation_config=generation,
+                                             continuous_batching_config=config)
+    # transformers counts the argument rows of the processors it converts itself; ours is
+    # already a per-request processor and needs one row (the request's slot)
+    manager.logit_processor.tensors_required = 1
+    manager.warmup()  # makes the paged cache and the step's buffers, here
+    threads = torch.get_num_threads()
+    loop = manager._run_generation_loop
+
+    def run(**kwargs: Any) -> None:
+        # The loop thread only does bookkeeping; the forward runs on the model thread.
+        # One torch thread here keeps it from starting an OpenMP team of its own (a second
+        # team makes GNU OpenMP put the model thread's team to sleep after every operation,
+        # see worker.py); then the process-wide default goes back to what it was. (The
+        # first call settles this thread's lazy OpenMP set-up, which would otherwise apply
+        # the process-wide default at its first large operation.)
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        worker.call(lambda: torch.set_num_threads(threads))
+        loop(**kwargs)
+
+    manager._run_generation_loop = run
+    manager.start()
+    return manager
+
+
+_BATCH_MODEL: Any = None
+
+
+def _batch_model_class() -> Any:
+    """``_BatchModel``, defined on first use so that importing this module stays light."""
+    global _BATCH_MODEL
+    if _BATCH_MODEL is not None:
+        return _BATCH_MODEL
+    import copy
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from transformers.generation.continuous_batching import ContinuousMixin
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessor,
+    )
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    from .fast import _Sampler
+
+    class _Slots(ContinuousBatchingLogitsProcessor):  # type: ignore[misc]
+        """Carries each row's request slot into the step (the forward picks the tokens)."""
+
+        supported_kwargs: ClassVar[dict[str, type]] = {"openweight_slot": int}
+        ignored_kwargs: ClassVar[tuple[str, ...]] = ()
+
+        def fill_defaults(self, int32_tensor: Any) -> None:
+            int32_tensor.fill_(-1)
+
+        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> Any:
+            return torch.tensor([r.state.logit_processor_kwargs.get("openweight_slot", -1)
+                                 for r in requests_with_new_token], dtype=torch.int32)
+
+        def __call__(self, scores: Any, tensor_arg: Any) -> Any:
+            return scores  # already one-hot: the forward picked each row's token
+
+    class _BatchModel(ContinuousMixin, torch.nn.Module):  # type: ignore[misc]
+        """What the manager batches over: the fast path's layers behind transformers'
+        paged-attention forward signature."""
+
+        _supports_flash_attn = False
+
+        def __init__(self, lm: LoadedModel, requests: dict[int, _Request],
+                     steps: list[int]) -> None:
+            super().__init__()
+            self.lm = lm
+            self.fast = lm.fast
+            self.requests = requests
+            self.steps = steps
+            self.config = copy.deepcopy(lm.model.config)
+            # attention reads the cache per request (by cu_seq_lens, as flash attention
+            # does), so the manager needs no dense masks: a "flash" name tells it so
+            self.config._attn_implementation = "openweight_flash_varlen"
+            self.generation_config = lm.model.generation_config
+            self.device = torch.device("cpu")
+            self.dtype = torch.float32  # the KV cache's: float32, as on the single-stream path
+
+        def set_attn_implementation(self, attn_implementation: str) -> None:
+            self.config._attn_implementation = attn_implementation
+
+        def _supports_logits_to_keep(self) -> bool:
+            return True
+
+        def _get_logits_processor(self, generation_config: Any) -> Any:
+            return LogitsProcessorList([_Slots()])
+
+        def forward(self, **batch: Any) -> Any:
+            return worker.call(lambda: self._step(**batch))
+
+        def _step(self, *, input_ids: Any, position_ids: Any, cu_seq_lens_q: Any,
+                  cu_seq_lens_k: Any, logits_to_keep: Any, logits_processor_args: Any,
+                  cache: Any, read_index: Any, write_index: Any, max_length_k: Any,
+                  **_: Any) -> Any:
+            with torch.inference_mode():
+                logits = self._logits(input_ids[0].long(), position_ids[0].long(),
+                                      cu_seq_lens_q.tolist(),
+                                      next(iter(cu_seq_lens_k.values())).tolist(),
+                                      logits_to_keep.long(), cache,
+                                      {"cu_seq_lens_k": cu_seq_lens_k,
+                                       "max_length_k": max_length_k,
+                                       "read_index": read_index, "write_index": write_index})
+                slots = logits_processor_args[0, : logits.shape[0]].tolist()
+                tokens = [self._pick(slot, logits[i:i + 1]) for i, slot in enumerate(slots)]
+                self.steps[0] += 1
+                self.steps[1] = max(self.steps[1], len(tokens))
+                onehot = torch.full((1, len(tokens), max(tokens) + 1), float("-inf"))
+                onehot[0, torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
+            return types.SimpleNamespace(logits=onehot)
+
+        def _pick(self, slot: int, logits: Any) -> int:
+            request = self.requests.get(slot)
+            if request is None:  # cancelled while in this step: any token will do
+                return int(logits[0].max(-1).indices)
+            if request.sampler is None:
+                request.sampler = _Sampler(request.settings, [], request.seed,
+                                           request.prompt, request.max_new)
+            return int(request.sampler.pick(logits))
+
+        def _logits(self, ids: Any, pos: Any, cu_q: list[int], cu_k: list[int], keep: Any,
+                    cache: Any, cache_args: dict[str, Any]) -> Any:
+            """``FastModel.forward`` over the concatenated rows of several requests: every
+            per-row operation is the same, and attention runs per request."""
+            fast = self.fast
+            heads, kv, dim = fast.heads, fast.kv_heads, fast.head_dim
+            half = dim // 2
+            count = int(ids.shape[0])
+            spans = []  # (first row, end row, first key, end key, mask)
+            for i in range(len(cu_q) - 1):
+                start, end, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+                n, past = end - start, (k1 - k0) - (end - start)
+                if n <= 0:
+                    continue
+                mask = None
+                if n > 1 and past > 0:  # causal, offset by what the cache holds
+                    mask = (torch.arange(past + n).unsqueeze(0)
+                            <= torch.arange(past, past + n).unsqueeze(1))
+                spans.append((start, end, k0, k1, mask))
+            pages = _page_starts(cache, cache_args["read_index"][0], spans)
+            write_only = {**cache_args, "read_index": [cache_args["read_index"][0][:0]]}
+            cos, sin = fast._rope(0, int(pos.max()) + 1)
+            cos, sin = cos[pos], sin[pos]
+            x = fast.embed(ids)
+            for li, layer in enumerate(fast.layers):
+                qkv = layer.qkv(layer.norm1(x))
+                if layer.qk_norm is None:
+                    qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim) \
+                        .transpose(0, 1)
+                    qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * sin
+                    q, k = qk[:heads], qk[heads:]
+                else:
+                    q_norm, k_norm = layer.qk_norm
+                    q_raw, k_raw, _ = qkv.split(layer.split, -1)
+                    q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
+                    k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
+                    q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
+                    k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
+                v = qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1)
+                k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float()
+                if pages is None:  # read back through the cache's index (a copy)
+                    keys, values = cache.update(k, v, li, dict(cache_args))
+                    kv_of = [(keys[:, :, k0:k1], values[:, :, k0:k1])
+                             for _, _, k0, k1, _ in spans]
+                else:  # write, then read each request's page in place
+                    cache.update(k, v, li, dict(write_only))
+                    k_view, v_view = _layer_views(cache, li)
+                    kv_of = [(k[:, :, start:end], v[:, :, start:end]) if page is None else
+                             (k_view[page[0]:page[1]].permute(1, 0, 2).unsqueeze(0),
+                              v_view[page[0]:page[1]].permute(1, 0, 2).unsqueeze(0))
+                             for (start, end, _, _, _), page in zip(spans, pages, strict=True)]
+                outs = []
+                for (start, end, _, _, mask), (keys, values) in zip(spans, kv_of, strict=True):
+                    n = end - start
+                    o = F.scaled_dot_product_attention(
+                        q[:, start:end].unsqueeze(0), keys, values, attn_mask=mask,
+                        is_causal=n > 1 and mask is None, scale=layer.scaling,
+                        enable_gqa=heads != kv,
+                    )
+                    outs.append(o[0].transpose(0, 1).reshape(n, heads * dim))
+                att = outs[0] if len(outs) == 1 else torch.cat(outs)
+                x = x + layer.o(att.to(x.dtype))
+                gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
+                x = x + layer.down(F.silu(gate) * up)
+            return fast.lm_head(fast.norm(x[keep]))
+
+    def _layer_views(cache: Any, layer: int) -> tuple[Any, Any]:
+        """The [tokens, kv_heads, head_dim] key and value views of one layer of the paged
+        cache (what its index-based update reads from)."""
+        return cache.layer_to_allocator[layer]._kv_token_views[layer]  # type: ignore[no-any-return]
+
+    def _page_starts(cache: Any, read_index: Any, spans: list[Any]) -> list[Any] | None:
+        """Per request, the [start, end) of its keys in the layer views when they lie in one
+        page (None for a request with no past: its keys are this step's), or None for the
+        whole step when some request spans pages (then the cache's copying read is used)."""
+        if read_index.numel() == 0:
+            return [None] * len(spans)
+        try:
+            _layer_views(cache, 0)
+        except (AttributeError, KeyError):  # another transformers layout: read by index
+            return None
+        ends = read_index[[i for _, _, k0, k1, _ in spans for i in (k0, k1 - 1)]].tolist()
+        out = []
+        for (_, _, k0, k1, _), first, last in zip(spans, ends[::2], ends[1::2], strict=True):
+            if last - first != k1 - k0 - 1:
+                return None
+            out.append((first, last + 1))
+        return out
+
+    _BATCH_MODEL = _BatchModel
+    return _BATCH_MODEL

@@ -1,0 +1,411 @@
+"""Continuous batching in `openweight serve`: concurrent requests share decode steps and
+each gets exactly what it gets alone (greedy, or sampled with a seed); stop strings,
+max_tokens and cancellation stay per request; what the batch cannot take falls back."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import openweight
+from openweight.local import LocalEngine, collect, unload_all
+from openweight.local.batching import Batching
+from openweight.options import GenerationOptions
+from openweight.types import to_messages
+
+PROMPTS = ["hello", "what is this", "a", "x y z", "tell me a story", "b", "count", "why"]
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+          "required": ["answer"]}
+
+
+class ServerThread:
+    """uvicorn serving an app in a thread on a free loopback port, with its lifespan."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="critical", ws="none", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """An empty offline store; no prefix cache on the single-stream path, so that its
+    answers depend on nothing but the request (its reuse of a cached prefix can move a
+    greedy answer by a rounding step, whatever the batch does)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OPENWEIGHT_HOME", str(tmp_path_factory.mktemp("batch-store")))
+        mp.setenv("OPENWEIGHT_OFFLINE", "1")
+        mp.setenv("OPENWEIGHT_PREFIX_CACHE", "0")
+        mp.setenv("OPENWEIGHT_KEEP_ALIVE", "0")
+        mp.delenv("OPENWEIGHT_BASE_URL", raising=False)
+        mp.delenv("OPENWEIGHT_API_KEY", raising=False)
+        mp.delenv("OPENWEIGHT_BATCH", raising=False)
+        unload_all()  # loaded again under these settings
+        yield
+        unload_all()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model: Path, env: None) -> Iterator[ServerThread]:
+    from openweight.server import create_app
+
+    with ServerThread(create_app(str(tiny_model))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def url(served: ServerThread) -> str:
+    return served.url
+
+
+@pytest.fixture()
+def batching(served: ServerThread) -> Batching:
+    batch: Batching = served.app.state.batching
+    assert batch is not None
+    return batch
+
+
+def _post(url: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
+    r = httpx.post(url + path, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream(url: str, body: dict[str, Any]) -> tuple[str, str | None, int]:
+    """Text, finish reason and completion tokens of a streamed chat."""
+    text, finish, tokens = [], None, -1
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            for choice in event["choices"]:
+                text.append(choice["delta"].get("content") or "")
+                finish = choice["finish_reason"] or finish
+    return "".join(text), finish, tokens
+
+
+def _ask(url: str, body: dict[str, Any]) -> tuple[str, str | None, int]:
+    """The answer to one request, streamed or not as the body says."""
+    if body.get("stream"):
+        return _stream(url, body)
+    out = _post(url, body)
+    choice = out["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"], \
+        out["usage"]["completion_tokens"]
+
+
+def _together(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run the jobs at the same moment, one thread each."""
+    start = threading.Barrier(len(jobs))
+
+    def run(job: Callable[[], Any]) -> Any:
+        start.wait()
+        return job()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(run, jobs))
+
+
+def _bodies() -> list[dict[str, Any]]:
+    """Different prompts, lengths and settings: greedy and seeded sampling, streamed and
+    not, a long and a short limit, a repetition penalty."""
+    out: list[dict[str, Any]] = []
+    for i, prompt in enumerate(PROMPTS):
+        body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}],
+                                "max_tokens": (150, 40, 90, 7)[i % 4], "stream": i % 2 == 1}
+        if i % 3 == 2:
+            body.update(temperature=0.9, top_p=0.9, top_k=40, seed=100 + i)
+        else:
+            body.update(temperature=0)
+        if i == 4:
+            body["repetition_penalty"] = 1.3
+        out.append(body)
+    return out
+
+
+# -- concurrent requests get what they get alone -------------------------------------------
+
+def test_concurrent_answers_equal_answers_alone(url: str, batching: Batching,
+                                                tiny_model: Path) -> None:
+    bodies = _bodies()
+    alone = [_ask(url, body) for body in bodies]
+    before = batching.stats()
+    together = _together([lambda body=body: _ask(url, body) for body in bodies])
+    assert together == alone
+    after = batching.stats()
+    assert after["batched"] - before["batched"] == len(bodies)
+    assert after["max_rows"] >= 4, "the requests were not decoded together"
+    for (_, finish, tokens), body in zip(alone, bodies, strict=True):
+        assert tokens <= body["max_tokens"]
+        assert finish == ("length" if tokens == body["max_tokens"] else "stop")
+    # and the single-stream path (in this process, no batch) answers the same
+    local = openweight.Client(str(tiny_model))
+    for body, (text, finish, tokens) in zip(bodies, alone, strict=True):
+        options = {k: v for k, v in body.items() if k not in ("messages", "stream")}
+        result = local.chat(body["messages"], **options)
+        assert (result.text, result.finish_reason, result.usage.completion_tokens) == \
+            (text, finish, tokens)
+
+
+def test_completions_are_batched_too(url: str, batching: Batching) -> None:
+    bodies = [{"prompt": p, "max_tokens": 30 + 10 * i, "temperature": 0}
+              for i, p in enumerate(PROMPTS[:4])]
+    alone = [_post(url, b, "/v1/completions")["choices"][0]["text"] for b in bodies]
+    before = batching.stats()["batched"]
+    together = _together([lambda b=b: _post(url, b, "/v1/completions")["choices"][0]["text"]
+                          for b in bodies])
+    assert together == alone
+    assert batching.stats()["batched"] - before == len(bodies)
+
+
+def test_stop_strings_and_max_tokens_per_request(url: str) -> None:
+    base = [{"messages": [{"role": "user", "content": p}], "temperature": 0,
+             "max_tokens": 120} for p in PROMPTS[:4]]
+    full = [_ask(url, body)[0] for body in base]
+    bodies = []
+    for i, (body, text) in enumerate(zip(base, full, strict=True)):
+        if i % 2 == 0:  # stop at a piece of its own answer
+            stop = next((text[j:j + 2] for j in range(5, len(text) - 2)
+                         if text[j:j + 2].strip() and text[j:j + 2] not in text[:j]), None)
+            assert stop is not None, text
+            bodies.append(({**body, "stop": [stop], "stream": i == 2}, stop))
+        else:  # a shorter limit
+            bodies.append(({**body, "max_tokens": 5 + i, "stream": i == 3}, None))
+    got = _together([lambda b=b: _ask(url, b) for b, _ in bodies])
+    for (body, stop), text, (answer, finish, tokens) in zip(bodies, full, got, strict=True):
+        if stop is not None:
+            assert answer == text[: text.index(stop)]
+            assert finish == "stop"
+        else:
+            assert tokens == body["max_tokens"] and finish == "length"
+            assert text.startswith(answer)
+
+
+# -- cancellation ---------------------------------------------------------------------------
+
+def _wait(check: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_client_leaving_does_not_disturb_the_others(url: str, batching: Batching) -> None:
+    bodies = [{"messages": [{"role": "user", "content": p}], "temperature": 0,
+               "max_tokens": 400, "stream": True} for p in PROMPTS[:4]]
+    alone = [_ask(url, body) for body in bodies[1:]]
+    leaver = {**bodies[0], "max_tokens": 100_000 // 100}  # would run long
+
+    def leave() -> int:
+        chunks = 0
+        with httpx.stream("POST", url + "/v1/chat/completions", json=leaver, timeout=60) as r:
+            for line in r.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 6:  # hang up mid-way
+                    break
+        return chunks
+
+    got = _together([leave] + [lambda b=b: _ask(url, b) for b in bodies[1:]])
+    assert got[0] == 6
+    assert got[1:] == alone
+    assert _wait(lambda: batching.stats()["active"] == 0), "the request that left is still decoded"
+
+
+def test_sdk_stream_close_cancels(url: str, batching: Batching) -> None:
+    remote = openweight.Client(base_url=url, timeout=30)
+    stream = remote.stream([{"role": "user", "content": "hello"}], temperature=0,
+                           max_tokens=1000)
+    next(stream)
+    assert batching.stats()["active"] == 1
+    stream.close()
+    assert _wait(lambda: batching.stats()["active"] == 0)
+    steps = batching.stats()["steps"]
+    time.sleep(0.3)
+    assert batching.stats()["steps"] == steps, "the batch still decodes for nobody"
+    assert remote.chat([{"role": "user", "content": "hi"}], max_tokens=3).usage \
+        .completion_tokens == 3
+
+
+def test_an_error_in_the_batch_reaches_its_requests(url: str, batching: Batching,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from openweight.local import batching as batching_mod
+
+    model_class = batching_mod._batch_model_class()
+    real_step = model_class._step
+    steps = []
+
+    def failing_step(self: Any, **batch: Any) -> Any:
+        steps.append(1)
+        if len(steps) == 5:
+            raise RuntimeError("the GPU caught fire")
+        return real_step(self, **batch)
+
+    monkeypatch.setattr(model_class, "_step", failing_step)
+    body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0,
+            "max_tokens": 50, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "GPU caught fire" in events[-1]["error"]["message"]  # the last event, no [DONE]
+    assert events[-1]["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    # the next requests get a new batch loop
+    got = _together([lambda: _post(url, {"messages": [{"role": "user", "content": p}],
+                                         "max_tokens": 4})["usage"]["completion_tokens"]
+                     for p in PROMPTS[:3]])
+    assert got == [4, 4, 4]
+
+
+# -- what the batch does not take -------------------------------------------------------------
+
+def test_json_schema_falls_back_beside_batched_requests(url: str, batching: Batching) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": SCHEMA}}
+    schema_body = {"messages": [{"role": "user", "content": "yes or no?"}],
+                   "response_format": fmt, "temperature": 0, "max_tokens": 40}
+    plain = [{"messages": [{"role": "user", "content": p}], "temperature": 0,
+              "max_tokens": 60} for p in PROMPTS[:3]]
+    want_schema = _post(url, schema_body)["choices"][0]["message"]["content"]
+    want_plain = [_ask(url, b) for b in plain]
+    before = batching.stats()
+    got = _together([lambda: _post(url, schema_body)["choices"][0]["message"]["content"]]
+                    + [lambda b=b: _ask(url, b) for b in plain])
+    after = batching.stats()
+    assert got[0] == want_schema
+    assert json.loads(got[0])["answer"] in ("yes", "no")
+    assert got[1:] == want_plain
+    assert after["single"] - before["single"] == 1
+    assert after["batched"] - before["batched"] == len(plain)
+
+
+def test_fallback_reasons(tiny_model: Path, env: None) -> None:
+    lm = LocalEngine(tiny_model).loaded
+    batch = Batching()
+    greedy = GenerationOptions.from_kwargs({"temperature": 0})
+    assert batch.fallback_reason(lm, 10, 10, greedy) is None
+    schema = GenerationOptions.from_kwargs({"response_format": {
+        "type": "json_schema", "json_schema": {"name": "o", "schema": SCHEMA}}})
+    assert "json_schema" in str(batch.fallback_reason(lm, 10, 10, schema))
+    small = Batching(kv_bytes=1)  # the least cache there is: four pages
+    assert "longer" in str(small.fallback_reason(lm, 10, 100_000, greedy))
+    batch.close()
+    assert "stopping" in str(batch.fallback_reason(lm, 10, 10, greedy))
+
+
+def test_batching_off(tiny_model: Path, env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openweight.server import create_app
+
+    assert create_app(str(tiny_model), preload=False, batching=False).state.batching is None
+    monkeypatch.setenv("OPENWEIGHT_BATCH", "0")
+    assert create_app(str(tiny_model), preload=False).state.batching is None
+
+
+# -- the batch over other model families, without HTTP ------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_other_families_batch_like_they_decode_alone(family: str, env: None,
+                                                     family_model: Callable[[str], Path]
+                                                     ) -> None:
+    engine = LocalEngine(family_model(family))
+    batch = Batching()
+    messages = [to_messages([{"role": "user", "content": p}]) for p in PROMPTS[:6]]
+    options = [GenerationOptions.from_kwargs({"temperature": 0, "max_tokens": 30 + 7 * i,
+                                              "thinking": False} if family == "qwen3" else
+                                             {"max_tokens": 30 + 7 * i, "seed": i})
+               for i in range(6)]  # llama3 samples by default (its generation config)
+    try:
+        alone = [collect(engine.stream(m, o), "x") for m, o in zip(messages, options,
+                                                                     strict=True)]
+        together = _together([lambda m=m, o=o: collect(engine.stream(m, o, source=batch.source),
+                                                       "x")
+                              for m, o in zip(messages, options, strict=True)])
+        assert together == alone
+        assert batch.stats()["batched"] == 6 and batch.stats()["max_rows"] >= 2
+    finally:
+        batch.close()
+
+
+# -- lifespan ---------------------------------------------------------------------------------
+
+def test_the_batch_stops_with_the_app(tiny_model: Path, env: None) -> None:
+    from openweight.server import create_app
+
+    app = create_app(str(tiny_model), preload=False)
+    with ServerThread(app) as server:
+        assert _post(server.url, {"messages": [{"role": "user", "content": "hi"}],
+                                  "max_tokens": 3})["usage"]["completion_tokens"] == 3
+        batchers = list(app.state.batching._batchers.values())
+        assert len(batchers) == 1 and batchers[0]._manager.is_running()
+    assert not batchers[0]._manager.is_running()
+    assert not batchers[0]._dispatcher.is_alive()
+
+
+# -- the real default model -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_eight_concurrent_chats(smollm2_home: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from openweight.server import create_app
+
+    monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))
+    monkeypatch.setenv("OPENWEIGHT_OFFLINE", "1")
+    monkeypatch.setenv("OPENWEIGHT_PREFIX_CACHE", "0")
+    monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "0")
+    monkeypatch.delenv("OPENWEIGHT_BATCH", raising=False)
+    questions = ["What is the capital of France?", "Name a primary colour.",
+                 "What is 2 + 2?", "Say hello in Spanish.", "What do bees make?",
+                 "Name a planet.", "What colour is the sky?", "Who wrote Hamlet?"]
+    bodies = [{"messages": [{"role": "user", "content": q}], "temperature": 0,
+               "max_tokens": 48, "stream": i % 2 == 0} for i, q in enumerate(questions)]
+    unload_all()
+    try:
+        app = create_app()
+        with ServerThread(app) as server:
+            alone = [_ask(server.url, body) for body in bodies]
+            together = _together([lambda b=b: _ask(server.url, b) for b in bodies])
+            stats = app.state.batching.stats()
+        assert together == alone
+        assert "Paris" in alone[0][0]
+        assert stats["max_rows"] >= 4
+        local = openweight.Client(keep_alive=0)  # the single-stream path, same answers
+        for body, (text, _, _) in zip(bodies, alone, strict=True):
+            assert local.chat(body["messages"], temperature=0, max_tokens=48).text == text
+    finally:
+        unload_all()
