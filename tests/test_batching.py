@@ -155,6 +155,10 @@ def _bodies() -> list[dict[str, Any]]:
         if i == 4:
             body["repetition_penalty"] = 1.3
         out.append(body)
+    # a prompt longer than a step's tokens and a cache page: prefilled in chunks, then read
+    # back across pages
+    out.append({"messages": [{"role": "user", "content": " ".join(PROMPTS) * 12}],
+                "temperature": 0, "max_tokens": 60})
     return out
 
 
@@ -288,8 +292,8 @@ def test_an_error_in_the_batch_reaches_its_requests(url: str, batching: Batching
     assert events[-1]["error"]["type"] == "server_error"
     monkeypatch.undo()
     # the next requests get a new batch loop
-    got = _together([lambda: _post(url, {"messages": [{"role": "user", "content": p}],
-                                         "max_tokens": 4})["usage"]["completion_tokens"]
+    got = _together([lambda p=p: _post(url, {"messages": [{"role": "user", "content": p}],
+                                             "max_tokens": 4})["usage"]["completion_tokens"]
                      for p in PROMPTS[:3]])
     assert got == [4, 4, 4]
 

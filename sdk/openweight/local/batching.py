@@ -367,9 +367,22 @@ def _batch_model_class() -> Any:
             self.generation_config = lm.model.generation_config
             self.device = torch.device("cpu")
             self.dtype = torch.float32  # the KV cache's: float32, as on the single-stream path
+            self._cache: Any = None
+            self._views_of: dict[int, tuple[Any, Any]] = {}
 
         def set_attn_implementation(self, attn_implementation: str) -> None:
             self.config._attn_implementation = attn_implementation
+
+        def _views(self, cache: Any, layer: int) -> tuple[Any, Any]:
+            """One layer's keys and values in the paged cache as [1, kv_heads, tokens,
+            head_dim] views (the cache's own [tokens, kv_heads, head_dim] views, turned)."""
+            if self._cache is not cache:
+                self._cache, self._views_of = cache, {}
+            views = self._views_of.get(layer)
+            if views is None:
+                views = tuple(t.permute(1, 0, 2).unsqueeze(0) for t in _layer_views(cache, layer))
+                self._views_of[layer] = views
+            return views
 
         def _supports_logits_to_keep(self) -> bool:
             return True
@@ -429,7 +442,7 @@ def _batch_model_class() -> Any:
                             <= torch.arange(past, past + n).unsqueeze(1))
                 spans.append((start, end, k0, k1, mask))
             pages = _page_starts(cache, cache_args["read_index"][0], spans)
-            write_only = {**cache_args, "read_index": [cache_args["read_index"][0][:0]]}
+            writes = cache_args["write_index"][0]
             cos, sin = fast._rope(0, int(pos.max()) + 1)
             cos, sin = cos[pos], sin[pos]
             x = fast.embed(ids)
@@ -448,28 +461,25 @@ def _batch_model_class() -> Any:
                     q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
                     k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
                 v = qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1)
-                k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float()
+                k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float().unsqueeze(0)
                 if pages is None:  # read back through the cache's index (a copy)
                     keys, values = cache.update(k, v, li, dict(cache_args))
                     kv_of = [(keys[:, :, k0:k1], values[:, :, k0:k1])
                              for _, _, k0, k1, _ in spans]
                 else:  # write, then read each request's page in place
-                    cache.update(k, v, li, dict(write_only))
-                    k_view, v_view = _layer_views(cache, li)
+                    k_all, v_all = self._views(cache, li)
+                    k_all.index_copy_(2, writes, k)
+                    v_all.index_copy_(2, writes, v)
                     kv_of = [(k[:, :, start:end], v[:, :, start:end]) if page is None else
-                             (k_view[page[0]:page[1]].permute(1, 0, 2).unsqueeze(0),
-                              v_view[page[0]:page[1]].permute(1, 0, 2).unsqueeze(0))
+                             (k_all[:, :, page[0]:page[1]], v_all[:, :, page[0]:page[1]])
                              for (start, end, _, _, _), page in zip(spans, pages, strict=True)]
-                outs = []
-                for (start, end, _, _, mask), (keys, values) in zip(spans, kv_of, strict=True):
-                    n = end - start
-                    o = F.scaled_dot_product_attention(
-                        q[:, start:end].unsqueeze(0), keys, values, attn_mask=mask,
-                        is_causal=n > 1 and mask is None, scale=layer.scaling,
-                        enable_gqa=heads != kv,
-                    )
-                    outs.append(o[0].transpose(0, 1).reshape(n, heads * dim))
-                att = outs[0] if len(outs) == 1 else torch.cat(outs)
+                outs = [F.scaled_dot_product_attention(
+                    q[:, :, start:end], keys, values, attn_mask=mask,
+                    is_causal=end - start > 1 and mask is None, scale=layer.scaling,
+                    enable_gqa=heads != kv,
+                ) for (start, end, _, _, mask), (keys, values) in zip(spans, kv_of, strict=True)]
+                att = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+                att = att[0].transpose(0, 1).reshape(count, heads * dim)
                 x = x + layer.o(att.to(x.dtype))
                 gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
                 x = x + layer.down(F.silu(gate) * up)
