@@ -40,7 +40,7 @@ __all__ = ["BATCH_ENV", "Batching", "batching_enabled"]
 
 BATCH_ENV = "OPENWEIGHT_BATCH"  # "0" turns batching off
 KV_ENV = "OPENWEIGHT_BATCH_KV_MB"  # memory for the batch's KV cache
-DEFAULT_KV_MB = 1024
+DEFAULT_KV_MB = 512  # allocated (and touched) when the batch starts
 PAGE_SIZE = 512  # tokens per cache page: a request in one page is read in place
 MAX_BATCH_TOKENS = 512  # tokens per step: longer prompts are prefilled in chunks
 MAX_REQUESTS = 32  # requests decoded together in one step
