@@ -451,15 +451,15 @@ def _batch_model_class() -> Any:
                 if layer.qk_norm is None:
                     qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim) \
                         .transpose(0, 1)
-                    qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], -1) * sin
+                    qk = qk * cos + qk.roll(half, -1) * sin  # sin carries the sign
                     q, k = qk[:heads], qk[heads:]
                 else:
                     q_norm, k_norm = layer.qk_norm
                     q_raw, k_raw, _ = qkv.split(layer.split, -1)
                     q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
                     k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
-                    q = q * cos + torch.cat([q[..., half:], q[..., :half]], -1) * sin
-                    k = k * cos + torch.cat([k[..., half:], k[..., :half]], -1) * sin
+                    q = q * cos + q.roll(half, -1) * sin
+                    k = k * cos + k.roll(half, -1) * sin
                 v = qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1)
                 k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float().unsqueeze(0)
                 if pages is None:  # read back through the cache's index (a copy)
