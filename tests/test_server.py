@@ -357,7 +357,9 @@ def test_sdk_maps_server_errors(server: str) -> None:
         list(openweight.Client(base_url=server, model="gpt-4o").stream(HI))
 
 
-def test_error_after_the_stream_started(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_error_after_the_stream_started(server: str, served: ServerThread,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(served.app.state, "batching", None)  # the single-stream path
     real_source = engine_mod.default_source
     calls = []
 
@@ -440,8 +442,11 @@ async def test_concurrent_async_clients(local: openweight.Client, server: str) -
 
 
 @pytest.fixture()
-def slow_tokens(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Make the engine take 20 ms a token, and record when each token was made."""
+def slow_tokens(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Make the engine take 20 ms a token, and record when each token was made (on the
+    single-stream generate path: the batch's own disconnect tests are in test_batching)."""
+    monkeypatch.setattr(served.app.state, "batching", None)
+    monkeypatch.setattr(engine_mod, "default_source", engine_mod.generate_source)
     real_put = engine_mod._QueueStreamer.put
     made: list[float] = []
 
@@ -539,7 +544,8 @@ def test_importing_openweight_stays_light() -> None:
 
 
 SLOW_SERVER = """
-import sys, time
+import os, sys, time
+os.environ.update(OPENWEIGHT_FAST="0", OPENWEIGHT_BATCH="0")  # tokens through generate()
 from openweight.local import engine
 put = engine._QueueStreamer.put
 def slow(self, value):
