@@ -836,8 +836,14 @@ def _serve(argv: list[str] | None = None) -> int:
         try:
             from .server import create_app
 
+            # one user's calls come one at a time: the single-stream path is faster for
+            # one stream and reuses a whole conversation's KV cache (`llm chat`);
+            # OPENWEIGHT_BATCH=1 batches concurrent calls instead
+            batch = os.environ.get("OPENWEIGHT_BATCH", "0").strip().lower() in (
+                "1", "true", "yes", "on")
             app = create_app(args.model, api_key=token, device=_arg(args.device),
-                             dtype=_arg(args.dtype), quantize=_arg(args.quantize))
+                             dtype=_arg(args.dtype), quantize=_arg(args.quantize),
+                             batching=batch)
         except OpenWeightError as exc:  # the caller waiting for us raises it, as it is
             failed = _set(run, key, state="failed", error={"type": type(exc).__name__,
                                                            "message": str(exc)})
