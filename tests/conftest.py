@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -324,3 +328,33 @@ def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pull("smollm2-135m", progress=False)
     assert os.path.isdir(home / "models" / "smollm2-135m")
     return home
+
+
+class ServerThread:
+    """uvicorn serving an app in a thread, on a free loopback port (``lifespan="on"`` runs
+    the app's startup and shutdown, e.g. the batch)."""
+
+    def __init__(self, app: Any, lifespan: str = "off") -> None:
+        import uvicorn
+
+        self.app = app
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="critical", ws="none", lifespan=lifespan)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

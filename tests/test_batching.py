@@ -5,7 +5,6 @@ max_tokens and cancellation stay per request; what the batch cannot take falls b
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,38 +21,11 @@ from openweight.local.batching import Batching
 from openweight.options import GenerationOptions
 from openweight.types import to_messages
 
+from conftest import ServerThread
+
 PROMPTS = ["hello", "what is this", "a", "x y z", "tell me a story", "b", "count", "why"]
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
           "required": ["answer"]}
-
-
-class ServerThread:
-    """uvicorn serving an app in a thread on a free loopback port, with its lifespan."""
-
-    def __init__(self, app: Any) -> None:
-        import uvicorn
-
-        self.app = app
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="critical", ws="none", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +50,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def served(tiny_model: Path, env: None) -> Iterator[ServerThread]:
     from openweight.server import create_app
 
-    with ServerThread(create_app(str(tiny_model))) as server:
+    with ServerThread(create_app(str(tiny_model)), lifespan="on") as server:
         yield server
 
 
@@ -372,7 +344,7 @@ def test_the_batch_stops_with_the_app(tiny_model: Path, env: None) -> None:
     from openweight.server import create_app
 
     app = create_app(str(tiny_model), preload=False)
-    with ServerThread(app) as server:
+    with ServerThread(app, lifespan="on") as server:
         assert _post(server.url, {"messages": [{"role": "user", "content": "hi"}],
                                   "max_tokens": 3})["usage"]["completion_tokens"] == 3
         batchers = list(app.state.batching._batchers.values())
@@ -401,7 +373,7 @@ def test_smollm2_eight_concurrent_chats(smollm2_home: Path,
     unload_all()
     try:
         app = create_app()
-        with ServerThread(app) as server:
+        with ServerThread(app, lifespan="on") as server:
             alone = [_ask(server.url, body) for body in bodies]
             together = _together([lambda b=b: _ask(server.url, b) for b in bodies])
             stats = app.state.batching.stats()

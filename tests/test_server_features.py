@@ -20,14 +20,13 @@ import httpx
 import jsonschema
 import pytest
 from test_remote import SSE_HEADERS, Body, FakeServer, chunk, resp, sse
-from test_server import ServerThread
 
 import openweight
 from openweight import GenerationOptions, InvalidRequestError, Message, ToolCall
 from openweight import remote as remote_mod
 from openweight.remote import RemoteBackend
 
-from conftest import WEATHER, scripted_generate, token_ids
+from conftest import WEATHER, ServerThread, scripted_generate, token_ids
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 HI = [{"role": "user", "content": "What is 2+2?"}]
