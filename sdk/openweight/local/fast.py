@@ -378,42 +378,67 @@ class _Sampler:
 
 def fast_tokens(lm: Any, prompt: list[int], max_new: int, settings: dict[str, Any],
                 processors: list[Any], seed: int | None, cancel: Any) -> Iterator[int]:
-    """Generated token ids. Each step runs on the model thread (see ``worker``); the
-    prompt's KV cache is taken from (and, with what was generated, returned to) the model's
-    prefix cache."""
+    """Generated token ids, decoded on the model thread (see ``worker``) one step per job:
+    each step queues the next, so other streams' steps interleave, and the decode never
+    waits for this consumer (it reads tokens from a queue while the next one is computed).
+    The prompt's KV cache is taken from (and, with what was generated, returned to) the
+    model's prefix cache."""
+    import queue
+    import threading
+
     import torch
 
     from . import worker
 
     fast: FastModel = lm.fast
     cache, reused = lm.prefix_cache.take(prompt, kind=FastCache)
-    sampler: _Sampler | None = None
-
-    def first() -> int:
-        nonlocal cache, sampler
-        if cache is None:
-            cache = fast.new_cache(len(prompt) + max_new)
-        cache.reserve(len(prompt) + max_new)
-        sampler = _Sampler(settings, processors, seed, prompt, max_new)
-        with torch.inference_mode():
-            return sampler.pick(fast.forward(prompt[reused:], cache))
-
-    def step(token: int) -> int:
-        assert sampler is not None and cache is not None
-        with torch.inference_mode():
-            return sampler.pick(fast.forward([token], cache))
-
+    out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    done = threading.Event()  # set once the cache is back in the prefix cache
     generated: list[int] = []
-    try:
-        if cancel.is_set():
-            return
-        token = worker.call(first)
-        while True:
-            generated.append(token)
-            yield token
-            if token in lm.eos_ids or len(generated) >= max_new or cancel.is_set():
-                return
-            token = worker.call(lambda: step(generated[-1]))
-    finally:
+    sampler: _Sampler | None = None
+    end = object()
+
+    def finish() -> None:
         if cache is not None:
             lm.prefix_cache.put((prompt + generated)[: cache.length], cache)
+        out.put(end)
+        done.set()
+
+    def step() -> None:
+        nonlocal cache, sampler
+        try:
+            if cancel.is_set():
+                finish()
+                return
+            with torch.inference_mode():
+                if sampler is None:
+                    if cache is None:
+                        cache = fast.new_cache(len(prompt) + max_new)
+                    cache.reserve(len(prompt) + max_new)
+                    sampler = _Sampler(settings, processors, seed, prompt, max_new)
+                    token = sampler.pick(fast.forward(prompt[reused:], cache))
+                else:
+                    token = sampler.pick(fast.forward([generated[-1]], cache))
+            generated.append(token)
+            out.put(token)
+            if token in lm.eos_ids or len(generated) >= max_new:
+                finish()
+            else:
+                worker.submit(step)
+        except BaseException as exc:  # handed to the consumer, never lost
+            out.put(exc)
+            finish()
+
+    if worker.on_worker():  # its steps could never run while it waits for them
+        raise RuntimeError("fast_tokens cannot be consumed on the model thread")
+    if cancel.is_set():
+        return
+    worker.submit(step)
+    try:
+        while (item := out.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancel.set()  # the next step ends the chain
+        done.wait(timeout=30)
