@@ -204,3 +204,28 @@ def test_streams_from_many_threads_interleave_and_match(tiny_model: Path) -> Non
     for t in threads:
         t.join(timeout=60)
     assert [together[i] for i in range(4)] == alone
+
+
+def test_an_error_in_a_step_reaches_the_consumer(tiny_model: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from openweight import GenerationError
+    from openweight.local import worker
+
+    client = Client(str(tiny_model))
+    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    real = FastModel.forward
+    calls: list[int] = []
+
+    def failing(self: FastModel, ids: Any, cache: FastCache) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated kernel failure")
+        return real(self, ids, cache)
+
+    monkeypatch.setattr(FastModel, "forward", failing)
+    with pytest.raises(GenerationError, match="simulated kernel failure"):
+        client.chat(HI, max_tokens=20, temperature=0)
+    monkeypatch.undo()
+    assert worker.call(lambda: "free") == "free"
+    assert lm.fast is not None
+    assert client.chat(HI, max_tokens=3, temperature=0).usage.completion_tokens == 3
