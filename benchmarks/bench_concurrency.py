@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from common import cpu_stall
 
 MODEL = "smollm2-135m"
 PROMPTS = [
@@ -163,16 +164,6 @@ async def streams(server: Server, n: int, tokens: int, offset: int = 0) -> Run:
             for i in range(n)])
         wall = time.perf_counter() - t0
     return Run(tokens=[c for _, _, c in done], ttft=[f for _, f, _ in done], wall=wall)
-
-
-def cpu_stall() -> float | None:
-    """Seconds that runnable tasks have waited for a CPU, machine-wide (Linux PSI)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline().split()
-    except OSError:
-        return None
-    return int(some[-1].split("=")[1]) / 1e6
 
 
 def pct(values: list[float], q: float) -> float:

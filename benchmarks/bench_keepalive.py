@@ -44,6 +44,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from common import cpu_stall
+
 PROMPT = "What is the capital of France? Answer in one sentence."
 OW_ARGS = ["-m", "openweight", PROMPT, "-o", "max_tokens", "16"]
 PEER_ARGS = ["-m", "SmolLM2", PROMPT]
@@ -66,16 +68,6 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])}... failed:\n{done.stderr[-3000:]}")
     return elapsed, done.stdout.strip()
-
-
-def cpu_stall() -> float | None:
-    """Seconds that runnable tasks have waited for a CPU, machine-wide (Linux PSI)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline().split()
-    except OSError:
-        return None
-    return int(some[-1].split("=")[1]) / 1e6
 
 
 def fetch_peer(tmp: Path) -> tuple[Path, Path]:

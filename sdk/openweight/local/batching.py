@@ -329,7 +329,7 @@ def _batch_model_class() -> Any:
     )
     from transformers.generation.logits_process import LogitsProcessorList
 
-    from .fast import _Sampler
+    from .fast import _Sampler, offset_mask
 
     class _Slots(ContinuousBatchingLogitsProcessor):  # type: ignore[misc]
         """Carries each row's request slot into the step (the forward picks the tokens)."""
@@ -428,7 +428,6 @@ def _batch_model_class() -> Any:
             per-row operation is the same, and attention runs per request."""
             fast = self.fast
             heads, kv, dim = fast.heads, fast.kv_heads, fast.head_dim
-            half = dim // 2
             count = int(ids.shape[0])
             spans = []  # (first row, end row, first key, end key, mask)
             for i in range(len(cu_q) - 1):
@@ -436,31 +435,14 @@ def _batch_model_class() -> Any:
                 n, past = end - start, (k1 - k0) - (end - start)
                 if n <= 0:
                     continue
-                mask = None
-                if n > 1 and past > 0:  # causal, offset by what the cache holds
-                    mask = (torch.arange(past + n).unsqueeze(0)
-                            <= torch.arange(past, past + n).unsqueeze(1))
-                spans.append((start, end, k0, k1, mask))
+                spans.append((start, end, k0, k1, offset_mask(past, n)))
             pages = _page_starts(cache, cache_args["read_index"][0], spans)
             writes = cache_args["write_index"][0]
             cos, sin = fast._rope(0, int(pos.max()) + 1)
             cos, sin = cos[pos], sin[pos]
             x = fast.embed(ids)
             for li, layer in enumerate(fast.layers):
-                qkv = layer.qkv(layer.norm1(x))
-                if layer.qk_norm is None:
-                    qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim) \
-                        .transpose(0, 1)
-                    qk = qk * cos + qk.roll(half, -1) * sin  # sin carries the sign
-                    q, k = qk[:heads], qk[heads:]
-                else:
-                    q_norm, k_norm = layer.qk_norm
-                    q_raw, k_raw, _ = qkv.split(layer.split, -1)
-                    q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
-                    k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
-                    q = q * cos + q.roll(half, -1) * sin
-                    k = k * cos + k.roll(half, -1) * sin
-                v = qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1)
+                q, k, v = layer.heads_of(layer.qkv(layer.norm1(x)), cos, sin)
                 k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float().unsqueeze(0)
                 if pages is None:  # read back through the cache's index (a copy)
                     keys, values = cache.update(k, v, li, dict(cache_args))

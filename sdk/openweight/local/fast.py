@@ -218,6 +218,37 @@ class _Layer:
         self.qk_norm = None if q_norm is None or k_norm is None else (
             _Norm(q_norm), _Norm(k_norm))
         self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+
+    def heads_of(self, qkv: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        """Queries and keys (normed where the model norms them, rotated) and values, each
+        [heads, tokens, head_dim], from the fused q/k/v product of ``tokens`` rows."""
+        count, heads, kv, dim = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
+        half = dim // 2
+        if self.qk_norm is None:
+            qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim).transpose(0, 1)
+            qk = qk * cos + qk.roll(half, -1) * sin  # roll: [x2, x1]; sin carries the sign
+            q, k = qk[:heads], qk[heads:]
+        else:
+            q_norm, k_norm = self.qk_norm
+            q_raw, k_raw, _ = qkv.split(self.split, -1)
+            q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
+            k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+        v = qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1)
+        return q, k, v
+
+
+def offset_mask(past: int, count: int) -> Any:
+    """Causal mask for ``count`` new tokens after ``past`` cached ones (None where plain
+    causal attention does it: one token, or nothing cached)."""
+    import torch
+
+    if count == 1 or past == 0:
+        return None
+    end = past + count
+    return torch.arange(end).unsqueeze(0) <= torch.arange(past, end).unsqueeze(1)
 
 
 def _eps(norm: Any) -> float:
@@ -276,34 +307,18 @@ class FastModel:
         end = pos + count
         cache.reserve(end)
         cos, sin = self._rope(pos, end)
-        half = self.head_dim // 2
-        heads, kv, dim = self.heads, self.kv_heads, self.head_dim
-        mask = None
-        if count > 1 and pos > 0:  # causal, offset by what the cache holds
-            mask = (torch.arange(end).unsqueeze(0)
-                    <= torch.arange(pos, end).unsqueeze(1))
+        heads, dim = self.heads, self.head_dim
+        mask = offset_mask(pos, count)
         x = self.embed(torch.tensor(ids))
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(layer.norm1(x))
-            if layer.qk_norm is None:
-                qk = qkv[:, : (heads + kv) * dim].view(count, heads + kv, dim).transpose(0, 1)
-                qk = qk * cos + qk.roll(half, -1) * sin  # roll: [x2, x1]; sin carries the sign
-                q, k = qk[:heads], qk[heads:]
-            else:
-                q_norm, k_norm = layer.qk_norm
-                q_raw, k_raw, _ = qkv.split(layer.split, -1)
-                q = q_norm(q_raw.view(count, heads, dim)).transpose(0, 1)
-                k = k_norm(k_raw.view(count, kv, dim)).transpose(0, 1)
-                q = q * cos + q.roll(half, -1) * sin
-                k = k * cos + k.roll(half, -1) * sin
+            q, k, v = layer.heads_of(layer.qkv(layer.norm1(x)), cos, sin)
             keys, values = cache.k[i], cache.v[i]
             keys.narrow(2, pos, count).copy_(k)
-            values.narrow(2, pos, count).copy_(
-                qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1))
+            values.narrow(2, pos, count).copy_(v)
             o = F.scaled_dot_product_attention(
                 q.float().unsqueeze(0), keys.narrow(2, 0, end), values.narrow(2, 0, end),
                 attn_mask=mask, is_causal=count > 1 and mask is None, scale=layer.scaling,
-                enable_gqa=heads != kv,
+                enable_gqa=heads != self.kv_heads,
             )
             # [1, heads, count, dim] -> [count, heads * dim] (a view when count is 1)
             o = o.view(1, heads * dim) if count == 1 else \
