@@ -10,10 +10,6 @@ report gives medians and ratios:
   sends the request there.
 - ``warm``: the same call with a daemon running: the plugin finds it, checks it, resets
   its idle clock and sends the request there: the second and later calls.
-- ``warm, trio hidden``: ``warm`` with ``import trio`` made to fail. httpcore (under httpx,
-  which the remote backend uses) imports trio whenever it is installed, ~80 ms on this
-  machine; nothing llm or llm-openweight depends on pulls trio in, so this is the warm
-  call of a plain install where some other package happens to have installed trio.
 - ``warm (env)``: plain ``llm -m openweight ...`` with ``OPENWEIGHT_BASE_URL`` and
   ``OPENWEIGHT_API_KEY`` pointing at the daemon (no discovery at all).
 - ``warm, 1 token``: ``warm`` with ``-o max_tokens 1``: everything but the decode steps,
@@ -50,10 +46,9 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 OW_ARGS = ["-m", "openweight", PROMPT, "-o", "max_tokens", "16"]
 PEER_ARGS = ["-m", "SmolLM2", PROMPT]
 
-WAYS = ["cold", "first", "warm", "warm, trio hidden", "warm (env)", "warm, 1 token",
+WAYS = ["cold", "first", "warm", "warm (env)", "warm, 1 token",
         "llama.cpp"]
-TARGETS = [("warm", "llama.cpp"), ("warm, trio hidden", "llama.cpp"),
-           ("warm (env)", "llama.cpp"), ("first", "cold")]
+TARGETS = [("warm", "llama.cpp"), ("warm (env)", "llama.cpp"), ("first", "cold")]
 
 
 def llm_command() -> list[str]:
@@ -119,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         llm = llm_command()
         cold_env = {**base, "OPENWEIGHT_KEEP_ALIVE": "0"}
         peer_env = {**base, "PYTHONPATH": str(plugin)}
-        (tmp / "notrio" / "trio").mkdir(parents=True)
-        (tmp / "notrio" / "trio" / "__init__.py").write_text(
-            "raise ImportError('trio is hidden by bench_keepalive.py')\n")
-        notrio_env = {**base, "PYTHONPATH": str(tmp / "notrio")}
 
         times: dict[str, list[float]] = {w: [] for w in WAYS}
         answers: dict[str, str] = {}
@@ -144,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
                 record("first", [*llm, *OW_ARGS], base)
                 for _ in range(2):
                     record("warm", [*llm, *OW_ARGS], base)
-                record("warm, trio hidden", [*llm, *OW_ARGS], notrio_env)
                 record("warm, 1 token", [*llm, *OW_ARGS[:-1], "1"], base)
                 url, key = daemon.ensure_daemon(None)
                 record("warm (env)", [*llm, *OW_ARGS],

@@ -578,3 +578,41 @@ def test_options_validated_before_sending(mocked: FakeServer) -> None:
     with pytest.raises(InvalidRequestError, match="unknown option"):
         client.chat([{"role": "user", "content": "hi"}], beam_width=4)
     assert mocked.requests == []
+
+
+# -- what a first request costs to set up --------------------------------------------------------
+
+_FRESH_CLIENT = """
+import importlib.util, json, ssl, sys
+import httpx
+from openweight.remote import RemoteBackend
+local = RemoteBackend("http://127.0.0.1:9/v1", model="m")._client_kwargs()
+remote = RemoteBackend("https://example.invalid/v1", model="m")._client_kwargs()
+with httpx.Client(**local):
+    pass
+out = {"httpcore": "httpcore" in sys.modules, "trio_imported": "trio" in sys.modules,
+       "local_verify": local["verify"], "local_redirects": local["follow_redirects"],
+       "remote_tls": isinstance(remote["verify"], ssl.SSLContext),
+       "remote_redirects": remote["follow_redirects"],
+       "trio_installed": importlib.util.find_spec("trio") is not None}
+if out["trio_installed"]:
+    import httpcore._synchronization as sync
+    out["stand_in_is_trio_lock"] = sync.trio.Lock is importlib.import_module("trio").Lock
+print(json.dumps(out))
+"""
+
+
+def test_first_client_leaves_trio_unimported_and_skips_tls_on_loopback() -> None:
+    """httpcore is imported without trio (a tenth of a warm `llm` call when trio is
+    installed), yet a trio user still gets trio through httpcore; plain HTTP on loopback
+    loads no certificates and follows no redirects; other URLs keep TLS verification."""
+    import subprocess
+    import sys
+
+    out = json.loads(subprocess.run([sys.executable, "-c", _FRESH_CLIENT], check=True,
+                                    capture_output=True, text=True).stdout)
+    assert out["httpcore"] and not out["trio_imported"]
+    assert out["local_verify"] is False and out["local_redirects"] is False
+    assert out["remote_tls"] and out["remote_redirects"] is True
+    if out["trio_installed"]:
+        assert out["stand_in_is_trio_lock"]

@@ -8,9 +8,12 @@ of sync and async I/O around it, as httpx does.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import random
 import ssl
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -231,15 +234,19 @@ class _RemoteLogic:
         headers = {"User-Agent": "openweight", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
+        local = _is_loopback_http(self.base_url)
         with self._lock:  # building an SSL context costs ~10 ms: once per backend
-            if self._ssl is None and self._transport is None:
+            if self._ssl is None and self._transport is None and not local:
                 self._ssl = httpx.create_ssl_context()
+        _import_httpcore()
+        # plain HTTP on this machine (a keep-alive or local server) never uses TLS: no
+        # certificates to load, and no redirects to follow off the machine unverified
         kwargs: dict[str, Any] = {"base_url": self.base_url + "/", "headers": headers,
-                                  "timeout": self._timeout, "follow_redirects": True}
+                                  "timeout": self._timeout, "follow_redirects": not local}
         if self._transport is not None:
             kwargs["transport"] = self._transport
         else:
-            kwargs["verify"] = self._ssl
+            kwargs["verify"] = False if local else self._ssl
         return kwargs
 
     @staticmethod
@@ -403,6 +410,46 @@ class _SyncChunks(Iterator[Chunk]):
             for closer in self._closers:
                 closer()
 
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _is_loopback_http(base_url: str) -> bool:
+    parts = urlsplit(base_url)
+    return parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
+
+
+class _LazyTrio:
+    """Stands for the ``trio`` module in httpcore until something uses it."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("trio"), name)
+
+
+def _import_httpcore() -> None:
+    """Import httpcore (httpx imports it at its first client) without importing trio.
+
+    httpcore imports trio whenever it is installed, only to tell a trio event loop from
+    asyncio's in its async locks: ~95 ms, a tenth of a warm ``llm -m openweight`` call.
+    A process that has not imported trio yet is not in a trio loop, so httpcore is
+    imported with trio hidden and then given a stand-in that imports trio on first use:
+    an httpx client run later under trio still finds it.
+    """
+    if "httpcore" in sys.modules or "trio" in sys.modules:
+        return
+    sys.modules["trio"] = None  # type: ignore[assignment]  # then `import trio` fails
+    sync: Any
+    try:
+        sync = importlib.import_module("httpcore._synchronization")
+    except ImportError:  # httpcore moved: import it as it wants
+        sync = None
+    finally:
+        if "trio" in sys.modules and sys.modules["trio"] is None:
+            del sys.modules["trio"]
+    if (sync is not None and getattr(sync, "trio", "") is None
+            and importlib.util.find_spec("trio") is not None):
+        setattr(sync, "trio", _LazyTrio())  # noqa: B010  (a module httpcore does not export)
 
 class RemoteBackend(_RemoteLogic):
     """A model on an OpenAI-compatible server, with the local engine's interface.
