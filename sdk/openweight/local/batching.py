@@ -329,7 +329,7 @@ def _batch_model_class() -> Any:
     )
     from transformers.generation.logits_process import LogitsProcessorList
 
-    from .fast import _Sampler, offset_mask
+    from .fast import Sampler, offset_mask
 
     class _Slots(ContinuousBatchingLogitsProcessor):  # type: ignore[misc]
         """Carries each row's request slot into the step (the forward picks the tokens)."""
@@ -418,17 +418,17 @@ def _batch_model_class() -> Any:
             if request is None:  # cancelled while in this step: any token will do
                 return int(logits[0].max(-1).indices)
             if request.sampler is None:
-                request.sampler = _Sampler(request.settings, [], request.seed,
+                request.sampler = Sampler(request.settings, [], request.seed,
                                            request.prompt, request.max_new)
             return int(request.sampler.pick(logits))
 
         def _logits(self, ids: Any, pos: Any, cu_q: list[int], cu_k: list[int], keep: Any,
                     cache: Any, cache_args: dict[str, Any]) -> Any:
-            """``FastModel.forward`` over the concatenated rows of several requests: every
-            per-row operation is the same, and attention runs per request."""
+            """The fast path's layers (``FastModel.run_layers``, as its single-stream forward
+            runs them) over the concatenated rows of several requests: every per-row
+            operation is the same; attention reads and writes the paged cache per request."""
             fast = self.fast
-            heads, kv, dim = fast.heads, fast.kv_heads, fast.head_dim
-            count = int(ids.shape[0])
+            heads, kv = fast.heads, fast.kv_heads
             spans = []  # (first row, end row, first key, end key, mask)
             for i in range(len(cu_q) - 1):
                 start, end, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
@@ -438,11 +438,9 @@ def _batch_model_class() -> Any:
                 spans.append((start, end, k0, k1, offset_mask(past, n)))
             pages = _page_starts(cache, cache_args["read_index"][0], spans)
             writes = cache_args["write_index"][0]
-            cos, sin = fast._rope(0, int(pos.max()) + 1)
-            cos, sin = cos[pos], sin[pos]
-            x = fast.embed(ids)
-            for li, layer in enumerate(fast.layers):
-                q, k, v = layer.heads_of(layer.qkv(layer.norm1(x)), cos, sin)
+            gqa = heads != kv
+
+            def attend(li: int, q: Any, k: Any, v: Any) -> Any:
                 k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float().unsqueeze(0)
                 if pages is None:  # read back through the cache's index (a copy)
                     keys, values = cache.update(k, v, li, dict(cache_args))
@@ -455,17 +453,15 @@ def _batch_model_class() -> Any:
                     kv_of = [(k[:, :, start:end], v[:, :, start:end]) if page is None else
                              (k_all[:, :, page[0]:page[1]], v_all[:, :, page[0]:page[1]])
                              for (start, end, _, _, _), page in zip(spans, pages, strict=True)]
+                scale = fast.layers[li].scaling
                 outs = [F.scaled_dot_product_attention(
                     q[:, :, start:end], keys, values, attn_mask=mask,
-                    is_causal=end - start > 1 and mask is None, scale=layer.scaling,
-                    enable_gqa=heads != kv,
+                    is_causal=end - start > 1 and mask is None, scale=scale, enable_gqa=gqa,
                 ) for (start, end, _, _, mask), (keys, values) in zip(spans, kv_of, strict=True)]
-                att = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-                att = att[0].transpose(0, 1).reshape(count, heads * dim)
-                x = x + layer.o(att.to(x.dtype))
-                gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
-                x = x + layer.down(F.silu(gate) * up)
-            return fast.lm_head(fast.norm(x[keep]))
+                return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+            cos, sin = fast.rope_at(pos)
+            return fast.logits(fast.run_layers(fast.embed(ids), cos, sin, attend)[keep])
 
     def _layer_views(cache: Any, layer: int) -> tuple[Any, Any]:
         """The [tokens, kv_heads, head_dim] key and value views of one layer of the paged

@@ -21,7 +21,11 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["FastCache", "FastModel", "fast_tokens", "unsupported_reason"]
+__all__ = ["Attend", "FastCache", "FastModel", "Sampler", "fast_tokens", "offset_mask",
+           "unsupported_reason"]
+
+# attend(layer index, queries, keys, values) -> attention output: see _Layer.run
+Attend = Callable[[int, Any, Any, Any], Any]
 
 SUPPORTED_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 CAPACITY_STEP = 256  # KV cache capacity grows in steps of this many positions
@@ -239,6 +243,22 @@ class _Layer:
         v = qkv[:, (heads + kv) * dim:].view(count, kv, dim).transpose(0, 1)
         return q, k, v
 
+    def run(self, x: Any, cos: Any, sin: Any, attend: Attend, index: int) -> Any:
+        """This layer over the rows ``x`` ([tokens, hidden], each at the position ``cos``
+        and ``sin`` were taken at). ``attend(index, q, k, v)`` stores the rows' keys and
+        values and returns their attention, [1, heads, tokens, head_dim] in float32."""
+        import torch.nn.functional as F
+
+        count = x.shape[0]
+        q, k, v = self.heads_of(self.qkv(self.norm1(x)), cos, sin)
+        o = attend(index, q, k, v)
+        # [1, heads, count, dim] -> [count, heads * dim] (a view when count is 1)
+        width = self.heads * self.head_dim
+        o = o.view(1, width) if count == 1 else o[0].transpose(0, 1).reshape(count, width)
+        x = x + self.o(o.to(x.dtype))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up)
+
 
 def offset_mask(past: int, count: int) -> Any:
     """Causal mask for ``count`` new tokens after ``past`` cached ones (None where plain
@@ -282,7 +302,7 @@ class FastModel:
     def new_cache(self, capacity: int) -> FastCache:
         return FastCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
 
-    def _rope(self, start: int, end: int) -> tuple[Any, Any]:
+    def rope(self, start: int, end: int) -> tuple[Any, Any]:
         """cos and sign-folded sin for positions [start, end), from the model's own rotary
         module (so every rope scaling it knows applies)."""
         import torch
@@ -298,6 +318,23 @@ class FastModel:
             self._sin = (sin[0] * sign).to(self.dtype)
         return self._cos[start:end], self._sin[start:end]
 
+    def rope_at(self, positions: Any) -> tuple[Any, Any]:
+        """cos and sign-folded sin at each of ``positions`` (a tensor of ints)."""
+        cos, sin = self.rope(0, int(positions.max()) + 1)
+        return cos[positions], sin[positions]
+
+    def run_layers(self, x: Any, cos: Any, sin: Any, attend: Attend) -> Any:
+        """Every layer over the embedded rows ``x``: the final hidden states, before the
+        last norm (see ``_Layer.run`` for ``attend``). The single-stream forward below and
+        the server's batch (``batching.py``) both run the model through here."""
+        for index, layer in enumerate(self.layers):
+            x = layer.run(x, cos, sin, attend, index)
+        return x
+
+    def logits(self, x: Any) -> Any:
+        """The logits of the hidden-state rows ``x``."""
+        return self.lm_head(self.norm(x))
+
     def forward(self, ids: Sequence[int], cache: FastCache) -> Any:
         """Run ``ids`` after what ``cache`` holds; returns the logits of the last one."""
         import torch
@@ -306,31 +343,25 @@ class FastModel:
         pos, count = cache.length, len(ids)
         end = pos + count
         cache.reserve(end)
-        cos, sin = self._rope(pos, end)
-        heads, dim = self.heads, self.head_dim
+        cos, sin = self.rope(pos, end)
         mask = offset_mask(pos, count)
-        x = self.embed(torch.tensor(ids))
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.heads_of(layer.qkv(layer.norm1(x)), cos, sin)
+        gqa = self.heads != self.kv_heads
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:
             keys, values = cache.k[i], cache.v[i]
             keys.narrow(2, pos, count).copy_(k)
             values.narrow(2, pos, count).copy_(v)
-            o = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q.float().unsqueeze(0), keys.narrow(2, 0, end), values.narrow(2, 0, end),
-                attn_mask=mask, is_causal=count > 1 and mask is None, scale=layer.scaling,
-                enable_gqa=heads != self.kv_heads,
-            )
-            # [1, heads, count, dim] -> [count, heads * dim] (a view when count is 1)
-            o = o.view(1, heads * dim) if count == 1 else \
-                o[0].transpose(0, 1).reshape(count, heads * dim)
-            x = x + layer.o(o.to(x.dtype))
-            gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
-            x = x + layer.down(F.silu(gate) * up)
+                attn_mask=mask, is_causal=count > 1 and mask is None,
+                scale=self.layers[i].scaling, enable_gqa=gqa)
+
+        x = self.run_layers(self.embed(torch.tensor(ids)), cos, sin, attend)
         cache.length = end
-        return self.lm_head(self.norm(x[-1:]))
+        return self.logits(x[-1:])
 
 
-class _Sampler:
+class Sampler:
     """Picks each next token the way ``generate`` would with the same settings."""
 
     def __init__(self, settings: dict[str, Any], processors: list[Any], seed: int | None,
@@ -410,7 +441,7 @@ def fast_tokens(lm: Any, prompt: list[int], max_new: int, settings: dict[str, An
     out: queue.SimpleQueue[Any] = queue.SimpleQueue()
     done = threading.Event()  # set once the cache is back in the prefix cache
     generated: list[int] = []
-    sampler: _Sampler | None = None
+    sampler: Sampler | None = None
     end = object()
 
     def finish() -> None:
@@ -430,7 +461,7 @@ def fast_tokens(lm: Any, prompt: list[int], max_new: int, settings: dict[str, An
                     if cache is None:
                         cache = fast.new_cache(len(prompt) + max_new)
                     cache.reserve(len(prompt) + max_new)
-                    sampler = _Sampler(settings, processors, seed, prompt, max_new)
+                    sampler = Sampler(settings, processors, seed, prompt, max_new)
                     token = sampler.pick(fast.forward(prompt[reused:], cache))
                 else:
                     token = sampler.pick(fast.forward([generated[-1]], cache))
