@@ -1,0 +1,120 @@
+"""What batching can buy on this CPU: the cost of one decode step for 1 to 16 requests.
+
+The continuous batch (`openweight serve`) decodes every active request in one step of the
+fast path's layers: the quantised matrix products take all rows at once, attention runs per
+request. This script times exactly that on the default model (SmolLM2-135M), in process,
+on the model thread, with no server, scheduler or HTTP around it:
+
+- ``step``: one decode step for N requests, each with a PAST-token history in its own
+  cache (``FastModel.run_layers`` with a per-request ``attend``, as the batch runs it);
+- ``products``: the same step with attention skipped (the matrix products, norms and the
+  output layer only): the part batching shares between rows.
+
+From those it prints the aggregate tokens/s of N requests and its ratio to one request.
+``N x step(1) / step(N)`` is the most N streams can give over one stream on this machine,
+whatever the scheduling around it: the figure to hold `bench_concurrency.py`'s
+"8 streams / 1 stream" against.
+
+    python benchmarks/bench_batch_step.py [--past 100] [--steps 60] [--rows 1 2 4 8 16]
+
+Run it alone (2 shared cores); the report ends with how long tasks waited for a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from common import cpu_stall
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--past", type=int, default=100, help="tokens each request holds")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per row count")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--quantize", default="auto", help="auto, none, int8 or int4")
+    args = parser.parse_args(argv)
+
+    from openweight.local import worker
+    from openweight.local.engine import LocalEngine
+    from openweight.store import ensure_model
+
+    name, path = ensure_model(None)
+    lm = LocalEngine(path, quantize=args.quantize).loaded
+    fast = lm.fast
+    if fast is None:
+        raise SystemExit(f"the fast path does not take {name}: {lm.fast_off_reason}")
+    stall = cpu_stall()
+    started = time.perf_counter()
+    rows: dict[int, tuple[float, float]] = {}
+    for n in args.rows:
+        rows[n] = worker.call(lambda n=n: _time_steps(fast, n, args.past, args.steps))
+    wall = time.perf_counter() - started
+
+    print(f"{name} ({lm.quantize}), decode steps with {args.past} tokens of history per "
+          f"request, medians of {args.steps} steps")
+    print(f"{'requests':>8} {'step ms':>8} {'tok/s':>7} {'x 1 req':>8} "
+          f"{'products ms':>12} {'attention ms':>13}")
+    one = rows[args.rows[0]][0] / args.rows[0]
+    for n, (step, products) in rows.items():
+        print(f"{n:>8} {step * 1e3:>8.2f} {n / step:>7.0f} {n * one / step:>8.2f} "
+              f"{products * 1e3:>12.2f} {(step - products) * 1e3:>13.2f}")
+    if stall is not None:
+        waited = (cpu_stall() or stall) - stall
+        print(f"tasks waited for a CPU {waited:.1f} s over {wall:.1f} s of run "
+              f"({100 * waited / wall:.0f}%)")
+    return 0
+
+
+def _time_steps(fast: Any, n: int, past: int, steps: int) -> tuple[float, float]:
+    """Median seconds of a decode step for ``n`` requests, with and without attention."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        caches = [fast.new_cache(past + steps + 8) for _ in range(n)]
+        for i, cache in enumerate(caches):  # each request its own history
+            fast.forward([(7 * i + j) % 1000 + 100 for j in range(past)], cache)
+        gqa = fast.heads != fast.kv_heads
+
+        def attend(li: int, q: Any, k: Any, v: Any) -> Any:
+            outs = []
+            for r, cache in enumerate(caches):
+                pos = cache.length
+                cache.k[li][:, :, pos].copy_(k[:, r])
+                cache.v[li][:, :, pos].copy_(v[:, r])
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, r:r + 1].float().unsqueeze(0), cache.k[li][:, :, :pos + 1],
+                    cache.v[li][:, :, :pos + 1], scale=fast.layers[li].scaling,
+                    enable_gqa=gqa))
+            return outs[0] if n == 1 else torch.cat(outs, 2)
+
+        def skip(li: int, q: Any, k: Any, v: Any) -> Any:
+            return torch.zeros(1, fast.heads, n, fast.head_dim)
+
+        def step(attention: bool) -> float:
+            ids = torch.tensor([(11 * r) % 1000 + 100 for r in range(n)])
+            positions = torch.tensor([cache.length for cache in caches])
+            start = time.perf_counter()
+            cos, sin = fast.rope_at(positions)
+            x = fast.run_layers(fast.embed(ids), cos, sin, attend if attention else skip)
+            logits = fast.logits(x)
+            logits.max(-1)
+            elapsed = time.perf_counter() - start
+            if attention:
+                for cache in caches:
+                    cache.length += 1
+            return elapsed
+
+        for _ in range(3):
+            step(False)
+        products = statistics.median(step(False) for _ in range(steps))
+        full = statistics.median(step(True) for _ in range(steps))
+    return full, products
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
