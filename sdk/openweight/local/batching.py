@@ -74,8 +74,6 @@ class Batching:
         """Why this request goes to the single-stream path (None: it is batched)."""
         if self._closed:
             return "the server is stopping"
-        if lm.fast is None:
-            return f"the fast path does not take this model ({lm.fast_off_reason})"
         if "generate" in vars(lm.model):  # a hook (or a test's script) replaces generate
             return "the model's generate is replaced"
         if options.json_schema is not None:
@@ -147,18 +145,61 @@ class Batching:
 
 
 def _model_reason(lm: LoadedModel) -> str | None:
-    """Why the batch cannot hold this model's KV cache (None: it can)."""
-    layer_types = getattr(lm.model.config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        return "the model has layers other than full attention"
-    if layer_types is None and getattr(lm.model.config, "sliding_window", None) is not None:
-        return "the model uses sliding-window attention"
+    """Why the batch cannot hold this model (None: it can). The fast path's layers need
+    full attention everywhere; transformers' own forward runs over its paged cache, which
+    holds full and sliding-window attention layers, under one of the attention kernels
+    continuous batching runs (sdpa, eager, flash)."""
+    config = lm.model.config
+    if lm.fast is not None:
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            return "the model has layers other than full attention"
+        if layer_types is None and getattr(config, "sliding_window", None) is not None:
+            return "the model uses sliding-window attention"
+        return None
+    text = config.get_text_config()
+    if getattr(config, "is_encoder_decoder", False):
+        return "the model is an encoder-decoder"
+    kinds = set(getattr(text, "layer_types", None) or ())
+    other = sorted(kinds - set(_PAGED_LAYER_TYPES))
+    if other:
+        return f"transformers' paged cache does not hold {', '.join(other)} layers"
+    window = getattr(text, "sliding_window", None)
+    if "sliding_attention" in kinds and not (isinstance(window, int) and window > 0):
+        return "the model has sliding-window layers but no window size"
+    attention = str(getattr(config, "_attn_implementation", None))
+    if attention.startswith(_PER_REQUEST):  # the batch's own, set while a step runs
+        return None
+    flash = attention.startswith("flash_attention")
+    if attention not in _PAGED_ATTENTION and not flash:
+        return f"continuous batching does not run {attention!r} attention"
+    if getattr(text, "attn_logit_softcapping", None) and not flash:
+        return f"transformers' paged {attention} attention does not soft-cap attention logits"
     return None
 
 
+# what transformers' paged cache and continuous batching take (see _model_reason)
+_PAGED_LAYER_TYPES = ("full_attention", "sliding_attention")
+_PAGED_ATTENTION = ("sdpa", "eager", "paged|eager")
+_PER_REQUEST = "openweight_per_request_"  # see _per_request_attention
+
+
 def _bytes_per_token(lm: LoadedModel) -> int:
+    """Bytes of keys and values one token takes in the batch's cache, all layers together:
+    the fast path's are float32; transformers' paged cache holds the model's own dtype and
+    counts every layer as a full-attention one (sliding-window layers hold at most their
+    window, so a hybrid model's requests take less)."""
     fast = lm.fast
-    return int(len(fast.layers) * 2 * fast.kv_heads * fast.head_dim * 4)  # float32 K and V
+    if fast is not None:
+        return int(len(fast.layers) * 2 * fast.kv_heads * fast.head_dim * 4)
+    from transformers.generation.continuous_batching.utils import (
+        find_head_dim,
+        find_num_key_value_heads,
+    )
+
+    text = lm.model.config.get_text_config()
+    return int(text.num_hidden_layers * 2 * find_num_key_value_heads(text)
+               * find_head_dim(text) * lm.model.dtype.itemsize)
 
 
 @dataclass
@@ -274,7 +315,8 @@ def _start_manager(lm: LoadedModel, requests: dict[int, _Request], steps: list[i
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    model = _batch_model_class()(lm, requests, steps)
+    batch_class = _batch_model_class() if lm.fast is not None else _model_batch_class()
+    model = batch_class(lm, requests, steps)
     eos = sorted(lm.eos_ids) or [-1]
     generation = GenerationConfig(do_sample=False, eos_token_id=eos, max_new_tokens=256,
                                   pad_token_id=eos[0])
@@ -310,14 +352,24 @@ def _start_manager(lm: LoadedModel, requests: dict[int, _Request], steps: list[i
     return manager
 
 
-_BATCH_MODEL: Any = None
+_CLASSES: dict[str, Any] = {}
 
 
 def _batch_model_class() -> Any:
-    """``_BatchModel``, defined on first use so that importing this module stays light."""
-    global _BATCH_MODEL
-    if _BATCH_MODEL is not None:
-        return _BATCH_MODEL
+    """``_BatchModel``: the batch over the fast path's layers (see ``_batch_classes``)."""
+    return _batch_classes()["fast"]
+
+
+def _model_batch_class() -> Any:
+    """``_ModelBatch``: the batch over transformers' own forward (see ``_batch_classes``)."""
+    return _batch_classes()["model"]
+
+
+def _batch_classes() -> dict[str, Any]:
+    """The models the manager batches over, defined on first use so that importing this
+    module stays light."""
+    if _CLASSES:
+        return _CLASSES
     import copy
     import types
 
@@ -347,31 +399,107 @@ def _batch_model_class() -> Any:
         def __call__(self, scores: Any, tensor_arg: Any) -> Any:
             return scores  # already one-hot: the forward picked each row's token
 
-    class _BatchModel(ContinuousMixin, torch.nn.Module):  # type: ignore[misc]
-        """What the manager batches over: the fast path's layers behind transformers'
-        paged-attention forward signature."""
+    class _Rows(ContinuousMixin, torch.nn.Module):  # type: ignore[misc]
+        """What both batch models share: transformers' paged-attention forward signature,
+        run on the model thread, and each request's token picked by its own sampler, handed
+        to the manager as a one-hot row."""
 
         _supports_flash_attn = False
+        _step: Any  # the step, run on the model thread: returns the one-hot rows
 
         def __init__(self, lm: LoadedModel, requests: dict[int, _Request],
                      steps: list[int]) -> None:
             super().__init__()
             self.lm = lm
-            self.fast = lm.fast
             self.requests = requests
             self.steps = steps
             self.config = copy.deepcopy(lm.model.config)
+            self.generation_config = lm.model.generation_config
+
+        def set_attn_implementation(self, attn_implementation: str) -> None:
+            self.config._attn_implementation = attn_implementation
+
+        def _supports_logits_to_keep(self) -> bool:
+            return True
+
+        def _get_logits_processor(self, generation_config: Any) -> Any:
+            return LogitsProcessorList([_Slots()])
+
+        def forward(self, **batch: Any) -> Any:
+            return worker.call(lambda: self._step(**batch))
+
+        def _picked(self, logits: Any, logits_processor_args: Any) -> Any:
+            """Each row's token (``logits``: [rows, vocab], one row per request that gets a
+            token this step), as the manager's one-hot output."""
+            slots = logits_processor_args[0, : logits.shape[0]].tolist()
+            tokens = [self._pick(slot, logits[i:i + 1]) for i, slot in enumerate(slots)]
+            self.steps[0] += 1
+            self.steps[1] = max(self.steps[1], len(tokens))
+            device = logits.device
+            onehot = torch.full((1, len(tokens), max(tokens) + 1), float("-inf"), device=device)
+            onehot[0, torch.arange(len(tokens), device=device),
+                   torch.tensor(tokens, device=device)] = 0.0
+            return types.SimpleNamespace(logits=onehot)
+
+        def _pick(self, slot: int, logits: Any) -> int:
+            request = self.requests.get(slot)
+            if request is None:  # cancelled while in this step: any token will do
+                return int(logits[0].max(-1).indices)
+            if request.sampler is None:
+                request.sampler = Sampler(request.settings, [], request.seed,
+                                           request.prompt, request.max_new)
+            return int(request.sampler.pick(logits))
+
+    class _ModelBatch(_Rows):
+        """The batch over the loaded transformers model itself, for the models the fast path
+        does not take (GPUs, other architectures, sliding-window layers, OPENWEIGHT_FAST=0):
+        its own forward over the rows of all the requests, with transformers' paged cache and
+        the attention the manager sets up for it (sdpa stays sdpa, eager becomes
+        paged|eager: one call over all the requests' keys, with a block-diagonal mask), on
+        the model's device and dtype.
+
+        On a CPU (``split``) that attention runs once per request instead, over the request's
+        own keys and its block of the mask: one call over everyone's keys tiles each row's
+        softmax by where its keys happen to lie, which moves a greedy answer by a rounding
+        step with what runs beside it; per request, every row is computed as it is alone
+        (and bfloat16 matrix products are row-independent there, float32 ones are not)."""
+
+        def __init__(self, lm: LoadedModel, requests: dict[int, _Request],
+                     steps: list[int]) -> None:
+            super().__init__(lm, requests, steps)
+            self.device = lm.model.device
+            self.dtype = lm.model.dtype  # the paged cache's: as generate's cache
+            self.split = self.device.type == "cpu"
+            self._keeps = bool(lm.model._supports_logits_to_keep())
+
+        def _step(self, *, logits_indices: Any, logits_processor_args: Any,
+                  logits_to_keep: Any = None, **batch: Any) -> Any:
+            model = self.lm.model
+            attention = self.config._attn_implementation
+            if self.split and not attention.startswith("flash"):  # flash is per request
+                attention = _per_request_attention(attention)
+            with torch.inference_mode(), _attention(model.config, attention):
+                if self._keeps:
+                    logits = model(**batch, logits_to_keep=logits_indices).logits[0]
+                else:
+                    logits = model(**batch).logits[0, logits_indices]
+                return self._picked(logits, logits_processor_args)
+
+    class _BatchModel(_Rows):
+        """The batch over the fast path's layers behind transformers' paged-attention
+        forward signature."""
+
+        def __init__(self, lm: LoadedModel, requests: dict[int, _Request],
+                     steps: list[int]) -> None:
+            super().__init__(lm, requests, steps)
+            self.fast = lm.fast
             # attention reads the cache per request (by cu_seq_lens, as flash attention
             # does), so the manager needs no dense masks: a "flash" name tells it so
             self.config._attn_implementation = "openweight_flash_varlen"
-            self.generation_config = lm.model.generation_config
             self.device = torch.device("cpu")
             self.dtype = torch.float32  # the KV cache's: float32, as on the single-stream path
             self._cache: Any = None
             self._views_of: dict[int, tuple[Any, Any]] = {}
-
-        def set_attn_implementation(self, attn_implementation: str) -> None:
-            self.config._attn_implementation = attn_implementation
 
         def _views(self, cache: Any, layer: int) -> tuple[Any, Any]:
             """One layer's keys and values in the paged cache as [1, kv_heads, tokens,
@@ -383,15 +511,6 @@ def _batch_model_class() -> Any:
                 views = tuple(t.permute(1, 0, 2).unsqueeze(0) for t in _layer_views(cache, layer))
                 self._views_of[layer] = views
             return views
-
-        def _supports_logits_to_keep(self) -> bool:
-            return True
-
-        def _get_logits_processor(self, generation_config: Any) -> Any:
-            return LogitsProcessorList([_Slots()])
-
-        def forward(self, **batch: Any) -> Any:
-            return worker.call(lambda: self._step(**batch))
 
         def _step(self, *, input_ids: Any, position_ids: Any, cu_seq_lens_q: Any,
                   cu_seq_lens_k: Any, logits_to_keep: Any, logits_processor_args: Any,
@@ -405,22 +524,7 @@ def _batch_model_class() -> Any:
                                       {"cu_seq_lens_k": cu_seq_lens_k,
                                        "max_length_k": max_length_k,
                                        "read_index": read_index, "write_index": write_index})
-                slots = logits_processor_args[0, : logits.shape[0]].tolist()
-                tokens = [self._pick(slot, logits[i:i + 1]) for i, slot in enumerate(slots)]
-                self.steps[0] += 1
-                self.steps[1] = max(self.steps[1], len(tokens))
-                onehot = torch.full((1, len(tokens), max(tokens) + 1), float("-inf"))
-                onehot[0, torch.arange(len(tokens)), torch.tensor(tokens)] = 0.0
-            return types.SimpleNamespace(logits=onehot)
-
-        def _pick(self, slot: int, logits: Any) -> int:
-            request = self.requests.get(slot)
-            if request is None:  # cancelled while in this step: any token will do
-                return int(logits[0].max(-1).indices)
-            if request.sampler is None:
-                request.sampler = Sampler(request.settings, [], request.seed,
-                                           request.prompt, request.max_new)
-            return int(request.sampler.pick(logits))
+                return self._picked(logits, logits_processor_args)
 
         def _logits(self, ids: Any, pos: Any, cu_q: list[int], cu_k: list[int], keep: Any,
                     cache: Any, cache_args: dict[str, Any]) -> Any:
@@ -486,5 +590,54 @@ def _batch_model_class() -> Any:
             out.append((first, last + 1))
         return out
 
-    _BATCH_MODEL = _BatchModel
-    return _BATCH_MODEL
+    _CLASSES.update(fast=_BatchModel, model=_ModelBatch)
+    return _CLASSES
+
+
+def _per_request_attention(name: str) -> str:
+    """The name of an attention implementation that runs transformers' ``name`` (as
+    registered in its ``AttentionInterface``) once per request of a paged batch, registered
+    on first use."""
+    split = _PER_REQUEST + name.replace("|", "_")
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if split in ALL_ATTENTION_FUNCTIONS:
+        return split
+    import torch
+
+    base = ALL_ATTENTION_FUNCTIONS[name]
+
+    def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+               **kwargs: Any) -> tuple[Any, None]:
+        # query [1, heads, rows, dim]; key and value [1, kv_heads, keys, dim], each
+        # request's keys after the previous one's (as the cache read them back); the mask
+        # [1, 1, rows, keys] is block-diagonal: each request's block is its own mask
+        cu_q = kwargs["cu_seq_lens_q"].tolist()
+        cu_k = kwargs["cu_seq_lens_k"].tolist()
+        outs = []
+        for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:], strict=False):
+            if q1 > q0:
+                mask = None if attention_mask is None else attention_mask[..., q0:q1, k0:k1]
+                outs.append(base(module, query[:, :, q0:q1], key[:, :, k0:k1],
+                                 value[:, :, k0:k1], mask, **kwargs)[0])
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
+
+    AttentionInterface.register(split, attend)
+    return split
+
+
+@contextlib.contextmanager
+def _attention(config: Any, implementation: str) -> Iterator[None]:
+    """The model's attention implementation set to the batch's for one step. The model is
+    shared with the single-stream path, whose steps run on the same thread, never inside
+    this one."""
+    before = config._attn_implementation
+    if before == implementation:
+        yield
+        return
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before

@@ -406,6 +406,8 @@ class Sampler:
     def pick(self, logits: Any) -> int:
         import torch
 
+        if (self.steps or self.sample) and logits.device.type != "cpu":
+            logits = logits.cpu()  # the token history and the generator are on the CPU
         if self.steps:
             logits = logits.float()
             seq = self.ids[: self.length].unsqueeze(0)
