@@ -4,6 +4,7 @@ max_tokens and cancellation stay per request; what the batch cannot take falls b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -18,10 +19,11 @@ import pytest
 import openweight
 from openweight.local import LocalEngine, collect, unload_all
 from openweight.local.batching import Batching
+from openweight.local.engine import TokenSource, default_source
 from openweight.options import GenerationOptions
-from openweight.types import to_messages
+from openweight.types import ChatResult, to_messages
 
-from conftest import ServerThread
+from conftest import ServerThread, build_tiny_model
 
 PROMPTS = ["hello", "what is this", "a", "x y z", "tell me a story", "b", "count", "why"]
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
@@ -337,6 +339,230 @@ def test_other_families_batch_like_they_decode_alone(family: str, env: None,
         assert batch.stats()["batched"] == 6 and batch.stats()["max_rows"] >= 2
     finally:
         batch.close()
+
+
+# -- models the fast path does not take: transformers' own forward ----------------------------
+
+@pytest.fixture(scope="module")
+def nofast_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama again, in a directory of its own: loaded under OPENWEIGHT_FAST=0, it
+    stays off the fast path in the process's model cache (which keys models by path)."""
+    return build_tiny_model(tmp_path_factory.mktemp("nofast") / "tiny-llama")
+
+
+@pytest.fixture(params=["llama-fast-off", "gpt-oss"])
+def off_fast(request: pytest.FixtureRequest, env: None, nofast_model: Path,
+             tiny_gpt_oss: Path, monkeypatch: pytest.MonkeyPatch) -> LocalEngine:
+    """A model the batch runs through transformers' own forward: the tiny Llama with the
+    fast path turned off (int8 on a CPU, like the fast path's), or a tiny gpt-oss, which the
+    fast path never takes (sliding-window and full-attention layers, attention sinks,
+    mixture of experts, eager attention)."""
+    if request.param == "llama-fast-off":
+        monkeypatch.setenv("OPENWEIGHT_FAST", "0")
+        engine = LocalEngine(nofast_model)
+    else:
+        engine = LocalEngine(tiny_gpt_oss)
+    assert engine.loaded.fast is None
+    return engine
+
+
+def _off_fast_requests(engine: LocalEngine) -> list[tuple[Any, GenerationOptions]]:
+    """Different prompts and limits: greedy, seeded sampling, a repetition penalty, and a
+    prompt longer than a step's tokens (the Llama) or than gpt-oss's sliding window."""
+    settings: list[dict[str, Any]] = [
+        {"temperature": 0, "max_tokens": 60}, {"temperature": 0, "max_tokens": 25},
+        {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7, "max_tokens": 45},
+        {"temperature": 0, "max_tokens": 8, "repetition_penalty": 1.3},
+        {"temperature": 0, "max_tokens": 50},
+        # top_k given: left unset, generate applies its default of 50 and the engine's
+        # resolved_settings (so the batch's sampler) none, whichever path is batched
+        {"temperature": 0.8, "top_k": 20, "seed": 11, "max_tokens": 30},
+        {"temperature": 0, "max_tokens": 70}]
+    prompts = PROMPTS[: len(settings)]
+    long = " ".join(PROMPTS) * (12 if engine.loaded.context_length > 512 else 4)
+    settings.append({"temperature": 0, "max_tokens": 40})
+    prompts.append(long)
+    return [(to_messages([{"role": "user", "content": p}]), GenerationOptions.from_kwargs(s))
+            for p, s in zip(prompts, settings, strict=True)]
+
+
+def _answer(engine: LocalEngine, messages: Any, options: GenerationOptions,
+            source: TokenSource = default_source) -> tuple[ChatResult, list[int]]:
+    """The answer and the token ids behind it (a random model's text can hide tokens: a
+    harmony parser drops what is not a final message)."""
+    tokens: list[int] = []
+
+    def recorded(*args: Any) -> Iterator[int]:
+        with contextlib.closing(source(*args)) as inner:  # type: ignore[type-var]
+            for token in inner:
+                tokens.append(token)
+                yield token
+
+    return collect(engine.stream(messages, options, source=recorded), "x"), tokens
+
+
+def test_models_off_the_fast_path_batch_like_they_decode_alone(off_fast: LocalEngine) -> None:
+    from openweight.local.batching import _model_batch_class
+
+    engine, lm = off_fast, off_fast.loaded
+    requests = _off_fast_requests(engine)
+    batch = Batching()
+    try:
+        assert batch.fallback_reason(lm, 10, 10, requests[0][1]) is None
+        # in-process: the single-stream path, transformers' generate
+        single = [_answer(engine, m, o) for m, o in requests]
+        alone = [_answer(engine, m, o, batch.source) for m, o in requests]
+        together = _together([lambda m=m, o=o: _answer(engine, m, o, batch.source)
+                              for m, o in requests])
+        assert alone == single
+        assert together == alone
+        stats = batch.stats()
+        assert stats["batched"] == 2 * len(requests) and stats["single"] == 0
+        assert stats["max_rows"] >= 4, "the requests were not decoded together"
+        assert isinstance(batch._batchers[id(lm)]._manager.model, _model_batch_class())
+        for (result, tokens), (_, options) in zip(alone, requests, strict=True):
+            assert result.usage.completion_tokens == len(tokens) <= options.max_tokens
+    finally:
+        batch.close()
+
+
+def test_off_the_fast_path_a_request_cancelled_mid_way_leaves_the_others_intact(
+        off_fast: LocalEngine) -> None:
+    engine, lm = off_fast, off_fast.loaded
+    requests = [(to_messages([{"role": "user", "content": p}]),
+                 GenerationOptions.from_kwargs({"temperature": 0, "max_tokens": 80}))
+                for p in PROMPTS[:4]]
+    batch = Batching()
+    try:
+        alone = [_answer(engine, m, o, batch.source) for m, o in requests[1:]]
+
+        def leave() -> int:
+            # the token source a server's stream reads, left after five of up to 400 tokens
+            cancel = threading.Event()
+            tokens = batch.source(lm, engine.encode(requests[0][0]), 400, requests[0][1],
+                                  cancel)
+            got = [next(tokens) for _ in range(5)]
+            cancel.set()
+            tokens.close()  # type: ignore[attr-defined]
+            return len(got)
+
+        got = _together([leave] + [lambda m=m, o=o: _answer(engine, m, o, batch.source)
+                                   for m, o in requests[1:]])
+        assert got[0] == 5
+        assert got[1:] == alone
+        assert batch.stats()["max_rows"] >= 2
+        assert _wait(lambda: batch.stats()["active"] == 0), "the cancelled request is decoded"
+        time.sleep(0.2)  # a step that was already running when it left may finish
+        steps = batch.stats()["steps"]
+        time.sleep(0.3)
+        assert batch.stats()["steps"] == steps, "the batch still decodes for nobody"
+    finally:
+        batch.close()
+
+
+def test_a_server_batches_a_model_off_the_fast_path(nofast_model: Path, env: None,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through `openweight serve`: streamed and not, sampled with seeds, and stop strings."""
+    from openweight.server import create_app
+
+    monkeypatch.setenv("OPENWEIGHT_FAST", "0")
+    app = create_app(str(nofast_model))
+    bodies = _bodies()
+    with ServerThread(app, lifespan="on") as server:
+        alone = [_ask(server.url, body) for body in bodies]
+        together = _together([lambda b=b: _ask(server.url, b) for b in bodies])
+        # each greedy answer cut by a stop string taken from itself, beside the others
+        stops: list[str | None] = [None] * len(bodies)
+        for i in (0, 1):  # greedy, up to 150 and 40 tokens
+            text = alone[i][0]
+            stops[i] = next(text[j:j + 2] for j in range(5, len(text) - 2)
+                            if text[j:j + 2].strip() and text[j:j + 2] not in text[:j])
+        stopped = _together([lambda b=b, s=s: _ask(server.url, {**b, "stop": [s]} if s else b)
+                             for b, s in zip(bodies, stops, strict=True)])
+        stats = app.state.batching.stats()
+    assert together == alone
+    assert stats["batched"] == 3 * len(bodies) and stats["single"] == 0
+    assert stats["max_rows"] >= 4, "the requests were not decoded together"
+    for answer, stop, got in zip(alone, stops, stopped, strict=True):
+        if stop is None:
+            assert got == answer
+        else:
+            assert got[:2] == (answer[0][: answer[0].index(stop)], "stop")
+
+
+def test_one_attention_call_over_all_requests_as_on_a_gpu(
+        off_fast: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attention an accelerator runs: transformers' one call over every request's keys
+    with a block-diagonal mask (a CPU splits it per request). Alone, a request gets the
+    single-stream answer; beside others, the call tiles a row's softmax by where its keys
+    lie among theirs, which can move a greedy answer by a rounding step, so this asserts
+    what that path does keep: every request batched, ended by its own limit or stop."""
+    from openweight.local import batching as batching_mod
+
+    monkeypatch.setattr(batching_mod, "_per_request_attention", lambda name: name)
+    engine = off_fast
+    requests = _off_fast_requests(engine)
+    batch = Batching()
+    try:
+        single = [_answer(engine, m, o) for m, o in requests[:3]]
+        alone = [_answer(engine, m, o, batch.source) for m, o in requests[:3]]
+        assert alone == single
+        together = _together([lambda m=m, o=o: _answer(engine, m, o, batch.source)
+                              for m, o in requests])
+        assert batch.stats()["max_rows"] >= 4
+        for (result, tokens), (_, options) in zip(together, requests, strict=True):
+            assert result.usage.completion_tokens == len(tokens)
+            ended = tokens[-1] in engine.loaded.eos_ids
+            assert len(tokens) == options.max_tokens or ended
+            assert result.finish_reason == ("stop" if ended else "length")
+    finally:
+        batch.close()
+
+
+def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import types
+
+    from openweight.local.batching import PAGE_SIZE, _bytes_per_token, _model_reason
+
+    lm = LocalEngine(tiny_gpt_oss).loaded
+    greedy = GenerationOptions.from_kwargs({"temperature": 0})
+    batch = Batching()
+    try:
+        assert lm.fast is None and batch.fallback_reason(lm, 10, 10, greedy) is None
+        schema = GenerationOptions.from_kwargs({"response_format": {
+            "type": "json_schema", "json_schema": {"name": "o", "schema": SCHEMA}}})
+        assert "json_schema" in str(batch.fallback_reason(lm, 10, 10, schema))
+        assert "longer" in str(Batching(kv_bytes=1).fallback_reason(lm, 10, 100_000, greedy))
+        with monkeypatch.context() as mp:
+            mp.setattr(lm.model, "generate", lambda **kwargs: None)
+            assert "generate is replaced" in str(batch.fallback_reason(lm, 10, 10, greedy))
+        # the KV cache the capacity is counted in is the one the batch allocates: the
+        # model's dtype, every layer's keys and values
+        config = lm.model.config
+        per_layer = 2 * config.num_key_value_heads * config.head_dim
+        assert _bytes_per_token(lm) == config.num_hidden_layers * per_layer * \
+            lm.model.dtype.itemsize
+        cache = batch._batcher(lm)._manager.batch_processor.cache  # type: ignore[union-attr]
+        assert cache.dtype == lm.model.dtype
+        assert cache.num_blocks * PAGE_SIZE == batch._capacity(lm)
+    finally:
+        batch.close()
+
+    def reason(**changes: Any) -> str | None:
+        config = copy.deepcopy(lm.model.config)
+        for name, value in changes.items():
+            setattr(config, name, value)
+        return _model_reason(types.SimpleNamespace(fast=None, model=types.SimpleNamespace(
+            config=config)))  # type: ignore[arg-type]
+
+    assert reason() is None  # sliding-window and full-attention layers, eager attention
+    assert "linear_attention" in str(reason(layer_types=["linear_attention",
+                                                          "full_attention"]))
+    assert "no window size" in str(reason(sliding_window=None))
+    assert "flex_attention" in str(reason(_attn_implementation="flex_attention"))
+    assert "soft-cap" in str(reason(attn_logit_softcapping=50.0))
 
 
 # -- lifespan ---------------------------------------------------------------------------------
