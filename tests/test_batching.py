@@ -23,7 +23,7 @@ from openweight.local.engine import TokenSource, default_source
 from openweight.options import GenerationOptions
 from openweight.types import ChatResult, to_messages
 
-from conftest import ServerThread, build_tiny_model
+from conftest import CHATML, SPECIALS, ServerThread, build_tiny_model, byte_tokenizer
 
 PROMPTS = ["hello", "what is this", "a", "x y z", "tell me a story", "b", "count", "why"]
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
@@ -350,25 +350,51 @@ def nofast_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("nofast") / "tiny-llama")
 
 
-@pytest.fixture(params=["llama-fast-off", "gpt-oss"])
+@pytest.fixture(scope="module")
+def sliding_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mistral whose every layer attends over a sliding window of 16 tokens."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = byte_tokenizer(SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               bos_token="<|endoftext|>",
+                               additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML  # type: ignore[attr-defined]
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,  # type: ignore[arg-type]
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=1024, sliding_window=16,
+        eos_token_id=SPECIALS.index("<|im_end|>"),
+        bos_token_id=0, pad_token_id=0, initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sliding") / "tiny-mistral"
+    MistralForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))  # type: ignore[attr-defined]
+    return path
+
+
+@pytest.fixture(params=["llama-fast-off", "gpt-oss", "mistral-sliding-window"])
 def off_fast(request: pytest.FixtureRequest, env: None, nofast_model: Path,
-             tiny_gpt_oss: Path, monkeypatch: pytest.MonkeyPatch) -> LocalEngine:
+             tiny_gpt_oss: Path, sliding_model: Path,
+             monkeypatch: pytest.MonkeyPatch) -> LocalEngine:
     """A model the batch runs through transformers' own forward: the tiny Llama with the
-    fast path turned off (int8 on a CPU, like the fast path's), or a tiny gpt-oss, which the
-    fast path never takes (sliding-window and full-attention layers, attention sinks,
-    mixture of experts, eager attention)."""
+    fast path turned off (int8 on a CPU, like the fast path's), or one the fast path never
+    takes: a tiny gpt-oss (sliding-window and full-attention layers, attention sinks,
+    mixture of experts, eager attention) or Mistral with a sliding window everywhere."""
     if request.param == "llama-fast-off":
         monkeypatch.setenv("OPENWEIGHT_FAST", "0")
         engine = LocalEngine(nofast_model)
     else:
-        engine = LocalEngine(tiny_gpt_oss)
+        engine = LocalEngine(tiny_gpt_oss if request.param == "gpt-oss" else sliding_model)
     assert engine.loaded.fast is None
     return engine
 
 
 def _off_fast_requests(engine: LocalEngine) -> list[tuple[Any, GenerationOptions]]:
     """Different prompts and limits: greedy, seeded sampling, a repetition penalty, and a
-    prompt longer than a step's tokens (the Llama) or than gpt-oss's sliding window."""
+    prompt longer than any sliding window here and, where the context allows, than a step's
+    tokens and a cache page."""
     settings: list[dict[str, Any]] = [
         {"temperature": 0, "max_tokens": 60}, {"temperature": 0, "max_tokens": 25},
         {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7, "max_tokens": 45},
@@ -524,6 +550,8 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
     import copy
     import types
 
+    from transformers.utils.import_utils import is_torch_greater_or_equal
+
     from openweight.local.batching import PAGE_SIZE, _bytes_per_token, _model_reason
 
     lm = LocalEngine(tiny_gpt_oss).loaded
@@ -550,12 +578,12 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
     finally:
         batch.close()
 
-    def reason(**changes: Any) -> str | None:
+    def reason(device: str = "cpu", **changes: Any) -> str | None:
         config = copy.deepcopy(lm.model.config)
         for name, value in changes.items():
             setattr(config, name, value)
-        return _model_reason(types.SimpleNamespace(fast=None, model=types.SimpleNamespace(
-            config=config)))  # type: ignore[arg-type]
+        return _model_reason(types.SimpleNamespace(  # type: ignore[arg-type]
+            fast=None, device=device, model=types.SimpleNamespace(config=config)))
 
     assert reason() is None  # sliding-window and full-attention layers, eager attention
     assert "linear_attention" in str(reason(layer_types=["linear_attention",
@@ -563,6 +591,9 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
     assert "no window size" in str(reason(sliding_window=None))
     assert "flex_attention" in str(reason(_attn_implementation="flex_attention"))
     assert "soft-cap" in str(reason(attn_logit_softcapping=50.0))
+    assert reason(device="cuda") is None
+    if not is_torch_greater_or_equal("2.14", accept_dev=True):
+        assert "Apple GPU" in str(reason(device="mps"))
 
 
 # -- lifespan ---------------------------------------------------------------------------------

@@ -160,6 +160,11 @@ def _model_reason(lm: LoadedModel) -> str | None:
     text = config.get_text_config()
     if getattr(config, "is_encoder_decoder", False):
         return "the model is an encoder-decoder"
+    if lm.device == "mps":
+        from transformers.utils.import_utils import is_torch_greater_or_equal
+
+        if not is_torch_greater_or_equal("2.14", accept_dev=True):
+            return "continuous batching on an Apple GPU is slow and memory-hungry before torch 2.14"
     kinds = set(getattr(text, "layer_types", None) or ())
     other = sorted(kinds - set(_PAGED_LAYER_TYPES))
     if other:
