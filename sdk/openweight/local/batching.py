@@ -3,20 +3,27 @@
 transformers' ``ContinuousBatchingManager`` does the batching: its scheduler admits
 requests, splits long prompts into chunks, gives every request pages of a paged KV cache
 (reusing the pages of a shared prefix), and streams each request's tokens as they come.
-What this module adds is the model it batches over, ``_BatchModel``: a thin
-``forward(**paged_attention_args)`` built from the fast CPU path's own layers (``fast.py``:
-fused projections, float32 attention), run on the model thread (``worker.py``). Each row is
-computed with the same operations as the single-stream path: the quantised matrix products
-are row-independent and attention runs per request, so a greedy answer is the same token
-for token whether it was decoded alone, beside seven others, or on the single-stream path.
+What this module adds is the model it batches over, a thin
+``forward(**paged_attention_args)`` run on the model thread (``worker.py``), one of two:
+
+- ``_BatchModel``, for the models the fast CPU path takes, is built from that path's own
+  layers (``fast.py``: fused projections, float32 attention). Each row is computed with
+  the same operations as the single-stream path: the quantised matrix products are
+  row-independent and attention runs per request, so a greedy answer is the same token
+  for token whether it was decoded alone, beside seven others, or on the single-stream
+  path.
+- ``_ModelBatch``, for every other model (GPUs, other architectures, sliding-window
+  layers, ``OPENWEIGHT_FAST=0``), runs the transformers model's own forward over the
+  paged cache, in the model's dtype and on its device, with the attention the manager
+  sets up for it; on a CPU that attention runs per request, as generate runs it.
 
 Sampling stays per request: each request gets the single-stream path's own sampler
 (temperature, top_p, top_k, min_p, repetition penalty and its own seeded generator), picked
 inside the forward, and hands the manager a one-hot row to take the argmax of.
 
 ``Batching.source`` is a ``TokenSource`` (see ``engine.py``): requests it cannot batch (a
-json_schema, a model the fast path does not take, a GPU, a request longer than the batch
-cache) go to the engine's ``default_source`` unchanged.
+json_schema, a model transformers' paged cache cannot hold, a request longer than the
+batch cache) go to the engine's ``default_source`` unchanged.
 """
 
 from __future__ import annotations
@@ -464,10 +471,12 @@ def _batch_classes() -> dict[str, Any]:
         the model's device and dtype.
 
         On a CPU (``split``) that attention runs once per request instead, over the request's
-        own keys and its block of the mask: one call over everyone's keys tiles each row's
-        softmax by where its keys happen to lie, which moves a greedy answer by a rounding
-        step with what runs beside it; per request, every row is computed as it is alone
-        (and bfloat16 matrix products are row-independent there, float32 ones are not)."""
+        own keys and its block of the mask, as generate calls it: one call over everyone's
+        keys tiles each row's softmax by where its keys happen to lie, which moves a greedy
+        answer by a rounding step with what runs beside it. What is left is the matrix
+        products': int8 and int4 ones are row-independent, so an answer is then exactly the
+        one it gets alone; a bfloat16 or float32 product of one row can round differently
+        from one of several."""
 
         def __init__(self, lm: LoadedModel, requests: dict[int, _Request],
                      steps: list[int]) -> None:
@@ -613,6 +622,8 @@ def _per_request_attention(name: str) -> str:
 
     base = ALL_ATTENTION_FUNCTIONS[name]
 
+    sdpa = name == "sdpa"
+
     def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
                **kwargs: Any) -> tuple[Any, None]:
         # query [1, heads, rows, dim]; key and value [1, kv_heads, keys, dim], each
@@ -622,14 +633,30 @@ def _per_request_attention(name: str) -> str:
         cu_k = kwargs["cu_seq_lens_k"].tolist()
         outs = []
         for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:], strict=False):
-            if q1 > q0:
-                mask = None if attention_mask is None else attention_mask[..., q0:q1, k0:k1]
-                outs.append(base(module, query[:, :, q0:q1], key[:, :, k0:k1],
-                                 value[:, :, k0:k1], mask, **kwargs)[0])
+            if q1 <= q0:
+                continue
+            mask = None if attention_mask is None else attention_mask[..., q0:q1, k0:k1]
+            if sdpa and mask is not None and _plain_causal(mask, q1 - q0, k1 - k0):
+                # as generate calls sdpa: no mask for one new token or a first prompt
+                # chunk within any window (sdpa then takes another route for grouped
+                # heads, which rounds differently)
+                mask = None
+            outs.append(base(module, query[:, :, q0:q1], key[:, :, k0:k1],
+                             value[:, :, k0:k1], mask,
+                             **{**kwargs, "is_causal": mask is None and q1 - q0 > 1})[0])
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
 
     AttentionInterface.register(split, attend)
     return split
+
+
+def _plain_causal(mask: Any, rows: int, keys: int) -> bool:
+    """Whether a request's block of the batch's mask is what causal attention does by
+    itself: one row that sees every key, or a first chunk (no past) whose last row still
+    sees the first key (no sliding window cuts in)."""
+    if rows == 1:
+        return True
+    return rows == keys and bool(mask[0, 0, rows - 1, 0] == 0)
 
 
 @contextlib.contextmanager
