@@ -381,12 +381,17 @@ def off_fast(request: pytest.FixtureRequest, env: None, nofast_model: Path,
     """A model the batch runs through transformers' own forward: the tiny Llama with the
     fast path turned off (int8 on a CPU, like the fast path's), or one the fast path never
     takes: a tiny gpt-oss (sliding-window and full-attention layers, attention sinks,
-    mixture of experts, eager attention) or Mistral with a sliding window everywhere."""
+    mixture of experts, eager attention; bfloat16, unquantised) or a Mistral with a
+    sliding window everywhere (int8). Unquantised, a CPU's product of one row can round
+    differently from one of several (see README, Concurrent requests): at these sizes in
+    bfloat16 it does not, which is what lets the gpt-oss answers be compared exactly."""
     if request.param == "llama-fast-off":
         monkeypatch.setenv("OPENWEIGHT_FAST", "0")
         engine = LocalEngine(nofast_model)
+    elif request.param == "gpt-oss":
+        engine = LocalEngine(tiny_gpt_oss, dtype="bfloat16")
     else:
-        engine = LocalEngine(tiny_gpt_oss if request.param == "gpt-oss" else sliding_model)
+        engine = LocalEngine(sliding_model)
     assert engine.loaded.fast is None
     return engine
 
