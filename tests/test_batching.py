@@ -619,10 +619,15 @@ def test_the_batch_stops_with_the_app(tiny_model: Path, env: None) -> None:
 # -- the real default model -------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_smollm2_eight_concurrent_chats(smollm2_home: Path,
+@pytest.mark.parametrize("fast", ["fast-path", "fast-off"])
+def test_smollm2_eight_concurrent_chats(fast: str, smollm2_home: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real default model (int4 on a CPU), batched over the fast path's layers or, with
+    OPENWEIGHT_FAST=0, over transformers' own forward."""
     from openweight.server import create_app
 
+    if fast == "fast-off":
+        monkeypatch.setenv("OPENWEIGHT_FAST", "0")
     monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))
     monkeypatch.setenv("OPENWEIGHT_OFFLINE", "1")
     monkeypatch.setenv("OPENWEIGHT_PREFIX_CACHE", "0")
@@ -640,6 +645,8 @@ def test_smollm2_eight_concurrent_chats(smollm2_home: Path,
             alone = [_ask(server.url, body) for body in bodies]
             together = _together([lambda b=b: _ask(server.url, b) for b in bodies])
             stats = app.state.batching.stats()
+            (batcher,) = app.state.batching._batchers.values()
+            assert (batcher.lm.fast is None) == (fast == "fast-off")
         assert together == alone
         assert "Paris" in alone[0][0]
         assert stats["max_rows"] >= 4
