@@ -621,7 +621,6 @@ def _per_request_attention(name: str) -> str:
     import torch
 
     base = ALL_ATTENTION_FUNCTIONS[name]
-
     sdpa = name == "sdpa"
 
     def attend(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -636,27 +635,18 @@ def _per_request_attention(name: str) -> str:
             if q1 <= q0:
                 continue
             mask = None if attention_mask is None else attention_mask[..., q0:q1, k0:k1]
-            if sdpa and mask is not None and _plain_causal(mask, q1 - q0, k1 - k0):
-                # as generate calls sdpa: no mask for one new token or a first prompt
-                # chunk within any window (sdpa then takes another route for grouped
-                # heads, which rounds differently)
+            if sdpa and q1 - q0 == 1:
+                # one new token sees every key it reads (a window holds no more): no mask,
+                # as generate decodes (sdpa then takes another, differently rounding,
+                # route for grouped heads). Prompt chunks keep theirs whichever chunk
+                # they are, so where a prompt is cut does not change how it is computed.
                 mask = None
             outs.append(base(module, query[:, :, q0:q1], key[:, :, k0:k1],
-                             value[:, :, k0:k1], mask,
-                             **{**kwargs, "is_causal": mask is None and q1 - q0 > 1})[0])
+                             value[:, :, k0:k1], mask, **kwargs)[0])
         return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), None
 
     AttentionInterface.register(split, attend)
     return split
-
-
-def _plain_causal(mask: Any, rows: int, keys: int) -> bool:
-    """Whether a request's block of the batch's mask is what causal attention does by
-    itself: one row that sees every key, or a first chunk (no past) whose last row still
-    sees the first key (no sliding window cuts in)."""
-    if rows == 1:
-        return True
-    return rows == keys and bool(mask[0, 0, rows - 1, 0] == 0)
 
 
 @contextlib.contextmanager
