@@ -405,9 +405,8 @@ def _off_fast_requests(engine: LocalEngine) -> list[tuple[Any, GenerationOptions
         {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 7, "max_tokens": 45},
         {"temperature": 0, "max_tokens": 8, "repetition_penalty": 1.3},
         {"temperature": 0, "max_tokens": 50},
-        # top_k given: left unset, generate applies its default of 50 and the engine's
-        # resolved_settings (so the batch's sampler) none, whichever path is batched
-        {"temperature": 0.8, "top_k": 20, "seed": 11, "max_tokens": 30},
+        # top_k left unset: generate's default (50) applies on every path
+        {"temperature": 0.8, "seed": 11, "max_tokens": 30},
         {"temperature": 0, "max_tokens": 70}]
     prompts = PROMPTS[: len(settings)]
     long = " ".join(PROMPTS) * (12 if engine.loaded.context_length > 512 else 4)

@@ -146,6 +146,10 @@ def test_llama3_generation_defaults_respected(family_model: Callable[[str], Path
     assert unset["do_sample"] is True and "temperature" not in unset  # the config's 0.6 applies
     assert resolved_settings(lm, GenerationOptions(), 8)["temperature"] == 0.6
     assert resolved_settings(lm, GenerationOptions(temperature=0.9), 8)["temperature"] == 0.9
+    # knobs neither the request nor the config sets: generate's defaults, on every path
+    assert resolved_settings(lm, GenerationOptions(), 8)["top_k"] == 50
+    assert resolved_settings(lm, GenerationOptions(top_k=0), 8)["top_k"] is None
+    assert resolved_settings(lm, GenerationOptions(top_k=7), 8)["top_k"] == 7
     greedy = sampling_settings(lm, GenerationOptions(temperature=0), 8)
     assert greedy["do_sample"] is False
     a = client.chat(HI, max_tokens=12, seed=5)

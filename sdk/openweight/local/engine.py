@@ -320,6 +320,12 @@ def default_source(lm: LoadedModel, prompt: list[int], max_new: int,
     return generate_source(lm, prompt, max_new, options, cancel)
 
 
+# what ``generate`` samples with when neither the request nor the model's generation
+# config sets a knob (transformers' GenerationConfig defaults): the fast path and the batch
+# apply the same, so a seeded answer does not depend on the path that decoded it
+GENERATE_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+
+
 def resolved_settings(lm: LoadedModel, options: GenerationOptions,
                       max_new: int) -> dict[str, Any]:
     """``sampling_settings`` with the knobs left unset filled from the model's generation
@@ -328,7 +334,8 @@ def resolved_settings(lm: LoadedModel, options: GenerationOptions,
     config = lm.model.generation_config
     if settings.get("do_sample"):
         for name in ("temperature", "top_p", "top_k", "min_p"):
-            settings.setdefault(name, getattr(config, name, None))
+            value = getattr(config, name, None)
+            settings.setdefault(name, GENERATE_DEFAULTS.get(name) if value is None else value)
     settings.setdefault("repetition_penalty", getattr(config, "repetition_penalty", None))
     return settings
 
