@@ -78,18 +78,23 @@ def _time_steps(fast: Any, n: int, past: int, steps: int) -> tuple[float, float]
         caches = [fast.new_cache(past + steps + 8) for _ in range(n)]
         for i, cache in enumerate(caches):  # each request its own history
             fast.forward([(7 * i + j) % 1000 + 100 for j in range(past)], cache)
+        # as in the batch's paged cache: every request's keys in one tensor per layer, a
+        # page each; a step writes all rows' keys at once, then attends per request
+        cap = caches[0].capacity
+        keys = [torch.cat([c.k[li] for c in caches], 2) for li in range(len(fast.layers))]
+        values = [torch.cat([c.v[li] for c in caches], 2) for li in range(len(fast.layers))]
+        lengths = [past] * n
         gqa = fast.heads != fast.kv_heads
 
         def attend(li: int, q: Any, k: Any, v: Any) -> Any:
-            outs = []
-            for r, cache in enumerate(caches):
-                pos = cache.length
-                cache.k[li][:, :, pos].copy_(k[:, r])
-                cache.v[li][:, :, pos].copy_(v[:, r])
-                outs.append(F.scaled_dot_product_attention(
-                    q[:, r:r + 1].float().unsqueeze(0), cache.k[li][:, :, :pos + 1],
-                    cache.v[li][:, :, :pos + 1], scale=fast.layers[li].scaling,
-                    enable_gqa=gqa))
+            writes = torch.tensor([r * cap + lengths[r] for r in range(n)])
+            keys[li].index_copy_(2, writes, k.float().unsqueeze(0))
+            values[li].index_copy_(2, writes, v.float().unsqueeze(0))
+            q = q.float().unsqueeze(0)
+            outs = [F.scaled_dot_product_attention(
+                q[:, :, r:r + 1], keys[li][:, :, r * cap:r * cap + lengths[r] + 1],
+                values[li][:, :, r * cap:r * cap + lengths[r] + 1],
+                scale=fast.layers[li].scaling, enable_gqa=gqa) for r in range(n)]
             return outs[0] if n == 1 else torch.cat(outs, 2)
 
         def skip(li: int, q: Any, k: Any, v: Any) -> Any:
@@ -97,7 +102,7 @@ def _time_steps(fast: Any, n: int, past: int, steps: int) -> tuple[float, float]
 
         def step(attention: bool) -> float:
             ids = torch.tensor([(11 * r) % 1000 + 100 for r in range(n)])
-            positions = torch.tensor([cache.length for cache in caches])
+            positions = torch.tensor(lengths)
             start = time.perf_counter()
             cos, sin = fast.rope_at(positions)
             x = fast.run_layers(fast.embed(ids), cos, sin, attend if attention else skip)
@@ -105,8 +110,7 @@ def _time_steps(fast: Any, n: int, past: int, steps: int) -> tuple[float, float]
             logits.max(-1)
             elapsed = time.perf_counter() - start
             if attention:
-                for cache in caches:
-                    cache.length += 1
+                lengths[:] = [length + 1 for length in lengths]
             return elapsed
 
         for _ in range(3):
