@@ -4,7 +4,9 @@
 
 Reports: the device and dtype `auto` picks, whether gpt-oss's MXFP4 weights would stay
 packed (and why not), a tiny random gpt-oss running on the GPU through the real loading
-path, and greedy decode speed of the embedded default on the GPU against the CPU.
+path, greedy decode speed of the embedded default on the GPU against the CPU, and the
+server's continuous batch on the GPU (transformers' own forward there): 8 concurrent
+greedy streams against 1, and how many of the 8 answers equal their answers alone.
 Prints one JSON object; exits 1 if CUDA is not available.
 """
 
@@ -38,6 +40,53 @@ def decode_speed(client: object, tokens: int = 128) -> float:
     return (count - 1) / (end - first)
 
 
+def batch_speed(device: str, streams: int = 8, tokens: int = 96) -> dict[str, object]:
+    """Aggregate tokens/s of 1 and of ``streams`` concurrent requests through the server's
+    batch (in process, no HTTP), on ``device``."""
+    import threading
+
+    from openweight.local.batching import Batching
+    from openweight.local.engine import LocalEngine, collect
+    from openweight.options import GenerationOptions
+    from openweight.store import ensure_model
+    from openweight.types import ChatResult, to_messages
+
+    engine = LocalEngine(ensure_model(None)[1], device=device)
+    options = GenerationOptions.from_kwargs({"temperature": 0, "max_tokens": tokens})
+    messages = [to_messages([{"role": "user", "content": f"Write a long story about "
+                                                          f"animal number {i}."}])
+                for i in range(streams)]
+    alone = [collect(engine.stream(m, options), "x") for m in messages]
+    batch = Batching()
+    try:
+        def run(count: int) -> tuple[float, dict[int, ChatResult]]:
+            out: dict[int, ChatResult] = {}
+
+            def one(i: int) -> None:
+                out[i] = collect(engine.stream(messages[i], options, source=batch.source), "x")
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - start
+            return sum(r.usage.completion_tokens for r in out.values()) / elapsed, out
+
+        run(2)  # warm-up
+        single, _ = run(1)
+        many, answers = run(streams)
+        return {"batch_1_stream_tok_s": round(single, 1),
+                f"batch_{streams}_streams_tok_s": round(many, 1),
+                "batch_ratio": round(many / single, 2),
+                "batch_answers_equal_alone": sum(answers[i].text == alone[i].text
+                                                 for i in range(streams)),
+                "batch_stats": batch.stats()}
+    finally:
+        batch.close()
+
+
 def main() -> int:
     import torch
 
@@ -65,6 +114,7 @@ def main() -> int:
                       tiny_gpt_oss_tokens=result.usage.completion_tokens)
     report["smollm2_gpu_tok_s"] = round(decode_speed(Client()), 1)
     report["smollm2_cpu_tok_s"] = round(decode_speed(Client(device="cpu")), 1)
+    report.update(batch_speed(device))
     print(json.dumps(report, indent=2))
     return 0
 
