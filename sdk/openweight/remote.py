@@ -434,7 +434,8 @@ def _import_httpcore() -> None:
     asyncio's in its async locks: ~95 ms, a tenth of a warm ``llm -m openweight`` call.
     A process that has not imported trio yet is not in a trio loop, so httpcore is
     imported with trio hidden and then given a stand-in that imports trio on first use:
-    an httpx client run later under trio still finds it.
+    an httpx client run later under trio still finds it. (Only ``httpcore.TrioBackend``,
+    which nothing uses unless named, stays the stub httpcore keeps for a missing trio.)
     """
     if "httpcore" in sys.modules or "trio" in sys.modules:
         return
