@@ -7,6 +7,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,20 @@ def family_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
         return built[family]
 
     return get
+
+
+def wait_until(check: Callable[[], bool], seconds: float = 10.0, *, poll: float = 0.02,
+               between: Callable[[], object] | None = None) -> bool:
+    """Poll ``check`` until it holds (True) or ``seconds`` pass (False); ``between`` runs
+    after each failed check."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
+        if between is not None:
+            between()
+    return True
 
 
 def token_ids(tok: object, parts: list[str]) -> list[int]:

@@ -23,7 +23,14 @@ from openweight.local.engine import TokenSource, default_source
 from openweight.options import GenerationOptions
 from openweight.types import ChatResult, to_messages
 
-from conftest import CHATML, SPECIALS, ServerThread, build_tiny_model, byte_tokenizer
+from conftest import (
+    CHATML,
+    SPECIALS,
+    ServerThread,
+    build_tiny_model,
+    byte_tokenizer,
+    wait_until,
+)
 
 PROMPTS = ["hello", "what is this", "a", "x y z", "tell me a story", "b", "count", "why"]
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
@@ -196,15 +203,6 @@ def test_stop_strings_and_max_tokens_per_request(url: str) -> None:
 
 # -- cancellation ---------------------------------------------------------------------------
 
-def _wait(check: Callable[[], bool], seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_a_client_leaving_does_not_disturb_the_others(url: str, batching: Batching) -> None:
     bodies = [{"messages": [{"role": "user", "content": p}], "temperature": 0,
                "max_tokens": 400, "stream": True} for p in PROMPTS[:4]]
@@ -223,7 +221,8 @@ def test_a_client_leaving_does_not_disturb_the_others(url: str, batching: Batchi
     got = _together([leave] + [lambda b=b: _ask(url, b) for b in bodies[1:]])
     assert got[0] == 6
     assert got[1:] == alone
-    assert _wait(lambda: batching.stats()["active"] == 0), "the request that left is still decoded"
+    assert wait_until(lambda: batching.stats()["active"] == 0), \
+        "the request that left is still decoded"
 
 
 def test_sdk_stream_close_cancels(url: str, batching: Batching) -> None:
@@ -233,7 +232,7 @@ def test_sdk_stream_close_cancels(url: str, batching: Batching) -> None:
     next(stream)
     assert batching.stats()["active"] == 1
     stream.close()
-    assert _wait(lambda: batching.stats()["active"] == 0)
+    assert wait_until(lambda: batching.stats()["active"] == 0)
     time.sleep(0.2)  # a step that was already running when the request left may finish
     steps = batching.stats()["steps"]
     time.sleep(0.3)
@@ -481,7 +480,7 @@ def test_off_the_fast_path_a_request_cancelled_mid_way_leaves_the_others_intact(
         assert got[0] == 5
         assert got[1:] == alone
         assert batch.stats()["max_rows"] >= 2
-        assert _wait(lambda: batch.stats()["active"] == 0), "the cancelled request is decoded"
+        assert wait_until(lambda: batch.stats()["active"] == 0), "the cancelled request is decoded"
         time.sleep(0.2)  # a step that was already running when it left may finish
         steps = batch.stats()["steps"]
         time.sleep(0.3)

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from openweight import (
 )
 from openweight.local import loader
 from openweight.local.decode import IncrementalDecoder, StopMatcher
+
+from conftest import wait_until
 
 HI = [{"role": "user", "content": "hi there"}]
 
@@ -266,10 +267,7 @@ def test_abandoned_stream_stops_generating(either_path: Client) -> None:
     next(stream)
     del stream
     gc.collect()
-    deadline = time.monotonic() + 10
-    while not _model_thread_free() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _model_thread_free()
+    assert wait_until(_model_thread_free, 10, poll=0.05)
 
 
 def test_worker_exception_surfaces_as_generation_error(

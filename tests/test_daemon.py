@@ -32,6 +32,8 @@ from openweight.daemon import (
     stop_daemons,
 )
 
+from conftest import wait_until
+
 pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
 ENV = ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "OPENWEIGHT_KEEP_ALIVE")
 
@@ -65,13 +67,7 @@ def _daemon_pids(key: str | None = None) -> list[int]:
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-        daemon._reap()
-    return True
+    return wait_until(check, timeout, poll=0.05, between=daemon._reap)
 
 
 def _home_of(pid: int) -> str | None:
