@@ -221,6 +221,11 @@ def family_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     return get
 
 
+# the longest a test waits on an answer before calling it hung: the slowest CPU kind's
+# real-model answers (8 concurrent SmolLM2 chats on PyTorch's generic kernels) take minutes
+HANG = 600.0
+
+
 def wait_until(check: Callable[[], bool], seconds: float = 10.0, *, poll: float = 0.02,
                between: Callable[[], object] | None = None) -> bool:
     """Poll ``check`` until it holds (True) or ``seconds`` pass (False); ``between`` runs

@@ -25,6 +25,7 @@ from openweight.types import ChatResult, to_messages
 
 from conftest import (
     CHATML,
+    HANG,
     SPECIALS,
     ServerThread,
     build_tiny_model,
@@ -76,7 +77,7 @@ def batching(served: ServerThread) -> Batching:
 
 
 def _post(url: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
-    r = httpx.post(url + path, json=body, timeout=60)
+    r = httpx.post(url + path, json=body, timeout=HANG)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -85,7 +86,7 @@ def _stream(url: str, body: dict[str, Any]) -> tuple[str, str | None, int]:
     """Text, finish reason and completion tokens of a streamed chat."""
     text, finish, tokens = [], None, -1
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=HANG) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -258,7 +259,7 @@ def test_an_error_in_the_batch_reaches_its_requests(url: str, batching: Batching
     monkeypatch.setattr(model_class, "_step", failing_step)
     body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0,
             "max_tokens": 50, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=HANG) as r:
         assert r.status_code == 200
         events = [json.loads(line[6:]) for line in r.iter_lines()
                   if line.startswith("data: ") and line != "data: [DONE]"]

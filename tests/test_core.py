@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import shutil
 import subprocess
 import sys
@@ -201,10 +202,14 @@ def test_model_cached_per_process(tiny_model: Path) -> None:
     a.chat(HI, max_tokens=1)
     b.chat(HI, max_tokens=1)
     assert a._get_backend().loaded is b._get_backend().loaded  # type: ignore[attr-defined]
-    other = Client(str(tiny_model), dtype="float32")
+    # auto resolves by the CPU (bfloat16 on AVX-512, float32 elsewhere): ask for the other one
+    auto = a._get_backend().loaded.dtype  # type: ignore[attr-defined]
+    assert auto == loader.resolve_dtype("auto", "cpu")
+    dtype = "bfloat16" if auto == "float32" else "float32"
+    other = Client(str(tiny_model), dtype=dtype)
     other.chat(HI, max_tokens=1)
     assert other._get_backend().loaded is not a._get_backend().loaded  # type: ignore[attr-defined]
-    assert other._get_backend().loaded.dtype == "float32"  # type: ignore[attr-defined]
+    assert other._get_backend().loaded.dtype == dtype  # type: ignore[attr-defined]
 
 
 def test_threads_match_sequential(tiny_model: Path) -> None:
@@ -328,10 +333,33 @@ async def test_async_bad_option_raises_at_call(tiny_model: Path) -> None:
         await AsyncClient(str(tiny_model)).chat(HI, temperature=9)
 
 
+@pytest.mark.parametrize(("capability", "dtype"), [
+    ("AVX512", "bfloat16"), ("AVX2", "float32"), ("DEFAULT", "float32"),
+    ("SVE256", "float32"), ("NO AVX", "float32"), ("avx512", "bfloat16")])
+def test_auto_dtype_for_each_cpu_kind(capability: str, dtype: str) -> None:
+    assert loader.resolve_dtype("auto", "cpu", capability) == dtype
+    assert loader.resolve_dtype(None, "cpu", capability) == dtype
+    for explicit in ("float32", "bfloat16", "float16"):  # a dtype asked for is kept
+        assert loader.resolve_dtype(explicit, "cpu", capability) == explicit
+
+
+@pytest.mark.parametrize("lowered", ["avx2", "default"])
+def test_auto_dtype_follows_aten_cpu_capability(lowered: str) -> None:
+    """What PyTorch dispatches for decides, also where ATEN_CPU_CAPABILITY lowers it: an
+    AVX-512 machine told to use its AVX2 or generic kernels gets float32, like an AVX2 one."""
+    code = ("from openweight.local import loader; "
+            "print(loader.cpu_capability(), loader.resolve_dtype('auto', 'cpu'))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": lowered}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    assert out[0] in ("AVX2", "DEFAULT") and out[-1] == "float32", out
+
+
 def test_auto_device_and_dtype() -> None:
     assert loader.resolve_device("auto") in ("cuda", "mps", "cpu")
     assert loader.resolve_dtype("float32", "cpu") == "float32"
-    assert loader.resolve_dtype("auto", "cpu") in ("bfloat16", "float32")
+    assert loader.resolve_dtype("auto", "cpu") == loader.resolve_dtype(
+        "auto", "cpu", loader.cpu_capability())
     with pytest.raises(InvalidRequestError, match="torch sees no CUDA"):
         import torch
 

@@ -12,7 +12,8 @@ from typing import Any
 from ..errors import InvalidRequestError, ModelLoadError
 from .prefix_cache import PrefixCache
 
-__all__ = ["DEVICES", "DTYPES", "LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "cpu_capability",
+           "load_model", "resolve_device", "resolve_dtype"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -69,8 +70,23 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def resolve_dtype(dtype: str | None, device: str) -> str:
-    """``auto``: bfloat16 where the device computes it well, else float32."""
+# PyTorch's CPU kernels compute bf16 natively in their AVX-512 build (bf16, VNNI); its AVX2
+# and generic (DEFAULT) builds convert every bf16 value to float32 and back. ARM builds
+# (SVE256, or DEFAULT for NEON) are unmeasured here and stay on float32.
+BF16_CPU_CAPABILITIES = frozenset({"AVX512"})
+
+
+def cpu_capability() -> str:
+    """The instruction set PyTorch dispatches its CPU kernels for: ``AVX512``, ``AVX2``,
+    ``SVE256``, ``DEFAULT``, ... (``ATEN_CPU_CAPABILITY`` lowers it, e.g. to ``avx2``)."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def resolve_dtype(dtype: str | None, device: str, capability: str | None = None) -> str:
+    """``auto``: bfloat16 where the device computes it well, else float32. ``capability``
+    stands in for this CPU's (``cpu_capability()``), to decide for another kind of CPU."""
     dtype = (dtype or "auto").lower()
     if dtype not in DTYPES:
         raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of "
@@ -83,8 +99,9 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if device == "mps":
         return "float16"
-    # CPUs with AVX-512 or AMX run bf16 matmuls natively: half the memory traffic of fp32
-    return "bfloat16" if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") else "float32"
+    # half the memory traffic of fp32 where the kernels compute it natively
+    cap = (capability or cpu_capability()).upper()
+    return "bfloat16" if cap in BF16_CPU_CAPABILITIES else "float32"
 
 
 def source_bits(path: Path) -> int | None:
