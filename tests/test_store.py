@@ -210,6 +210,8 @@ def test_default_and_info(store: Path, tiny_model: Path) -> None:
     assert Client().model == "tiny"
     info = model_info("tiny")
     assert info["installed"] and info["default"] and info["path"] == str(tiny_model.resolve())
+    memory = info["memory_estimate"]  # with the settings a load would pick: int8 packed on a CPU
+    assert memory["quantize"] == "int8" and memory["fits"]
     assert model_info("gpt-oss-20b")["hub_id"] == "openai/gpt-oss-20b"
     with pytest.raises(ModelNotFoundError):
         openweight.set_default("nope")

@@ -104,10 +104,16 @@ def resolve_dtype(dtype: str | None, device: str, capability: str | None = None)
     return "bfloat16" if cap in BF16_CPU_CAPABILITIES else "float32"
 
 
+def _config(path: Path) -> dict[str, Any]:
+    """The model directory's config.json (check_model_dir has checked that it parses)."""
+    config: dict[str, Any] = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return config
+
+
 def source_bits(path: Path) -> int | None:
     """Bits per weight of the file the model was converted from (a GGUF's quantisation,
     recorded by ``openweight pull``), or None when it came as full-precision weights."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _config(path)
     value = config.get("openweight_source_bits")
     return int(value) if isinstance(value, int | float) else None
 
@@ -124,7 +130,7 @@ def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
                                   f"{', '.join(QUANTIZE)}", param="quantize")
     if quant != "auto":
         return quant
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _config(path)
     if device != "cpu" or config.get("model_type") not in SUPPORTED_TYPES:
         return "none"
     bits = source_bits(path)
@@ -192,7 +198,7 @@ def _context_length(config: Any, tokenizer: Any) -> int:
 
 
 def _quant_method(path: Path) -> str | None:
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = _config(path)
     quant = config.get("quantization_config") or {}
     return quant.get("quant_method") if isinstance(quant, dict) else None
 
@@ -237,6 +243,7 @@ def load_model(
     quantize: str | None = None,
 ) -> LoadedModel:
     """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised."""
+    from .packed_load import load_packed, loads_packed
     from .quantize import quantize_model
 
     path = Path(path).expanduser().resolve()
@@ -269,12 +276,15 @@ def load_model(
                    path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dt),
-                                                         **extra)
-            model.to(dev)
-            model.eval()
-            quantize_model(model, quant, dev)
-        except InvalidRequestError:
+            model = load_packed(path, dt, quant) if loads_packed(
+                _config(path), dev, quant) else None
+            if model is None:  # the whole model in dtype, then packed
+                model = AutoModelForCausalLM.from_pretrained(str(path),
+                                                             dtype=getattr(torch, dt), **extra)
+                model.to(dev)
+                model.eval()
+                quantize_model(model, quant, dev)
+        except (InvalidRequestError, ModelLoadError):
             raise
         except Exception as exc:
             raise ModelLoadError(f"could not load the model in {path}: {exc}") from exc

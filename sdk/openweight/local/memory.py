@@ -27,6 +27,7 @@ class MemoryEstimate:
     device: str
     dtype: str
     free_bytes: int | None
+    quantize: str = "none"
 
     @property
     def total_bytes(self) -> int:
@@ -46,6 +47,7 @@ class MemoryEstimate:
             "free_gb": None if self.free_bytes is None else round(self.free_bytes / _GB, 3),
             "device": self.device,
             "dtype": self.dtype,
+            "quantize": self.quantize,
             "fits": self.fits,
         }
 
@@ -85,6 +87,35 @@ def _count_parameters(config: Any) -> tuple[int, int]:
     return total, experts
 
 
+def _packed_bytes(config: Any, bytes_per: int, quantize: str) -> int:
+    """Bytes of a model loaded packed (``packed_load``): each Linear layer packed as
+    ``quantize`` packs it (scales included), every other parameter in the dtype, plus the
+    largest single tensor, read in the dtype while it is packed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .quantize import INT4_GROUP, packs_as_int4
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    output = model.get_output_embeddings()
+    total = largest = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):  # its own weights stay in dtype
+            own = sum(p.numel() for p in module.parameters(recurse=False)) * bytes_per
+            total, largest = total + own, max(largest, own)
+            continue
+        rows, cols = module.weight.shape  # a tied output layer: packed apart from the embedding
+        largest = max(largest, rows * cols * bytes_per)
+        if packs_as_int4(quantize, (rows, cols), module is output):
+            total += rows * cols // 2 + rows * (cols // INT4_GROUP) * 2 * 2  # bf16 scale+zero
+        else:
+            total += rows * cols + rows * bytes_per  # int8, one scale a row
+        if module.bias is not None:
+            total += module.bias.numel() * bytes_per
+    return total + largest
+
+
 def _kv_bytes(config: Any, context: int, bytes_per: int) -> int:
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
@@ -99,27 +130,26 @@ def _kv_bytes(config: Any, context: int, bytes_per: int) -> int:
     return total
 
 
-_QUANT_BYTES = {"int8": 1.0, "int4": 0.5 + 4 / 32}  # int4: plus a bf16 scale and zero per 32
-
-
 def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = False,
                     context: int | None = None, quantize: str = "none") -> MemoryEstimate:
     """Parameters x bytes per parameter, plus the KV cache for ``context`` tokens."""
     from transformers import AutoConfig
+
+    from .packed_load import loads_packed
 
     config = AutoConfig.from_pretrained(str(path))
     params, expert_params = _count_parameters(config)
     bytes_per = _BYTES[dtype]
     if keep_mxfp4:
         weights = int(expert_params * MXFP4_BYTES_PER_PARAM + (params - expert_params) * bytes_per)
-    elif quantize in _QUANT_BYTES:  # loaded in dtype first, then packed: the peak is dtype
-        weights = params * bytes_per
-    else:
+    elif loads_packed(config.to_dict(), device, quantize):  # packed as it is read
+        weights = _packed_bytes(config, bytes_per, quantize)
+    else:  # the whole model in dtype (then packed, where quantize asks for it)
         weights = params * bytes_per
     window = int(getattr(config, "max_position_embeddings", PLANNING_CONTEXT) or PLANNING_CONTEXT)
     ctx = min(context or PLANNING_CONTEXT, window)
     return MemoryEstimate(params, weights, _kv_bytes(config, ctx, bytes_per), ctx, device,
-                          dtype, free_memory(device))
+                          dtype, free_memory(device), quantize)
 
 
 def check_fits(estimate: MemoryEstimate, name: str) -> None:

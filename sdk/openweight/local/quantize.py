@@ -7,31 +7,70 @@ CPU is bound by reading the weights, so fewer bytes per weight is more tokens pe
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from ..errors import InvalidRequestError
 
-__all__ = ["INT4_GROUP", "QUANTIZE", "quantize_model"]
+__all__ = ["INT4_GROUP", "QUANTIZE", "pack_linear", "packs_as_int4", "quantize_model"]
 
 QUANTIZE = ("auto", "none", "int8", "int4")
 INT4_GROUP = 32
 
 
-def _int8_linear(linear: Any, dtype: Any) -> Any:
+ROWS_AT_ONCE = 1024  # rows packed at a time: the float32 working copy stays small (a
+# multiple of 64, the packed int4 layout's row block, so packed slices concatenate)
+
+
+def _int8_pack(weight: Any, dtype: Any) -> tuple[Any, Any]:
+    """Per-row int8 weights and scales of ``weight`` taken in ``dtype``, ``ROWS_AT_ONCE``
+    rows at a time."""
+    import torch
+
+    packs, scales = [], []
+    for rows in weight.detach().split(ROWS_AT_ONCE):
+        w = rows.to(dtype).float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
+        packs.append((w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
+        scales.append(scale.to(dtype))
+    return torch.cat(packs).contiguous(), torch.cat(scales)
+
+
+def _int4_pack(weight: Any, dtype: Any) -> tuple[Any, Any]:
+    """PyTorch's packed int4 CPU layout (groups of 32 with a scale and offset each) of
+    ``weight`` taken in ``dtype``, and its [groups, rows, 2] bfloat16 scale/zero table,
+    ``ROWS_AT_ONCE`` rows at a time."""
+    import torch
+
+    k = int(weight.shape[1])
+    groups = k // INT4_GROUP
+    packs, tables = [], []
+    for rows in weight.detach().split(ROWS_AT_ONCE):
+        w = rows.to(dtype).float().reshape(rows.shape[0], groups, INT4_GROUP)
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = (high - low).clamp(min=1e-8) / 15
+        q = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows.shape[0], k)
+        zero = low + scale * 8  # the kernel computes (q - 8) * scale + zero
+        tables.append(torch.cat([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16))
+        packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    return torch.cat(packs), torch.cat(tables, dim=1).contiguous()
+
+
+@functools.cache
+def _module_classes() -> tuple[Any, Any]:
+    """The packed Linear modules (defined once, on first use: torch is imported lazily).
+    They hold only their packed tensors: nothing keeps the float weights alive."""
     import torch
 
     class Int8Linear(torch.nn.Module):  # type: ignore[misc]
         quant_kind = "int8"
 
-        def __init__(self) -> None:
+        def __init__(self, weight: Any, scales: Any, bias: Any) -> None:
             super().__init__()
-            w = linear.weight.detach().float()
-            scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127
-            self.register_buffer("weight", (w / scales[:, None]).round().clamp(-128, 127)
-                                 .to(torch.int8).contiguous())
-            self.register_buffer("scales", scales.to(dtype))
-            self.bias = linear.bias
-            self.out_features = linear.out_features
+            self.register_buffer("weight", weight)
+            self.register_buffer("scales", scales)
+            self.bias = bias
+            self.out_features = int(weight.shape[0])
 
         def forward(self, x: Any) -> Any:
             flat = x.reshape(-1, x.shape[-1]).to(self.scales.dtype).contiguous()
@@ -40,31 +79,15 @@ def _int8_linear(linear: Any, dtype: Any) -> Any:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    return Int8Linear()
-
-
-def _int4_linear(linear: Any) -> Any:
-    import torch
-
-    n, k = linear.weight.shape
-    groups = k // INT4_GROUP
-
     class Int4Linear(torch.nn.Module):  # type: ignore[misc]
         quant_kind = "int4"
 
-        def __init__(self) -> None:
+        def __init__(self, weight: Any, scale_zero: Any, bias: Any) -> None:
             super().__init__()
-            w = linear.weight.detach().float().reshape(n, groups, INT4_GROUP)
-            low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-            scale = (high - low).clamp(min=1e-8) / 15
-            q = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-            zero = low + scale * 8  # the kernel computes (q - 8) * scale + zero
-            scale_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
-            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                q, 1))
-            self.register_buffer("scale_zero", scale_zero.to(torch.bfloat16))
-            self.bias = linear.bias
-            self.out_features = n
+            self.register_buffer("weight", weight)
+            self.register_buffer("scale_zero", scale_zero)
+            self.bias = bias
+            self.out_features = int(scale_zero.shape[1])
 
         def forward(self, x: Any) -> Any:
             flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
@@ -74,7 +97,26 @@ def _int4_linear(linear: Any) -> Any:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    return Int4Linear()
+    return Int8Linear, Int4Linear
+
+
+def packs_as_int4(mode: str, shape: tuple[int, int], output_layer: bool) -> bool:
+    """Whether a Linear of ``shape`` (out, in) becomes int4 under ``mode``: the output
+    layer stays int8 (its errors land straight on the logits), as do shapes the packed
+    kernel does not take."""
+    out_features, in_features = shape
+    return (mode == "int4" and not output_layer and in_features % INT4_GROUP == 0
+            and out_features % 16 == 0)
+
+
+def pack_linear(weight: Any, bias: Any, mode: str, dtype: Any, output_layer: bool) -> Any:
+    """The packed module computing ``x @ weight.T + bias`` under ``mode`` (int8 or int4),
+    from ``weight`` as rounded to ``dtype`` (whatever dtype it comes in), activations and
+    scales in ``dtype``."""
+    int8_linear, int4_linear = _module_classes()
+    if packs_as_int4(mode, tuple(weight.shape), output_layer):
+        return int4_linear(*_int4_pack(weight, dtype), bias)
+    return int8_linear(*_int8_pack(weight, dtype), bias)
 
 
 def quantize_model(model: Any, mode: str, device: str) -> int:
@@ -97,13 +139,6 @@ def quantize_model(model: Any, mode: str, device: str) -> int:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        k = linear.in_features
-        # the output layer stays int8 under int4: its errors land straight on the logits
-        output_layer = linear is output
-        if (mode == "int4" and not output_layer and k % INT4_GROUP == 0
-                and linear.out_features % 16 == 0):
-            new = _int4_linear(linear)
-        else:  # int8, and int4's fallback for shapes the packed kernel does not take
-            new = _int8_linear(linear, dtype)
-        setattr(parent, child, new)
+        setattr(parent, child, pack_linear(linear.weight, linear.bias, mode, dtype,
+                                           output_layer=linear is output))
     return len(targets)

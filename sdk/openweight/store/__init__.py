@@ -124,13 +124,14 @@ def model_info(name: str) -> dict[str, Any]:
 
 
 def _estimate(path: Path) -> dict[str, Any] | str:
-    """What loading this model on the auto device would take, against what is free."""
-    from ..local.loader import resolve_device, resolve_dtype
+    """What loading this model with the auto settings would take, against what is free."""
+    from ..local.loader import resolve_device, resolve_dtype, resolve_quantize
     from ..local.memory import estimate_memory
 
     device = resolve_device("auto")
     try:
-        return estimate_memory(path, device, resolve_dtype("auto", device)).as_dict()
+        return estimate_memory(path, device, resolve_dtype("auto", device),
+                               quantize=resolve_quantize("auto", device, path)).as_dict()
     except Exception as exc:  # a broken config is reported, not fatal for `info`
         return f"unavailable: {exc}"
 
