@@ -224,7 +224,8 @@ def test_peak_memory_stays_near_the_packed_size(tmp_path: Path, tiny_model: Path
     fp32 = 4 * estimate.parameters
     assert old > 0.9 * fp32  # the whole model in float32 at once
     assert packed < 0.5 * old, (packed, old)  # measured: ~0.2-0.35 GB against 0.6 GB
-    # the estimate is the packed size plus one tensor in dtype (0.13 GB here); the allocator
-    # adds 0-50% on a model this small, where one kernel's scratch is a large share
-    assert 0.9 * estimate.weights_bytes < packed < 1.6 * estimate.weights_bytes, \
+    # the estimate is the packed size plus one tensor in dtype (0.13 GB here); measured
+    # 0.12-0.22 GB: on a model this small the allocator's and the kernels' scratch is a
+    # large share, and it varies with what else runs
+    assert 0.9 * estimate.weights_bytes < packed < 2 * estimate.weights_bytes, \
         (estimate.weights_bytes, packed)
