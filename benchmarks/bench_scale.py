@@ -37,7 +37,7 @@ PROMPT = "Write a long, detailed story about a dragon who learns to cook."
 LONG = ("Summarise the following notes in one sentence.\n" + " ".join(
     f"Note {i}: the river rose by {i % 7} centimetres near the old mill." for i in range(40)))
 
-PEAK = r"""
+PEAK = f"LONG = {LONG!r}\nPROMPT = {PROMPT!r}\n" + r"""
 def peak_mb():
     with open("/proc/self/status") as f:
         for line in f:

@@ -4,6 +4,8 @@ result is the model the old way (everything in dtype, then packed) gives, bit fo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +95,9 @@ def test_the_engine_loads_packed_and_answers_as_before(tiny_model: Path,
     calls: list[Path] = []
     real = packed_load.load_packed
 
-    def spy(path: Path, dtype: str, mode: str) -> Any:
+    def spy(path: Path, *args: Any) -> Any:
         calls.append(path)
-        return real(path, dtype, mode)
+        return real(path, *args)
 
     loader.unload_all()
     monkeypatch.setattr(packed_load, "load_packed", spy)
@@ -229,3 +231,77 @@ def test_peak_memory_stays_near_the_packed_size(tmp_path: Path, tiny_model: Path
     # large share, and it varies with what else runs
     assert 0.9 * estimate.weights_bytes < packed < 2 * estimate.weights_bytes, \
         (estimate.weights_bytes, packed)
+
+
+def _packs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the Linear layers packed from full-precision weights from now on."""
+    count: list[int] = []
+    real = quantize.pack_linear
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        count.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "pack_linear", counting)
+    return count
+
+
+def test_a_store_model_keeps_its_packed_form(store: Path, tiny_model: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first load packs and keeps the result in the store; later loads read it back
+    (nothing packed) and answer the same; a changed checkpoint is packed again; removing
+    the model removes what was kept."""
+    import openweight
+
+    model = tiny_model.parent / "kept-llama"
+    shutil.copytree(tiny_model, model)
+    openweight.pull(str(model), name="kept", progress=False)
+    packs = _packs(monkeypatch)
+    loader.unload_all()
+    try:
+        first = Client("kept", quantize="int4").chat(HI, max_tokens=20, temperature=0)
+        kept = list((store / "packed").glob("*.safetensors"))
+        assert len(kept) == 1 and packs
+        packs.clear()
+        loader.unload_all()
+        again = Client("kept", quantize="int4").chat(HI, max_tokens=20, temperature=0)
+        assert again == first and not packs  # read back, not packed
+        loader.unload_all()
+        Client("kept", quantize="int8").chat(HI, max_tokens=1)  # its own file
+        assert len(list((store / "packed").glob("*.safetensors"))) == 2
+        config = model / "config.json"  # the checkpoint changes: packed again, old file gone
+        config.write_text(config.read_text())
+        os.utime(config, ns=(0, 1))
+        packs.clear()
+        loader.unload_all()
+        assert Client("kept", quantize="int4").chat(HI, max_tokens=20, temperature=0) == first
+        assert packs and not kept[0].exists()
+        openweight.remove_model("kept")
+        assert list((store / "packed").glob("*.safetensors")) == []
+    finally:
+        loader.unload_all()
+
+
+def test_a_bad_kept_file_is_packed_again(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(tmp_path / "m", "llama")
+    cache = tmp_path / "cache"
+    want = load_packed(path, "float32", "int4", cache)
+    (kept,) = cache.glob("*.safetensors")
+    kept.write_bytes(kept.read_bytes()[:-100])  # truncated
+    packs = _packs(monkeypatch)
+    got = load_packed(path, "float32", "int4", cache)
+    assert packs
+    _assert_same_model(got, want)
+    packs.clear()
+    _assert_same_model(load_packed(path, "float32", "int4", cache), want)  # rewritten whole
+    assert not packs
+
+
+def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path: Path) -> None:
+    path = _save(tmp_path / "m", "llama")
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    model = load_packed(path, "float32", "int8", blocked / "cache")
+    assert model is not None
+    _assert_same_model(model, _old_way(path, "float32", "int8"))

@@ -109,13 +109,14 @@ def _local_backend(model: str | None, device: str | None, dtype: str | None,
                    quantize: str | None) -> Backend:
     from .local import LocalEngine
 
-    if model is not None and _is_path(model):
+    if model is not None and _is_path(model):  # a directory of the caller's: used as it is
         path = Path(model).expanduser()
         return LocalEngine(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
-    from .store import ensure_model
+    from .store import ensure_model, packed_cache
 
-    name, path = ensure_model(model)
-    return LocalEngine(path, name=name, device=device, dtype=dtype, quantize=quantize)
+    name, path = ensure_model(model)  # a store model: its packed form is kept in the store
+    return LocalEngine(path, name=name, device=device, dtype=dtype, quantize=quantize,
+                       packed_cache=packed_cache())
 
 
 class _Base:

@@ -76,12 +76,14 @@ class LocalEngine:
     """Runs one model directory in this process."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, device: str | None = None,
-                 dtype: str | None = None, quantize: str | None = None) -> None:
+                 dtype: str | None = None, quantize: str | None = None,
+                 packed_cache: Path | None = None) -> None:
         self.path = Path(path)
         self.name = name or self.path.name
         self._device = device
         self._dtype = dtype
         self._quantize = quantize
+        self._packed_cache = packed_cache
         self._loaded: LoadedModel | None = None
 
     @property
@@ -89,7 +91,8 @@ class LocalEngine:
         """The model, loaded on first use and shared through the process-wide cache."""
         if self._loaded is None:
             path, device, dtype, quantize = self.path, self._device, self._dtype, self._quantize
-            self._loaded = worker.call(lambda: load_model(path, device, dtype, quantize))
+            cache = self._packed_cache
+            self._loaded = worker.call(lambda: load_model(path, device, dtype, quantize, cache))
         return self._loaded
 
     @property

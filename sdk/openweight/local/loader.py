@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError, ModelLoadError
+from .cpu import BF16_CPU_CAPABILITIES, cpu_capability
 from .prefix_cache import PrefixCache
 
 __all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "cpu_capability",
@@ -68,20 +69,6 @@ def resolve_device(device: str | None) -> str:
         raise InvalidRequestError("device 'mps' was asked for but it is not available; "
                                   "use device='cpu' or 'auto'")
     return device
-
-
-# PyTorch's CPU kernels compute bf16 natively in their AVX-512 build (bf16, VNNI); its AVX2
-# and generic (DEFAULT) builds convert every bf16 value to float32 and back. ARM builds
-# (SVE256, or DEFAULT for NEON) are unmeasured here and stay on float32.
-BF16_CPU_CAPABILITIES = frozenset({"AVX512"})
-
-
-def cpu_capability() -> str:
-    """The instruction set PyTorch dispatches its CPU kernels for: ``AVX512``, ``AVX2``,
-    ``SVE256``, ``DEFAULT``, ... (``ATEN_CPU_CAPABILITY`` lowers it, e.g. to ``avx2``)."""
-    import torch
-
-    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def resolve_dtype(dtype: str | None, device: str, capability: str | None = None) -> str:
@@ -240,9 +227,11 @@ def _harmony_ids(config: Any, tokenizer: Any) -> dict[str, int] | None:
 
 def load_model(
     path: str | Path, device: str | None = None, dtype: str | None = None,
-    quantize: str | None = None,
+    quantize: str | None = None, packed_cache: Path | None = None,
 ) -> LoadedModel:
-    """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised."""
+    """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised
+    (``packed_cache``: a directory where a quantised model's packed form is kept between
+    loads, see ``packed_load``)."""
     from .packed_load import load_packed, loads_packed
     from .quantize import quantize_model
 
@@ -276,7 +265,7 @@ def load_model(
                    path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = load_packed(path, dt, quant) if loads_packed(
+            model = load_packed(path, dt, quant, packed_cache) if loads_packed(
                 _config(path), dev, quant) else None
             if model is None:  # the whole model in dtype, then packed
                 model = AutoModelForCausalLM.from_pretrained(str(path),

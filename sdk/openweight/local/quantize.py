@@ -12,7 +12,8 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 
-__all__ = ["INT4_GROUP", "QUANTIZE", "pack_linear", "packs_as_int4", "quantize_model"]
+__all__ = ["INT4_GROUP", "QUANTIZE", "pack_linear", "packs_as_int4", "quantize_model",
+           "restore_linear"]
 
 QUANTIZE = ("auto", "none", "int8", "int4")
 INT4_GROUP = 32
@@ -98,6 +99,20 @@ def _module_classes() -> tuple[Any, Any]:
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     return Int8Linear, Int4Linear
+
+
+def restore_linear(tensors: dict[str, Any]) -> Any:
+    """A packed module again from its saved tensors (``state_dict`` of one built by
+    ``pack_linear``: ``weight`` with ``scales`` (int8) or ``scale_zero`` (int4), maybe
+    ``bias``)."""
+    import torch
+
+    int8_linear, int4_linear = _module_classes()
+    bias = tensors.get("bias")
+    bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+    if "scale_zero" in tensors:
+        return int4_linear(tensors["weight"], tensors["scale_zero"], bias)
+    return int8_linear(tensors["weight"], tensors["scales"], bias)
 
 
 def packs_as_int4(mode: str, shape: tuple[int, int], output_layer: bool) -> bool:

@@ -37,6 +37,7 @@ __all__ = [
     "home",
     "list_models",
     "model_info",
+    "packed_cache",
     "pull",
     "remove_model",
     "set_default",
@@ -242,8 +243,17 @@ def remove_model(name: str) -> None:
                                          "`openweight models` lists what is")
             if data.get("default") == name:
                 data["default"] = None
+        from ..local.packed_load import forget_kept
+
+        forget_kept(packed_cache(), _record_path(rec))
         if not rec.get("in_place"):
             shutil.rmtree(_record_path(rec), ignore_errors=True)
+
+
+def packed_cache() -> Path:
+    """Where quantised models' packed forms are kept between loads (see
+    ``openweight.local.packed_load``)."""
+    return home() / "packed"
 
 
 def set_default(name: str) -> None:

@@ -1,0 +1,18 @@
+"""The CPU as PyTorch sees it: one place for the rules that depend on its kind."""
+
+from __future__ import annotations
+
+__all__ = ["BF16_CPU_CAPABILITIES", "cpu_capability"]
+
+# PyTorch's CPU kernels compute bf16 natively in their AVX-512 build (bf16, VNNI); its AVX2
+# and generic (DEFAULT) builds convert every bf16 value to float32 and back. ARM builds
+# (SVE256, or DEFAULT for NEON) are unmeasured here and stay on float32.
+BF16_CPU_CAPABILITIES = frozenset({"AVX512"})
+
+
+def cpu_capability() -> str:
+    """The instruction set PyTorch dispatches its CPU kernels for: ``AVX512``, ``AVX2``,
+    ``SVE256``, ``DEFAULT``, ... (``ATEN_CPU_CAPABILITY`` lowers it, e.g. to ``avx2``)."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
