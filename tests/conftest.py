@@ -208,6 +208,35 @@ def build_family_model(path: Path, family: str, *, seed: int = 0) -> Path:
     return path
 
 
+def wide_model(arch: str, *, seed: int = 0, tied: bool = True) -> Any:
+    """A random bfloat16 model (llama, qwen2 with q/k/v biases, qwen3, mistral) whose layer
+    widths suit every packed kernel (int4 needs rows in 64s), in memory."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    common: dict[str, Any] = dict(vocab_size=300, hidden_size=128, intermediate_size=256,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512,
+                                  initializer_range=0.2, tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
+        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(head_dim=32, **common)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(sliding_window=None, **common)),
+    }[arch]()
+    return model.to(torch.bfloat16).eval()
+
+
 @pytest.fixture(scope="session")
 def family_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """family_model("qwen3" | "r1" | "llama3") -> path, built once per session."""

@@ -13,33 +13,13 @@ from openweight.local.fast import FastCache, FastModel, unsupported_reason
 from openweight.local.loader import load_model, unload_all
 from openweight.local.quantize import quantize_model
 
+from conftest import wide_model
+
 HI = [{"role": "user", "content": "hi there, how are you?"}]
 
 
 def _model(arch: str, seed: int = 0) -> Any:
-    """A random model whose layer widths suit every kernel (int4 needs rows in 64s)."""
-    import torch
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    common: dict[str, Any] = dict(vocab_size=300, hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512,
-                                  initializer_range=0.2, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    if arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=32, **common))
-    elif arch == "qwen2":  # biases on q/k/v
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
-    return model.to(torch.bfloat16).eval()
+    return wide_model(arch, seed=seed)
 
 
 def _reference(model: Any, ids: list[int]) -> Any:

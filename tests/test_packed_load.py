@@ -18,37 +18,16 @@ from openweight.local import loader, packed_load, quantize
 from openweight.local.packed_load import load_packed, loads_packed
 from openweight.local.quantize import pack_linear, quantize_model
 
+from conftest import wide_model
+
 HI = [{"role": "user", "content": "hello"}]
 
 
 def _save(path: Path, arch: str, *, tied: bool = True, shard: str | None = None) -> Path:
-    """A random model of ``arch`` whose widths suit the int4 kernel, saved in bfloat16
-    (``shard``: a maximum shard size, so the checkpoint has an index and several files)."""
-    import torch
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MistralConfig,
-        MistralForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        Qwen3Config,
-        Qwen3ForCausalLM,
-    )
-
-    common: dict[str, Any] = dict(vocab_size=300, hidden_size=128, intermediate_size=256,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512,
-                                  initializer_range=0.2, tie_word_embeddings=tied)
-    torch.manual_seed(0)
-    model = {
-        "llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
-        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),  # biases on q/k/v
-        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(head_dim=32, **common)),
-        "mistral": lambda: MistralForCausalLM(MistralConfig(sliding_window=None, **common)),
-    }[arch]()
+    """A random model of ``arch`` saved in bfloat16 (``shard``: a maximum shard size, so the
+    checkpoint has an index and several files)."""
     kwargs = {} if shard is None else {"max_shard_size": shard}
-    model.to(torch.bfloat16).save_pretrained(str(path), **kwargs)
+    wide_model(arch, tied=tied).save_pretrained(str(path), **kwargs)
     return path
 
 
