@@ -284,3 +284,32 @@ def test_a_cache_that_cannot_be_written_only_costs_time(tmp_path: Path) -> None:
     model = load_packed(path, "float32", "int8", blocked / "cache")
     assert model is not None
     _assert_same_model(model, _old_way(path, "float32", "int8"))
+
+
+@pytest.mark.slow
+def test_smollm2_answers_as_it_did_before_packed_loading(smollm2_home: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real default model (auto: int4 from its Q4_1 source): the same greedy answers
+    loaded packed, read back from its kept packed form, and loaded the old way."""
+    home = smollm2_home.parent / "smollm2-packed-store"  # a copy: the fixture stays read-only
+    if not home.exists():
+        shutil.copytree(smollm2_home, home, symlinks=True)
+    monkeypatch.setenv("OPENWEIGHT_HOME", str(home))
+    questions = ["What is the capital of France?", "Name three primary colours."]
+
+    def answers() -> list[str]:
+        loader.unload_all()
+        client = Client(keep_alive=0)
+        return [client.chat([{"role": "user", "content": q}], temperature=0,
+                            max_tokens=32).text for q in questions]
+
+    try:
+        packed = answers()
+        assert list((home / "packed").glob("*.safetensors"))
+        kept = answers()
+        monkeypatch.setattr(packed_load, "loads_packed", lambda *args: False)
+        old = answers()
+    finally:
+        loader.unload_all()
+    assert packed == kept == old
+    assert "Paris" in packed[0]
