@@ -110,7 +110,7 @@ def _packed_bytes(config: Any, bytes_per: int, quantize: str) -> int:
         if packs_as_int4(quantize, (rows, cols), module is output):
             total += rows * cols // 2 + rows * (cols // INT4_GROUP) * 2 * 2  # bf16 scale+zero
         else:
-            total += rows * cols + rows * bytes_per  # int8, one scale a row
+            total += rows * cols + rows * 2  # int8, one bf16 scale a row
         if module.bias is not None:
             total += module.bias.numel() * bytes_per
     return total + largest

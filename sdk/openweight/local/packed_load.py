@@ -177,7 +177,7 @@ def load_packed(path: Path, dtype: str, quantize: str,
 
 # -- the packed cache ----------------------------------------------------------------------
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: int8 scales in bfloat16 whatever the dtype
 
 
 def cache_file(root: Path, path: Path, dtype: str, quantize: str) -> Path:

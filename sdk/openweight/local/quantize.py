@@ -24,8 +24,11 @@ ROWS_AT_ONCE = 1024  # rows packed at a time: the float32 working copy stays sma
 
 
 def _int8_pack(weight: Any, dtype: Any) -> tuple[Any, Any]:
-    """Per-row int8 weights and scales of ``weight`` taken in ``dtype``, ``ROWS_AT_ONCE``
-    rows at a time."""
+    """Per-row int8 weights of ``weight`` taken in ``dtype``, ``ROWS_AT_ONCE`` rows at a
+    time, and their scales in bfloat16: the kernel computes in its scales' dtype, and with
+    float32 it is 10-15x slower on every CPU kind measured (AVX-512, AVX2: 400 vs 32 us for
+    576x1536, 8.5 vs 0.9 ms for 2048x8192), so float32 models compute these products in
+    bfloat16 too, as the int4 kernel always does."""
     import torch
 
     packs, scales = [], []
@@ -33,7 +36,7 @@ def _int8_pack(weight: Any, dtype: Any) -> tuple[Any, Any]:
         w = rows.to(dtype).float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127
         packs.append((w / scale[:, None]).round().clamp(-128, 127).to(torch.int8))
-        scales.append(scale.to(dtype))
+        scales.append(scale.to(torch.bfloat16))
     return torch.cat(packs).contiguous(), torch.cat(scales)
 
 
@@ -126,8 +129,8 @@ def packs_as_int4(mode: str, shape: tuple[int, int], output_layer: bool) -> bool
 
 def pack_linear(weight: Any, bias: Any, mode: str, dtype: Any, output_layer: bool) -> Any:
     """The packed module computing ``x @ weight.T + bias`` under ``mode`` (int8 or int4),
-    from ``weight`` as rounded to ``dtype`` (whatever dtype it comes in), activations and
-    scales in ``dtype``."""
+    from ``weight`` as rounded to ``dtype`` (whatever dtype it comes in); the product runs
+    with bfloat16 activations and returns ``x``'s dtype."""
     int8_linear, int4_linear = _module_classes()
     if packs_as_int4(mode, tuple(weight.shape), output_layer):
         return int4_linear(*_int4_pack(weight, dtype), bias)
