@@ -217,15 +217,11 @@ def _restore(model: Any, kept: Path, torch_dtype: Any) -> bool:
         for name, _ in linears:
             tensors = {part: shard.read(f"{name}.{part}") for part in parts
                        if f"{name}.{part}" in shard.tensors}
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, restore_linear(tensors))
+            _put(model, name, restore_linear(tensors))
         for name, param in list(model.named_parameters()):
             if param.device.type == "meta":
-                owner_name, _, leaf = name.rpartition(".")
-                owner = model.get_submodule(owner_name) if owner_name else model
-                setattr(owner, leaf, torch.nn.Parameter(shard.read(name).to(torch_dtype),
-                                                        requires_grad=False))
+                _put(model, name, torch.nn.Parameter(shard.read(name).to(torch_dtype),
+                                                     requires_grad=False))
     except (OSError, ValueError, KeyError, ModelLoadError):
         return False  # unreadable or not this model's: packed again and rewritten
     return True
@@ -269,6 +265,12 @@ def _kept_source(file: Path) -> str | None:
         return None
 
 
+def _put(model: Any, name: str, value: Any) -> None:
+    """Set the module or parameter at dotted ``name`` in ``model`` to ``value``."""
+    owner_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(owner_name) if owner_name else model, leaf, value)
+
+
 def _fill(model: Any, shards: dict[str, _Shard], sources: dict[str, str], torch_dtype: Any,
           quantize: str) -> None:
     """Every parameter of the empty ``model`` read from its shard: Linear layers packed."""
@@ -295,15 +297,11 @@ def _fill(model: Any, shards: dict[str, _Shard], sources: dict[str, str], torch_
         weight = read(f"{name}.weight", linear.weight)
         bias = None if linear.bias is None else torch.nn.Parameter(
             read(f"{name}.bias", linear.bias).to(torch_dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, pack_linear(weight, bias, quantize, torch_dtype,
-                                           output_layer=linear is output))
+        _put(model, name, pack_linear(weight, bias, quantize, torch_dtype,
+                                      output_layer=linear is output))
         del weight
     for name, param in list(model.named_parameters()):
         if param.device.type != "meta":  # a packed layer's bias, read above
             continue
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
-        setattr(owner, leaf, torch.nn.Parameter(read(name, param).to(torch_dtype),
-                                                requires_grad=False))
+        _put(model, name, torch.nn.Parameter(read(name, param).to(torch_dtype),
+                                             requires_grad=False))
