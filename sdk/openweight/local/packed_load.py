@@ -7,9 +7,11 @@ is built without weights (accelerate's empty init; buffers such as the rotary ta
 kept), every Linear layer is packed from its checkpoint tensor as that tensor is read, and
 every other tensor is copied in: the peak is the packed model plus one tensor.
 
-Only checkpoints whose tensor names and shapes are the model's own, one for one, take this
-path (what ``save_pretrained`` and ``openweight pull`` write for Llama, Qwen2/3 and
-Mistral); any other layout loads the usual way.
+The checkpoint is safetensors files, or the GGUF file ``openweight pull`` kept
+(``gguf_source``: 4-bit blocks become int4 layers as they are). Only checkpoints whose
+tensor names and shapes are the model's own, one for one, take this path (what
+``save_pretrained`` and ``openweight pull`` write for Llama, Qwen2/3 and Mistral); any
+other layout loads the usual way.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
-__all__ = ["cache_file", "forget_kept", "load_packed", "loads_packed"]
+__all__ = ["cache_file", "forget_kept", "gguf_file", "load_packed", "loads_packed"]
 
 
 def loads_packed(config: dict[str, Any], device: str, quantize: str) -> bool:
-    """Whether a model with this ``config.json`` loads packed: a quantised load on the CPU
-    of a model the fast path's families cover, not already quantised by its checkpoint."""
+    """Whether a model with this ``config.json`` loads here: on the CPU, a model the fast
+    path's families cover, not already quantised by its checkpoint, either quantised or
+    kept as a GGUF file (whose weights are dequantised here a tensor at a time too)."""
     from .fast import SUPPORTED_TYPES
 
-    return (device == "cpu" and quantize in ("int8", "int4")
+    return (device == "cpu"
+            and (quantize in ("int8", "int4") or bool(config.get("openweight_gguf")))
             and config.get("model_type") in SUPPORTED_TYPES
             and not config.get("quantization_config"))
 
@@ -52,6 +56,9 @@ class _Shard:
         self.file = file
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
+            if size > file.stat().st_size - 8:  # not safetensors: don't read "size" bytes
+                raise ValueError(f"{file.name} is not a safetensors file (its header "
+                                 "length is past its end)")
             header = json.loads(f.read(size))
         header.pop("__metadata__", None)
         self.tensors: dict[str, dict[str, Any]] = header
@@ -74,19 +81,59 @@ class _Shard:
         return out
 
 
-def _shards(path: Path) -> dict[str, _Shard]:
-    """Every tensor name in the checkpoint and the shard holding it."""
-    files = sorted(path.glob("*.safetensors"))
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted({path / file for file in weight_map.values()})
+class _Safetensors:
+    """A safetensors checkpoint (one file or shards) as a source of tensors by name."""
+
+    def __init__(self, path: Path) -> None:
+        files = sorted(path.glob("*.safetensors"))
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted({path / file for file in weight_map.values()})
+        try:
+            shards = [_Shard(file) for file in files]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read the safetensors header of a file in {path} "
+                                 f"({exc}); pull the model again") from exc
+        self.shards = {name: shard for shard in shards for name in shard.tensors}
+        self.names = set(self.shards)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.shards[name].tensors[name]["shape"])
+
+    def where(self, name: str) -> str:
+        return f"{name} in {self.shards[name].file.name}"
+
+    def read(self, name: str) -> Any:
+        """The tensor in the dtype it is stored in."""
+        return self.shards[name].read(name)
+
+    def groups(self, name: str) -> None:
+        """Safetensors weights are never on a 4-bit grid already."""
+        return None
+
+
+def _source(path: Path, model: Any, dtype: Any) -> Any:
+    """The model's checkpoint as a tensor source: the GGUF file ``openweight pull`` kept,
+    or the safetensors files; None for a GGUF whose architecture is not understood."""
+    gguf = gguf_file(path)
+    if gguf is None:
+        return _Safetensors(path)
+    from .gguf_source import GgufSource
+
+    source = GgufSource(gguf, model, dtype)
+    return source if source.supported else None
+
+
+def gguf_file(path: Path) -> Path | None:
+    """The GGUF file a model directory holds its weights in (``openweight pull`` of a
+    .gguf file keeps it as it is), or None for a safetensors model."""
+    config = path / "config.json"
     try:
-        shards = [_Shard(file) for file in files]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot read the safetensors header of a file in {path} "
-                             f"({exc}); pull the model again") from exc
-    return {name: shard for shard in shards for name in shard.tensors}
+        name = json.loads(config.read_text(encoding="utf-8")).get("openweight_gguf")
+    except (OSError, ValueError):
+        return None
+    return path / name if isinstance(name, str) and name else None
 
 
 def _empty_model(path: Path, dtype: Any) -> Any:
@@ -95,6 +142,8 @@ def _empty_model(path: Path, dtype: Any) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):  # loaded here, not by transformers' quantiser
+        del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if (path / "generation_config.json").exists():
@@ -102,7 +151,7 @@ def _empty_model(path: Path, dtype: Any) -> Any:
     return model
 
 
-def _sources(model: Any, files: dict[str, _Shard]) -> dict[str, str] | None:
+def _sources(model: Any, files: set[str]) -> dict[str, str] | None:
     """Parameter name -> checkpoint tensor name for every parameter, or None when the
     checkpoint's names are not the model's own (a tied output layer reads the embedding)."""
     wanted = {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -148,9 +197,9 @@ def _allocator_returns_memory() -> Iterator[None]:
 
 def load_packed(path: Path, dtype: str, quantize: str,
                 cache: Path | None = None) -> Any | None:
-    """The model at ``path`` with its Linear layers packed as ``quantize`` (int8 or int4)
-    and every other weight in ``dtype``, read one tensor at a time; None when the
-    checkpoint's layout is not the model's own (load it the usual way then).
+    """The model at ``path`` with its Linear layers packed as ``quantize`` (int8 or int4;
+    or none, for a GGUF) and every other weight in ``dtype``, read one tensor at a time;
+    None when the checkpoint's layout is not the model's own (load it the usual way then).
 
     With a ``cache`` directory, the packed model is kept there after the first load and
     later loads read it back instead of packing again (packing is most of a load: 11 of
@@ -159,17 +208,18 @@ def load_packed(path: Path, dtype: str, quantize: str,
 
     torch_dtype = getattr(torch, dtype)
     model = _empty_model(path, torch_dtype)
-    kept = None if cache is None else cache_file(cache, path, dtype, quantize)
+    kept = None if cache is None or quantize == "none" else cache_file(cache, path, dtype,
+                                                                        quantize)
     if kept is not None and kept.exists():
         if _restore(model, kept, torch_dtype):
             return model.eval()
         model = _empty_model(path, torch_dtype)  # maybe partly filled: start again
-    shards = _shards(path)
-    sources = _sources(model, shards)
+    source = _source(path, model, torch_dtype)
+    sources = None if source is None else _sources(model, source.names)
     if sources is None:
         return None
     with _allocator_returns_memory():
-        _fill(model, shards, sources, torch_dtype, quantize)
+        _fill(model, source, sources, torch_dtype, quantize)
     if kept is not None:
         _keep(model, kept, path)
     return model.eval()
@@ -177,7 +227,7 @@ def load_packed(path: Path, dtype: str, quantize: str,
 
 # -- the packed cache ----------------------------------------------------------------------
 
-CACHE_FORMAT = 2  # 2: int8 scales in bfloat16 whatever the dtype
+CACHE_FORMAT = 3  # 2: int8 scales in bfloat16 whatever the dtype; 3: int4 zeros centred
 
 
 def cache_file(root: Path, path: Path, dtype: str, quantize: str) -> Path:
@@ -191,7 +241,7 @@ def cache_file(root: Path, path: Path, dtype: str, quantize: str) -> Path:
     from .cpu import cpu_capability
 
     path = path.resolve()
-    files = sorted([*path.glob("*.safetensors"), path / "config.json"])
+    files = sorted([*path.glob("*.safetensors"), *path.glob("*.gguf"), path / "config.json"])
     parts = [CACHE_FORMAT, str(path), dtype, quantize, torch.__version__, cpu_capability(),
              *[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
@@ -271,37 +321,47 @@ def _put(model: Any, name: str, value: Any) -> None:
     setattr(model.get_submodule(owner_name) if owner_name else model, leaf, value)
 
 
-def _fill(model: Any, shards: dict[str, _Shard], sources: dict[str, str], torch_dtype: Any,
+def _fill(model: Any, source: Any, sources: dict[str, str], torch_dtype: Any,
           quantize: str) -> None:
-    """Every parameter of the empty ``model`` read from its shard: Linear layers packed."""
+    """Every parameter of the empty ``model`` read from ``source``: Linear layers packed
+    (int4 layers from weights already on a 4-bit grid keep it), or in ``torch_dtype`` for
+    ``quantize="none"``."""
     import torch
 
-    from .quantize import pack_linear
+    from .quantize import int4_linear_from_codes, pack_linear, packs_as_int4
 
-    def read(name: str, like: Any) -> Any:
-        """The checkpoint's tensor for parameter ``name``, in the dtype it is stored in."""
-        source = sources[name]
-        shard = shards[source]
-        shape = tuple(shard.tensors[source]["shape"])
+    def check(name: str, like: Any) -> str:
+        """The checkpoint's name for parameter ``name``, once its shape is checked."""
+        found = sources[name]
+        shape = source.shape(found)
         if shape != tuple(like.shape):
             raise ModelLoadError(
-                f"tensor {source} in {shard.file.name} has shape {shape} but the model's "
-                f"config wants {tuple(like.shape)}; the checkpoint does not match its "
-                "config.json: pull the model again")
-        return shard.read(source)
+                f"tensor {source.where(found)} has shape {shape} but the model's config "
+                f"wants {tuple(like.shape)}; the checkpoint does not match its config.json: "
+                "pull the model again")
+        return str(found)
+
+    def param(name: str, like: Any) -> Any:
+        value = source.read(check(name, like)).to(torch_dtype)
+        return torch.nn.Parameter(value, requires_grad=False)
 
     output = model.get_output_embeddings()
     linears = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear)]
+               if isinstance(module, torch.nn.Linear)] if quantize != "none" else []
     for name, linear in linears:  # packed from the stored dtype, rounded as in dtype
-        weight = read(f"{name}.weight", linear.weight)
-        bias = None if linear.bias is None else torch.nn.Parameter(
-            read(f"{name}.bias", linear.bias).to(torch_dtype), requires_grad=False)
-        _put(model, name, pack_linear(weight, bias, quantize, torch_dtype,
-                                      output_layer=linear is output))
-        del weight
-    for name, param in list(model.named_parameters()):
-        if param.device.type != "meta":  # a packed layer's bias, read above
-            continue
-        _put(model, name, torch.nn.Parameter(read(name, param).to(torch_dtype),
-                                             requires_grad=False))
+        found = check(f"{name}.weight", linear.weight)
+        bias = None if linear.bias is None else param(f"{name}.bias", linear.bias)
+        grid = source.groups(found) if packs_as_int4(
+            quantize, tuple(linear.weight.shape), linear is output) else None
+        if grid is not None:
+            codes, scale, low = grid
+            _put(model, name, int4_linear_from_codes(codes, scale, low, bias))
+        else:
+            _put(model, name, pack_linear(source.read(found), bias, quantize, torch_dtype,
+                                          output_layer=linear is output))
+        del grid
+    for name, value in list(model.named_parameters()):
+        if value.device.type == "meta":  # not a packed layer's bias, read above
+            _put(model, name, param(name, value))
+    if quantize == "none":
+        model.tie_weights()  # a tied output layer shares the embedding again

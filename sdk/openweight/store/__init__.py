@@ -208,7 +208,7 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
                 built = work / "model"
                 if kind == "gguf":
                     convert_gguf(path, built, progress=progress)
-                    record.update(source=f"gguf:{path.resolve()}", format="gguf->safetensors",
+                    record.update(source=f"gguf:{path.resolve()}", format="gguf",
                                   sha256=sha256_file(path))
                 elif kind == "hub":
                     revision = fetch_hub(source, built, progress=progress)

