@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]" sentencepiece   # llama-cpp-python compiles from source (minutes)
     python benchmarks/bench_scale.py [--shape 1b] [--runs 3] [--work DIR]
+    python benchmarks/bench_scale.py --shape gpt-oss-20b [--runs 1]   # ~13 GB, 30-40 min
 
 No hub is needed: the model is a Llama of the named shape built from a config with random
 weights (speed and memory only, never quality) and SmolLM2's tokenizer from the store. llama.cpp
@@ -10,6 +11,16 @@ distribution) and quantiser (Q4_1); openweight pulls that same GGUF (``openweigh
 user would. Every measurement is a fresh process: pull time and peak, load to first token, peak
 memory while answering, decode and prefill tokens/s. Prints medians and the openweight /
 llama.cpp ratios, with the CPU, its PyTorch capability and the thread count.
+
+The ``gpt-oss-*`` shapes are written the way the hub ships gpt-oss (``GptOssForCausalLM``, experts
+in MXFP4, the rest bf16, sharded safetensors with an index, ``quantization_config`` mxfp4), one
+shard at a time so the build never holds the model; the tokenizer is SmolLM2's with the harmony
+special tokens and a minimal harmony chat template (the vocabulary stays gpt-oss's 201,088: the
+rows past the tokenizer's ids have a zero output projection, so greedy answers stay decodable).
+llama.cpp converts the checkpoint (MXFP4 experts passed through, the rest f16); openweight loads
+the directory itself (its CPU loader repacks the experts to int4 as it reads them). Random
+weights write no harmony framing, so openweight streams no text until the end: load, prefill and
+decode are timed from whole answers (1 token, then ``--tokens``) with the usage token counts.
 """
 
 from __future__ import annotations
@@ -28,11 +39,25 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from harmony_template import HARMONY_SPECIALS, HARMONY_TEMPLATE  # noqa: E402
+
 THREADS = 2
 # (hidden, layers, heads, kv heads, ffn, tied): Llama-3.2-1B's and Llama-3.1-8B's dimensions
 # (the vocabulary is SmolLM2's 49152, so its tokenizer fits)
 SHAPES = {"1b": (2048, 16, 32, 8, 8192, True), "8b": (4096, 32, 32, 8, 14336, False),
           "tiny": (256, 2, 4, 2, 512, True)}
+# gpt-oss: GptOssConfig's defaults are the 120b's except for these (gpt-oss-20b: 24 layers, 32
+# experts; hidden and intermediate 2880, 64/8 heads of 64, top-4, window 128 on every other
+# layer, vocabulary 201088, yarn rope); the tiny one keeps the structure and the vocabulary
+GPT_OSS_SHAPES: dict[str, dict[str, Any]] = {
+    "gpt-oss-20b": {"num_hidden_layers": 24, "num_local_experts": 32},
+    "gpt-oss-tiny": {"num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                     "hidden_size": 128, "intermediate_size": 128, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "head_dim": 32},
+}
+GPT_OSS_VOCAB = 201088
+SHARD_BYTES = 3_000_000_000  # safetensors shards of the gpt-oss checkpoints: ~3 GB at most
 PROMPT = "Write a long, detailed story about a dragon who learns to cook."
 LONG = ("Summarise the following notes in one sentence.\n" + " ".join(
     f"Note {i}: the river rose by {i % 7} centimetres near the old mill." for i in range(40)))
@@ -97,6 +122,53 @@ print(json.dumps({"first_token_s": first, "decode": (n - 1) / (e - f), "prefill"
 """
 
 
+# gpt-oss: whole answers timed (random weights write no harmony framing, so openweight streams
+# no text before the end); the 1-token and the N-token answers differ in their first word, so
+# neither engine's prefix cache serves one from the other
+WHOLE = r"""
+def timed(prompt, n):
+    start = time.perf_counter()
+    prompt_tokens, tokens = answer(prompt, n)
+    return time.perf_counter() - start, prompt_tokens, tokens
+def report(first):
+    took, prompt_tokens, _ = timed(LONG, 1)
+    one, _, _ = timed("1 " + PROMPT, 1)
+    many, _, n = timed("2 " + PROMPT, int(sys.argv[2]))
+    print(json.dumps({"first_token_s": first, "prefill": prompt_tokens / took,
+                      "decode": (n - 1) / (many - one) if n > 1 else float("nan"),
+                      "tokens": n, "peak_mb": peak_mb()}))
+"""
+
+OPENWEIGHT_GPT_OSS_CHILD = PEAK + r"""
+import json, sys, time
+t0 = time.perf_counter()
+from openweight import Client
+client = Client(sys.argv[1], keep_alive=0)
+def answer(prompt, n):
+    usage = None
+    for chunk in client.stream([{"role": "user", "content": prompt}], max_tokens=n,
+                               temperature=0):
+        usage = chunk.usage or usage
+    return usage.prompt_tokens, usage.completion_tokens
+""" + WHOLE + r"""
+answer("hi", 1)
+report(time.perf_counter() - t0)
+"""
+
+LLAMA_GPT_OSS_CHILD = PEAK + r"""
+import json, sys, time
+t0 = time.perf_counter()
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=2048, n_threads=int(sys.argv[3]), verbose=False)
+def answer(prompt, n):
+    out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=n,
+                                     temperature=0)
+    return out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"]
+""" + WHOLE + r"""
+answer("hi", 1)
+report(time.perf_counter() - t0)
+"""
+
 def cpu_description() -> str:
     import torch
 
@@ -148,11 +220,135 @@ def build_model(shape: str, out: Path) -> Path:
     return out
 
 
+def _gpt_oss_tokenizer(out: Path) -> Any:
+    """SmolLM2's tokenizer (from the store) with the harmony special tokens and template."""
+    from transformers import AutoTokenizer
+
+    from openweight.store import ensure_model
+
+    _, default = ensure_model("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(str(default))
+    tokenizer.add_special_tokens({"additional_special_tokens": HARMONY_SPECIALS[1:]})
+    tokenizer.chat_template = HARMONY_TEMPLATE
+    tokenizer.eos_token = "<|return|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
+
+
+def _gpt_oss_units(config: Any) -> list[list[tuple[str, tuple[int, ...], str]]]:
+    """The checkpoint's tensors as (name, shape, kind), grouped so a shard never splits a
+    layer: the embedding, each layer, then the final norm and output projection. The shapes
+    come from the model built on the meta device (nothing allocated), the experts' in the
+    hub's MXFP4 layout."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config)
+    e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+    mxfp4 = {"gate_up_proj": (e, 2 * i, h // 32), "down_proj": (e, h, i // 32)}
+    units: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
+    layer = None
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        this = parts[2] if name.startswith("model.layers.") else None
+        if this != layer:
+            units.append([])
+            layer = this
+        proj = parts[-1]
+        if ".mlp.experts." in name and proj in mxfp4:
+            shape = mxfp4[proj]
+            units[-1] += [(f"{name}_blocks", (*shape, 16), "blocks"),
+                          (f"{name}_scales", shape, "scales")]
+        elif name.endswith("norm.weight"):
+            units[-1].append((name, tuple(param.shape), "ones"))
+        else:
+            units[-1].append((name, tuple(param.shape), "normal"))
+    return [unit for unit in units if unit]
+
+
+def build_gpt_oss(shape: str, out: Path) -> Path:
+    """A random gpt-oss of ``shape`` as the hub ships it: experts in MXFP4 (random codes,
+    e8m0 scale bytes 118-121), everything else bf16 from a small normal, sharded safetensors
+    with an index, written one shard at a time (never the whole model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GptOssConfig
+
+    if (out / "config.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = _gpt_oss_tokenizer(tmp)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in HARMONY_SPECIALS}
+    config = GptOssConfig(vocab_size=GPT_OSS_VOCAB, **GPT_OSS_SHAPES[shape],
+                          eos_token_id=[ids["<|return|>"], ids["<|call|>"]],
+                          pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    units = _gpt_oss_units(config)
+    shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
+    size = 0
+    for unit in units:
+        nbytes = sum(2 * _numel(shape) if kind in ("normal", "ones") else _numel(shape)
+                     for _, shape, kind in unit)
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1] += unit
+        size += nbytes
+    gen = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for n, shard in enumerate(shards, 1):
+        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, tshape, kind in shard:
+            if kind == "blocks":
+                t = torch.randint(0, 256, tshape, dtype=torch.uint8, generator=gen)
+            elif kind == "scales":
+                t = torch.randint(118, 122, tshape, dtype=torch.uint8, generator=gen)
+            elif kind == "ones":
+                t = torch.ones(tshape, dtype=torch.bfloat16)
+            else:
+                t = torch.empty(tshape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+            if name == "lm_head.weight":  # ids past the tokenizer's are never the argmax
+                t[len(tokenizer):] = 0
+            tensors[name] = t
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(str(tmp))
+    data = json.loads((tmp / "config.json").read_text())
+    data["architectures"] = ["GptOssForCausalLM"]
+    data["quantization_config"] = {  # as gpt-oss-20b's config.json has it
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+        "quant_method": "mxfp4"}
+    data["dtype"] = data["torch_dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(data, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def llama_cpp_source(work: Path) -> Path:
     """llama.cpp's converter, from llama-cpp-python's source distribution."""
     import llama_cpp
 
     src = work / "llama-cpp-src"
+    # another shape's copy (same llama-cpp-python) serves as well
+    src = next((p for p in work.parent.glob("*/llama-cpp-src")
+                if (p / "convert_hf_to_gguf.py").exists()), src)
     if not src.exists():
         dl = work / "sdist"
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
@@ -189,6 +385,24 @@ def to_gguf(model: Path, work: Path) -> Path:
     return q4
 
 
+def gpt_oss_gguf(model: Path, work: Path) -> Path:
+    """The gpt-oss checkpoint through llama.cpp's converter: the MXFP4 experts pass through as
+    MXFP4, everything else f16 (openweight keeps it bf16)."""
+    gguf = work / f"{model.name}.f16.gguf"
+    if gguf.exists():
+        return gguf
+    src = llama_cpp_source(work)
+    env = {**os.environ, "PYTHONPATH": f"{src / 'gguf-py'}:{src}"}
+    tmp = gguf.with_name(gguf.name + ".partial")
+    out = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model),
+                          "--outtype", "f16", "--outfile", str(tmp)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"convert_hf_to_gguf.py failed:\n{out.stderr[-3000:]}")
+    tmp.rename(gguf)
+    return gguf
+
+
 def child(code: str, *args: str) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                          env={**os.environ, "OPENWEIGHT_KEEP_ALIVE": "0",
@@ -217,16 +431,53 @@ def pull(gguf: Path, name: str, home: Path) -> dict[str, float]:
             os.environ["OPENWEIGHT_HOME"] = env_home
 
 
+def bench_gpt_oss(shape: str, work: Path, runs: int, tokens: int) -> None:
+    """Build the checkpoint, convert it for llama.cpp, then alternate fresh processes: llama.cpp
+    on the GGUF, openweight on the checkpoint directory itself."""
+    t = time.perf_counter()
+    model = build_gpt_oss(shape, work / shape)
+    size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    print(f"built {model.name} ({size / 1e9:.2f} GB of safetensors) in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
+    t = time.perf_counter()
+    gguf = gpt_oss_gguf(model, work)
+    print(f"converted to {gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB) in "
+          f"{time.perf_counter() - t:.0f} s", flush=True)
+    os.environ["OPENWEIGHT_HOME"] = str(work / "store")
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    for _ in range(runs):  # alternate, fresh processes
+        theirs.append(child(LLAMA_GPT_OSS_CHILD, str(gguf), str(tokens), str(THREADS)))
+        print(f"  llama.cpp {theirs[-1]}", flush=True)
+        ours.append(child(OPENWEIGHT_GPT_OSS_CHILD, str(model), str(tokens)))
+        print(f"  openweight {ours[-1]}", flush=True)
+    print(f"\n{shape} shape, MXFP4 experts (openweight: the checkpoint, experts repacked to "
+          f"int4, rest bf16; llama.cpp: MXFP4 + f16 GGUF), {runs} runs, medians:")
+    print("| metric | openweight | llama.cpp | ratio |\n|---|---|---|---|")
+    for key, label in (("first_token_s", "load to first token (s)"),
+                       ("peak_mb", "peak memory (MB)"), ("decode", "decode (tok/s)"),
+                       ("prefill", "prefill (tok/s)"), ("tokens", "tokens decoded")):
+        a = statistics.median(r[key] for r in ours)
+        b = statistics.median(r[key] for r in theirs)
+        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--shape", choices=sorted(SHAPES) + sorted(GPT_OSS_SHAPES),
+                        default="1b")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="fresh-process runs of each engine (3; 1 for gpt-oss shapes)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "openweight-bench")
     args = parser.parse_args()
     work = args.work / args.shape
     work.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_description()}", flush=True)
+    if args.shape in GPT_OSS_SHAPES:
+        bench_gpt_oss(args.shape, work, args.runs or 1, args.tokens)
+        return
+    args.runs = args.runs or 3
     t = time.perf_counter()
     model = build_model(args.shape, work / f"llama-{args.shape}")
     gguf = to_gguf(model, work)
