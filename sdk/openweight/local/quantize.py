@@ -80,7 +80,8 @@ def _bf16_table(codes: Any, scale: Any, low: Any) -> Any:
 
     bf16, i16 = torch.bfloat16, torch.int16
     q = codes.float().reshape(*scale.shape, -1) - 8
-    target = q * scale[..., None] + (low + 8 * scale)[..., None]
+    count, q_sum, q_squares = q.shape[-1], q.sum(-1), (q * q).sum(-1)
+    centre = low + 8 * scale  # the exact zero: weight = q * scale + centre
 
     def step(x: Any, ulps: int) -> Any:  # x rounded to bfloat16, moved ``ulps`` steps
         return (x.to(bf16).view(i16) + ulps).view(bf16).float()
@@ -88,10 +89,11 @@ def _bf16_table(codes: Any, scale: Any, low: Any) -> Any:
     best = (torch.full_like(scale, float("inf")), scale, low)
     for s_ulps in (0, -1, 1, -2, 2):
         s = step(scale, s_ulps)
-        z_mean = (target - q * s[..., None]).mean(-1)
+        ds = s - scale  # each weight is off by q * ds + dz: the sum of squares from sums
         for z_ulps in (0, -1, 1):
-            z = step(z_mean, z_ulps)
-            err = ((q * s[..., None] + z[..., None] - target) ** 2).sum(-1)
+            z = step(centre - ds * q_sum / count, z_ulps)
+            dz = z - centre
+            err = ds * ds * q_squares + 2 * ds * dz * q_sum + count * dz * dz
             better = err < best[0]  # NaN (a step past the finite range) never is
             best = (torch.where(better, err, best[0]), torch.where(better, s, best[1]),
                     torch.where(better, z, best[2]))
