@@ -63,8 +63,9 @@ def build_tiny_model(path: Path, *, max_positions: int = 1024, seed: int = 0) ->
 from harmony_template import HARMONY_SPECIALS, HARMONY_TEMPLATE  # noqa: E402
 
 
-def build_tiny_gpt_oss(path: Path, *, seed: int = 0) -> Path:
-    """A random 2-layer GptOssForCausalLM (4 experts) with harmony special tokens."""
+def build_tiny_gpt_oss(path: Path, *, seed: int = 0, width: int = 32, head_dim: int = 8) -> Path:
+    """A random 2-layer GptOssForCausalLM (4 experts, hidden and intermediate ``width``)
+    with harmony special tokens."""
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -74,8 +75,9 @@ def build_tiny_gpt_oss(path: Path, *, seed: int = 0) -> Path:
     tokenizer.chat_template = HARMONY_TEMPLATE  # type: ignore[attr-defined]
     ids = {t: HARMONY_SPECIALS.index(t) for t in HARMONY_SPECIALS}
     config = GptOssConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32,  # type: ignore[arg-type]
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        vocab_size=len(tokenizer), hidden_size=width,  # type: ignore[arg-type]
+        intermediate_size=width, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim,
         num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
         layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
         eos_token_id=[ids["<|return|>"], ids["<|call|>"]], pad_token_id=0,

@@ -24,7 +24,7 @@ from openweight.local.mxfp4 import (
     packed_experts_class,
 )
 
-from conftest import HARMONY_SPECIALS, HARMONY_TEMPLATE, byte_tokenizer
+from conftest import build_tiny_gpt_oss
 
 HIDDEN = INTER = 64
 EXPERTS = 4
@@ -54,29 +54,14 @@ def build_tiny_mxfp4_gpt_oss(path: Path, *, seed: int = 0, exact_codes: bool = T
     """A random 2-layer gpt-oss (4 experts, hidden and intermediate 64) whose experts are
     stored as the hub stores them: ``*_blocks``/``*_scales`` uint8, biases bf16, and a
     ``quantization_config`` of ``{"quant_method": "mxfp4"}``."""
-    from safetensors.torch import save_file
-    from transformers import GptOssConfig, GptOssForCausalLM
+    from safetensors.torch import load_file, save_file
 
-    tokenizer = byte_tokenizer(HARMONY_SPECIALS, eos_token="<|return|>",
-                               pad_token="<|endoftext|>",
-                               additional_special_tokens=HARMONY_SPECIALS[1:])
-    tokenizer.chat_template = HARMONY_TEMPLATE  # type: ignore[attr-defined]
-    ids = {t: HARMONY_SPECIALS.index(t) for t in HARMONY_SPECIALS}
-    config = GptOssConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN,  # type: ignore[arg-type]
-        intermediate_size=INTER, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=EXPERTS, num_experts_per_tok=2,
-        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=512, eos_token_id=[ids["<|return|>"], ids["<|call|>"]],
-        pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        initializer_range=0.3,
-    )
-    torch.manual_seed(seed)
-    model = GptOssForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(str(path))
+    build_tiny_gpt_oss(path, seed=seed, width=HIDDEN, head_dim=16)
+    (saved,) = path.glob("*.safetensors")
+    state = load_file(str(saved))
     gen = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
+    for name, value in state.items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             rows = value.shape[2]  # stored [E, in, out]; MXFP4 is [E, out, in/32, 16]
             blocks, scales = random_mxfp4(gen, EXPERTS, rows, value.shape[1],
@@ -90,7 +75,6 @@ def build_tiny_mxfp4_gpt_oss(path: Path, *, seed: int = 0, exact_codes: bool = T
     cfg = json.loads((path / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "mxfp4"}
     (path / "config.json").write_text(json.dumps(cfg))
-    tokenizer.save_pretrained(str(path))  # type: ignore[attr-defined]
     return path
 
 
