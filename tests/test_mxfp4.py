@@ -255,24 +255,29 @@ def test_memory_estimate_counts_packed_experts(mxfp4_gpt_oss: Path) -> None:
     assert not memory.cpu_packed_mxfp4(config, "cuda")
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_packed_form_is_kept_and_read_back(mxfp4_gpt_oss: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           quantize: str) -> None:
     from openweight.local import mxfp4
 
-    first = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", tmp_path)
-    (kept,) = tmp_path.glob("*-mxfp4-bfloat16-*.safetensors")
+    first = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", quantize, cache=tmp_path)
+    (kept,) = tmp_path.glob(f"*-mxfp4-{quantize}-bfloat16-*.safetensors")
+    linear = type(first.lm_head).__name__
+    assert linear == {"none": "Linear", "int8": "Int8Linear"}[quantize]
 
     def no_repacking(*args: object) -> None:
         raise AssertionError("the kept form was not used")
 
     monkeypatch.setattr(mxfp4, "_fill", no_repacking)
-    again = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", tmp_path)
+    again = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", quantize, cache=tmp_path)
+    assert type(again.lm_head).__name__ == linear
     assert again.state_dict().keys() == first.state_dict().keys()
     for name, value in first.state_dict().items():
         assert torch.equal(again.state_dict()[name], value), name
     monkeypatch.undo()
     kept.write_bytes(b"not safetensors")  # a broken kept file: repacked and rewritten
-    third = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", tmp_path)
+    third = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", quantize, cache=tmp_path)
     assert torch.equal(third.model.layers[0].mlp.experts.down_packed,
                        first.model.layers[0].mlp.experts.down_packed)
     assert kept.stat().st_size > 1000

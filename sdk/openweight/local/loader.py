@@ -296,8 +296,7 @@ def load_model(
             if model is None and packed_experts:  # gpt-oss on a CPU, see local/mxfp4.py
                 from .mxfp4 import load_gpt_oss_packed
 
-                model = load_gpt_oss_packed(path, dt, packed_cache)
-                quantize_model(model, quant, dev)
+                model = load_gpt_oss_packed(path, dt, quant, packed_cache)
             if model is None:  # the whole model in dtype, then packed
                 gguf = gguf_file(path)
                 if gguf is not None:

@@ -194,30 +194,36 @@ _EXPERTS = re.compile(r"^(?P<layer>.*\.mlp\.experts)\.(?P<proj>gate_up_proj|down
                       r"(?P<part>_blocks|_scales|_bias|)$")
 
 
-def load_gpt_oss_packed(path: Path, dtype: str, cache: Path | None = None) -> Any:
+def load_gpt_oss_packed(path: Path, dtype: str, quantize: str = "none",
+                        cache: Path | None = None) -> Any:
     """The gpt-oss model at ``path`` (an MXFP4 checkpoint) with its experts packed in int4
-    (``PackedGptOssExperts``) and every other weight in ``dtype``, read one tensor at a
-    time: the experts' MXFP4 tensors are repacked one expert at a time, never held in
-    ``dtype``, so the peak is the packed model plus one layer's MXFP4 tensors.
+    (``PackedGptOssExperts``), its Linear layers (attention, output) packed as
+    ``quantize`` says and every other weight in ``dtype``, read one tensor at a time: the
+    experts' MXFP4 tensors are repacked one expert at a time, never held in ``dtype``, so
+    the peak is the packed model plus one layer's MXFP4 tensors.
 
     With a ``cache`` directory the packed model is kept there (as ``packed_load`` keeps
     the Llama-style families') and read back by later loads: repacking is most of a load,
     minutes for gpt-oss-20b."""
     import torch
 
-    from .packed_load import _allocator_returns_memory, _keep, cache_file
+    from .packed_load import _allocator_returns_memory, _keep, _restore, cache_file
+    from .quantize import quantize_model
 
     torch_dtype = getattr(torch, dtype)
     model = _gpt_oss_model(path, torch_dtype)
-    kept = None if cache is None else cache_file(cache, path, dtype, "mxfp4")
-    if kept is not None and kept.exists():
-        if _restore(model, kept, torch_dtype):
-            return model.eval()
-        model = _gpt_oss_model(path, torch_dtype)  # maybe partly filled: start again
+    kept = None if cache is None else cache_file(cache, path, dtype, f"mxfp4-{quantize}")
+    # every working copy is returned to the system as it is freed: the Linear layers'
+    # dtype weights, packed afterwards, would otherwise leave gigabytes of heap holes
     with _allocator_returns_memory():
-        _fill(model, path, torch_dtype)
-    if kept is not None:
-        _keep(model, kept, path)
+        tried = kept is not None and kept.exists()
+        if not (kept is not None and tried and _restore(model, kept, torch_dtype)):
+            if tried:  # maybe partly filled: start again
+                model = _gpt_oss_model(path, torch_dtype)
+            _fill(model, path, torch_dtype)
+            quantize_model(model, quantize, "cpu")
+            if kept is not None:
+                _keep(model, kept, path)
     return model.eval()
 
 
@@ -242,28 +248,6 @@ def _gpt_oss_model(path: Path, torch_dtype: Any) -> Any:
             config.num_local_experts, config.hidden_size, config.intermediate_size,
             float(config.swiglu_alpha), float(config.swiglu_limit), torch_dtype))
     return model
-
-
-def _restore(model: Any, kept: Path, torch_dtype: Any) -> bool:
-    """Fill ``model`` (from ``_gpt_oss_model``) from its kept packed form; False when the
-    file does not fit it."""
-    import torch
-
-    from .packed_load import _put, _Shard
-
-    params = {name for name, _ in model.named_parameters()}
-    try:
-        shard = _Shard(kept)
-        if set(shard.tensors) != set(model.state_dict()):
-            return False
-        for name in shard.tensors:
-            value = shard.read(name)
-            if name in params:
-                value = torch.nn.Parameter(value.to(torch_dtype), requires_grad=False)
-            _put(model, name, value)
-    except (OSError, ValueError, KeyError, ModelLoadError):
-        return False
-    return True
 
 
 def _fill(model: Any, path: Path, torch_dtype: Any) -> None:

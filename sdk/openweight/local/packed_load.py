@@ -249,29 +249,36 @@ def cache_file(root: Path, path: Path, dtype: str, quantize: str) -> Path:
 
 
 def _restore(model: Any, kept: Path, torch_dtype: Any) -> bool:
-    """Fill the empty ``model`` from its kept packed form; False (model untouched, or only
-    partly filled and to be filled again) when the file does not fit it."""
+    """Fill the empty ``model`` from its kept packed form: every Linear layer rebuilt as it
+    was packed, every other parameter and buffer of its state read in (a module's own
+    packed buffers too, such as gpt-oss's experts). False (model untouched, or only partly
+    filled and to be filled again) when the file does not fit it."""
     import torch
 
     from .quantize import restore_linear
 
     try:
         shard = _Shard(kept)
-        linears = [(name, m) for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear)]
+        linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         parts = ("weight", "bias", "scales", "scale_zero")
-        wanted = {f"{name}.{part}" for name, _ in linears for part in parts}
-        wanted |= {name for name, _ in model.named_parameters()}
-        if not set(shard.tensors) <= wanted:
+        packed = {f"{name}.{part}" for name in linears for part in parts}
+        state = set(model.state_dict()) - packed
+        if not state <= set(shard.tensors) <= state | packed:
             return False
-        for name, _ in linears:
+        for name in linears:
             tensors = {part: shard.read(f"{name}.{part}") for part in parts
                        if f"{name}.{part}" in shard.tensors}
-            _put(model, name, restore_linear(tensors))
-        for name, param in list(model.named_parameters()):
-            if param.device.type == "meta":
-                _put(model, name, torch.nn.Parameter(shard.read(name).to(torch_dtype),
-                                                     requires_grad=False))
+            if tensors.keys() & {"scales", "scale_zero"}:
+                _put(model, name, restore_linear(tensors))
+            else:  # kept unpacked
+                for part, value in tensors.items():
+                    _put(model, f"{name}.{part}", torch.nn.Parameter(
+                        value.to(torch_dtype), requires_grad=False))
+        params = {name for name, _ in model.named_parameters()}
+        for name in sorted(state):
+            value = shard.read(name)
+            _put(model, name, torch.nn.Parameter(value.to(torch_dtype), requires_grad=False)
+                 if name in params else value)
     except (OSError, ValueError, KeyError, ModelLoadError):
         return False  # unreadable or not this model's: packed again and rewritten
     return True
