@@ -20,10 +20,17 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
-__all__ = ["FOUR_BIT_TYPES", "GgufSource", "gguf_groups"]
+__all__ = ["FOUR_BIT_TYPES", "GGUF_MAGIC", "GgufSource", "gguf_groups", "has_gguf_magic"]
 
 FOUR_BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+GGUF_MAGIC = b"GGUF"
 ROWS_AT_ONCE = 1024  # rows dequantised at a time: the float32 working copy stays small
+
+
+def has_gguf_magic(path: Path) -> bool:
+    """Whether the file starts as a GGUF file does (``OSError`` if it cannot be read)."""
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
 
 
 def gguf_groups(raw: Any, kind: str, rows: int, cols: int) -> tuple[Any, Any, Any]:
@@ -61,7 +68,6 @@ class GgufSource:
     architecture), read one at a time; ``dtype`` is the dtype float tensors come in."""
 
     def __init__(self, file: Path, model: Any, dtype: Any) -> None:
-        import numpy as np
         from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
@@ -94,7 +100,6 @@ class GgufSource:
             if tensor.name in names:
                 self.tensors[names[tensor.name]] = tensor
         self._names = {hf: t.name for hf, t in self.tensors.items()}
-        self._np = np
 
     @property
     def names(self) -> set[str]:
@@ -112,8 +117,10 @@ class GgufSource:
     def _raw(self, name: str) -> Any:
         """The tensor's bytes, read with plain reads (a mapped file's touched pages would
         count against the process until it ends)."""
+        import numpy as np
+
         tensor = self.tensors[name]
-        raw = self._np.empty(int(tensor.n_bytes), dtype=self._np.uint8)
+        raw = np.empty(int(tensor.n_bytes), dtype=np.uint8)
         with open(self.file, "rb") as f:
             f.seek(int(tensor.data_offset))
             got = f.readinto(raw.data)
@@ -127,13 +134,16 @@ class GgufSource:
         """Which GGUF row each of the model's rows is (llama.cpp reorders the rows of the
         query and key projections), found by passing the row numbers through
         transformers' own GGUF tensor processor."""
+        import numpy as np
+
         rows = self.shape(name)[0]
-        index = self._np.arange(rows, dtype=self._np.float64).reshape(rows, 1)
+        index = np.arange(rows, dtype=np.float64).reshape(rows, 1)
         order = self._processor.process(weights=index, name=self._names[name]).weights
-        return self._np.asarray(order).reshape(rows).astype(self._np.int64)
+        return np.asarray(order).reshape(rows).astype(np.int64)
 
     def read(self, name: str) -> Any:
         """The tensor in ``dtype``, dequantised ``ROWS_AT_ONCE`` rows at a time."""
+        import numpy as np
         import torch
         from gguf.quants import dequantize
 
@@ -145,7 +155,7 @@ class GgufSource:
         try:
             for at in range(0, rows.shape[0], ROWS_AT_ONCE):
                 part = dequantize(rows[at:at + ROWS_AT_ONCE], tensor.tensor_type)
-                part = self._np.ascontiguousarray(part, dtype=self._np.float32)
+                part = np.ascontiguousarray(part, dtype=np.float32)
                 flat[at:at + ROWS_AT_ONCE] = torch.from_numpy(part).view(-1, flat.shape[1])
         except NotImplementedError as exc:
             raise ModelLoadError(f"tensor {self.where(name)} is stored as {self.kind(name)}, "
@@ -154,7 +164,7 @@ class GgufSource:
                                  "quantisation (Q4_K_M, Q4_1, Q8_0)") from exc
         if len(shape) == 2:
             order = self._row_order(name)
-            if not self._np.array_equal(order, self._np.arange(shape[0])):
+            if not np.array_equal(order, np.arange(shape[0])):
                 out = out[torch.from_numpy(order)]
         return out
 

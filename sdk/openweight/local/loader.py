@@ -118,9 +118,10 @@ def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
                                   f"{', '.join(QUANTIZE)}", param="quantize")
     if quant != "auto":
         return quant
+    from .mxfp4 import cpu_packed_mxfp4
+
     config = _config(path)
-    if device == "cpu" and config.get("model_type") == "gpt_oss" and _quant_method(
-            path) == "mxfp4":  # experts packed apart (local/mxfp4.py); attention, output int8
+    if cpu_packed_mxfp4(config, device):  # experts packed apart; attention, output int8
         return "int8"
     if device != "cpu" or config.get("model_type") not in SUPPORTED_TYPES:
         return "none"
@@ -165,13 +166,14 @@ def check_model_dir(path: Path) -> None:
 
 
 def _check_gguf_weights(gguf: Path) -> None:
+    from .gguf_source import has_gguf_magic
+
     try:
-        with open(gguf, "rb") as f:
-            magic = f.read(4)
+        ok = has_gguf_magic(gguf)
     except OSError as exc:
         raise ModelLoadError(f"the model's weights {gguf} cannot be read ({exc}); pull the "
                              "model again") from exc
-    if magic != b"GGUF":
+    if not ok:
         raise ModelLoadError(f"the model's weights {gguf} are not a GGUF file; pull the "
                              "model again")
 
@@ -205,8 +207,7 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     return int(getattr(tokenizer, "model_max_length", 2048))
 
 
-def _quant_method(path: Path) -> str | None:
-    config = _config(path)
+def _quant_method(config: dict[str, Any]) -> str | None:
     quant = config.get("quantization_config") or {}
     return quant.get("quant_method") if isinstance(quant, dict) else None
 
@@ -253,6 +254,7 @@ def load_model(
     """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised
     (``packed_cache``: a directory where a quantised model's packed form is kept between
     loads, see ``packed_load``)."""
+    from .mxfp4 import cpu_packed_mxfp4
     from .packed_load import gguf_file, load_packed, loads_packed
     from .quantize import quantize_model
 
@@ -273,11 +275,12 @@ def load_model(
 
         hf_logging.disable_progress_bar()
         extra: dict[str, Any] = {}
-        keep_mxfp4 = packed_experts = False
-        if _quant_method(path) == "mxfp4":
+        config = _config(path)
+        keep_mxfp4 = False
+        packed_experts = cpu_packed_mxfp4(config, dev)  # repacked to int4 as they are read
+        if _quant_method(config) == "mxfp4":
             keep_mxfp4, why = mxfp4_supported(dev)
-            if not keep_mxfp4 and dev == "cpu":  # experts repacked to int4 as they are read
-                packed_experts = True
+            if packed_experts:
                 _notify_once(f"openweight: {why}; repacking {path.name}'s MXFP4 experts to "
                              "int4 for the CPU (5 bits a weight, a small rounding error: "
                              "see the README's gpt-oss section)")
@@ -292,7 +295,7 @@ def load_model(
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
             model = load_packed(path, dt, quant, packed_cache) if loads_packed(
-                _config(path), dev, quant) else None
+                config, dev, quant) else None
             if model is None and packed_experts:  # gpt-oss on a CPU, see local/mxfp4.py
                 from .mxfp4 import load_gpt_oss_packed
 

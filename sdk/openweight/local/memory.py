@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from .mxfp4 import cpu_packed_mxfp4
 
 __all__ = ["PLANNING_CONTEXT", "MemoryEstimate", "check_fits", "cpu_packed_mxfp4",
            "estimate_memory", "free_memory"]
@@ -133,16 +134,6 @@ def _kv_bytes(config: Any, context: int, bytes_per: int) -> int:
         tokens = min(context, window) if kind == "sliding_attention" and window else context
         total += 2 * kv_heads * head_dim * tokens * bytes_per
     return total
-
-
-def cpu_packed_mxfp4(config: Any, device: str) -> bool:
-    """Whether a model with this config loads with its MXFP4 experts packed for the CPU
-    (``mxfp4.load_gpt_oss_packed``): a gpt-oss MXFP4 checkpoint on the CPU."""
-    quant = getattr(config, "quantization_config", None)
-    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
-        quant, "quant_method", None)
-    return (device == "cpu" and str(method).lower().endswith("mxfp4")
-            and getattr(config, "model_type", "") == "gpt_oss")
 
 
 def _cpu_mxfp4_bytes(config: Any, params: int, linear: int, bytes_per: int,

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 
-__all__ = ["FP4_VALUES", "GROUP", "PACKED_BITS_PER_WEIGHT", "decode_mxfp4",
+__all__ = ["FP4_VALUES", "GROUP", "PACKED_BITS_PER_WEIGHT", "cpu_packed_mxfp4", "decode_mxfp4",
            "load_gpt_oss_packed", "packed_experts_class", "repack_mxfp4_int4"]
 
 # the e2m1 value of each 4-bit code: bit 3 the sign (transformers' FP4_VALUES, in order)
@@ -35,6 +35,18 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 GROUP = 32  # values per MXFP4 block, and per int4 group: the two coincide
 PACKED_BITS_PER_WEIGHT = 4 + 2 * 16 / GROUP  # int4 code + a bf16 scale and offset a group
 ROWS_AT_ONCE = 1024  # rows repacked at a time: the working copies stay small
+
+
+def cpu_packed_mxfp4(config: Any, device: str) -> bool:
+    """Whether a model with this config (``config.json``'s dict, or a transformers config)
+    loads with its MXFP4 experts packed for the CPU (``load_gpt_oss_packed``): a gpt-oss
+    MXFP4 checkpoint on the CPU."""
+    config = config if isinstance(config, dict) else config.to_dict()
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(
+        quant, "quant_method", None)
+    return (device == "cpu" and str(method).lower().endswith("mxfp4")
+            and config.get("model_type") == "gpt_oss")
 
 
 def decode_mxfp4(blocks: Any, scales: Any, dtype: Any = None) -> Any:
@@ -216,14 +228,14 @@ def load_gpt_oss_packed(path: Path, dtype: str, quantize: str = "none",
     # every working copy is returned to the system as it is freed: the Linear layers'
     # dtype weights, packed afterwards, would otherwise leave gigabytes of heap holes
     with _allocator_returns_memory():
-        tried = kept is not None and kept.exists()
-        if not (kept is not None and tried and _restore(model, kept, torch_dtype)):
-            if tried:  # maybe partly filled: start again
-                model = _gpt_oss_model(path, torch_dtype)
-            _fill(model, path, torch_dtype)
-            quantize_model(model, quantize, "cpu")
-            if kept is not None:
-                _keep(model, kept, path)
+        if kept is not None and kept.exists():
+            if _restore(model, kept, torch_dtype):
+                return model.eval()
+            model = _gpt_oss_model(path, torch_dtype)  # maybe partly filled: start again
+        _fill(model, path, torch_dtype)
+        quantize_model(model, quantize, "cpu")
+    if kept is not None:
+        _keep(model, kept, path)
     return model.eval()
 
 
@@ -255,21 +267,12 @@ def _fill(model: Any, path: Path, torch_dtype: Any) -> None:
     experts repacked one at a time, everything else in ``torch_dtype``."""
     import torch
 
-    from .packed_load import _put, _Safetensors
+    from .packed_load import _checked, _put, _Safetensors
 
     source = _Safetensors(path)
 
     def read(name: str, shape: tuple[int, ...]) -> Any:
-        if name not in source.names:
-            raise ModelLoadError(f"tensor {name} is missing from the checkpoint in {path}; "
-                                 "pull the model again")
-        stored = source.shape(name)
-        if stored != shape:
-            raise ModelLoadError(
-                f"tensor {source.where(name)} has shape {stored} but the model's config "
-                f"wants {shape}; the checkpoint does not match its config.json: pull the "
-                "model again")
-        return source.read(name)
+        return source.read(_checked(source, name, shape))
 
     config = model.config
     e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
@@ -295,8 +298,8 @@ def _fill(model: Any, path: Path, torch_dtype: Any) -> None:
         known.discard(name)
         _put(model, name, torch.nn.Parameter(read(name, tuple(param.shape)).to(torch_dtype),
                                              requires_grad=False))
-    extra = sorted(n for n in known if not _EXPERTS.match(n) and n not in
-                   dict(model.named_parameters()))
+    params = {name for name, _ in model.named_parameters()}
+    extra = sorted(n for n in known if not _EXPERTS.match(n) and n not in params)
     if extra:
         raise ModelLoadError(f"the checkpoint in {path} has tensors this gpt-oss model does "
                              f"not know ({', '.join(extra[:3])}); it does not match its "

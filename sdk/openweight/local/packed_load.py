@@ -328,6 +328,19 @@ def _put(model: Any, name: str, value: Any) -> None:
     setattr(model.get_submodule(owner_name) if owner_name else model, leaf, value)
 
 
+def _checked(source: Any, name: str, shape: tuple[int, ...]) -> str:
+    """``name``, once ``source`` is found to hold it in ``shape``."""
+    if name not in source.names:
+        raise ModelLoadError(f"tensor {name} is missing from the checkpoint; pull the model "
+                             "again")
+    stored = tuple(source.shape(name))
+    if stored != shape:
+        raise ModelLoadError(
+            f"tensor {source.where(name)} has shape {stored} but the model's config wants "
+            f"{shape}; the checkpoint does not match its config.json: pull the model again")
+    return name
+
+
 def _fill(model: Any, source: Any, sources: dict[str, str], torch_dtype: Any,
           quantize: str) -> None:
     """Every parameter of the empty ``model`` read from ``source``: Linear layers packed
@@ -339,14 +352,7 @@ def _fill(model: Any, source: Any, sources: dict[str, str], torch_dtype: Any,
 
     def check(name: str, like: Any) -> str:
         """The checkpoint's name for parameter ``name``, once its shape is checked."""
-        found = sources[name]
-        shape = source.shape(found)
-        if shape != tuple(like.shape):
-            raise ModelLoadError(
-                f"tensor {source.where(found)} has shape {shape} but the model's config "
-                f"wants {tuple(like.shape)}; the checkpoint does not match its config.json: "
-                "pull the model again")
-        return str(found)
+        return _checked(source, sources[name], tuple(like.shape))
 
     def param(name: str, like: Any) -> Any:
         value = source.read(check(name, like)).to(torch_dtype)

@@ -18,6 +18,7 @@ import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OpenWeightError
@@ -33,7 +34,6 @@ __all__ = [
     "new_tmp_dir",
 ]
 
-GGUF_MAGIC = b"GGUF"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 HUB_PROBE_SECONDS = 3.0
 PIP_TIMEOUT_SECONDS = 600
@@ -162,24 +162,26 @@ def sha256_file(path: Path) -> str:
 
 def check_gguf(path: Path) -> None:
     """A clear error for a file that is not GGUF, before any heavy import."""
+    from ..local.gguf_source import has_gguf_magic
+
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
+        ok = has_gguf_magic(path)
     except OSError as exc:
         raise InvalidRequestError(f"cannot read {path}: {exc}") from exc
-    if magic != GGUF_MAGIC:
+    if not ok:
         raise InvalidRequestError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
                                   "give a .gguf file or a model directory")
 
 
-def gguf_bits(gguf: Path) -> int | None:
-    """Bits per weight of a GGUF file's quantisation (``MOSTLY_Q4_1`` -> 4), if it says."""
+def gguf_bits(reader: Any) -> int | None:
+    """Bits per weight of a GGUF file's quantisation (``MOSTLY_Q4_1`` -> 4), if it says;
+    ``reader`` is the file's ``gguf.GGUFReader``."""
     import re
 
     try:
-        from gguf import GGUFReader, LlamaFileType
+        from gguf import LlamaFileType
 
-        field = GGUFReader(str(gguf)).fields.get("general.file_type")
+        field = reader.fields.get("general.file_type")
         if field is None:
             return None
         name = LlamaFileType(int(field.parts[field.data[0]][0])).name
@@ -194,9 +196,10 @@ def gguf_bits(gguf: Path) -> int | None:
 GGUF_NAME = "model.gguf"  # the weights file of a model pulled from a GGUF
 
 
-def _gguf_tensors_end(gguf: Path) -> None:
-    """A clear error for a GGUF file whose header is unreadable or whose tensors run past
-    its end (a truncated download), before anything is written to the store."""
+def _gguf_header(gguf: Path) -> Any:
+    """The file's ``GGUFReader``, or a clear error for a GGUF file whose header is
+    unreadable or whose tensors run past its end (a truncated download), before anything
+    is written to the store."""
     try:
         from gguf import GGUFReader
 
@@ -209,6 +212,7 @@ def _gguf_tensors_end(gguf: Path) -> None:
     if end > size:
         raise ModelLoadError(f"{gguf.name} is truncated: its tensors end at byte {end} but the "
                              f"file has {size}; download it again")
+    return reader
 
 
 def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
@@ -217,7 +221,7 @@ def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     from it. Nothing is dequantised here: the loader reads the weights a tensor at a time,
     so a pull takes seconds and the memory of one tensor (``local/gguf_source.py``)."""
     check_gguf(gguf)
-    _gguf_tensors_end(gguf)
+    reader = _gguf_header(gguf)
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
@@ -233,7 +237,8 @@ def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # what the weights were: quantize="auto" keeps a 4-bit source at 4 bits
-    config.openweight_source_bits = gguf_bits(gguf)
+    config.openweight_source_bits = gguf_bits(reader)
+    del reader
     config.openweight_gguf = GGUF_NAME
     dest.mkdir(parents=True, exist_ok=True)
     try:
