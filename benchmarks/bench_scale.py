@@ -184,8 +184,8 @@ def cpu_description() -> str:
 
 
 def build_model(shape: str, out: Path) -> Path:
-    """A random Llama of ``shape`` in bfloat16 with SmolLM2's tokenizer, built one tensor at
-    a time (never the whole model in float32)."""
+    """A random Llama of ``shape`` in bfloat16 with SmolLM2's tokenizer, written a shard at
+    a time (never the whole model in memory: an 8B one is 16 GB)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -199,18 +199,15 @@ def build_model(shape: str, out: Path) -> Path:
                          intermediate_size=ffn, tie_word_embeddings=tied,
                          max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=gen)
+        model = LlamaForCausalLM(config)
+    units = _units(model, lambda name, shape: [
+        (name, shape, "ones" if len(shape) == 1 else "normal")])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    tmp.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    _write_shards(tmp, units, lambda name, tshape, kind: _random(tshape, kind, gen))
+    _write_config(tmp, config, "LlamaForCausalLM")
     _, default = ensure_model("smollm2-135m")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "chat_template.jinja"):
@@ -218,6 +215,78 @@ def build_model(shape: str, out: Path) -> Path:
             shutil.copy(default / name, tmp / name)
     tmp.rename(out)
     return out
+
+
+Unit = list[tuple[str, tuple[int, ...], str]]  # a layer's tensors: (name, shape, kind)
+
+
+def _units(model: Any, describe: Any) -> list[Unit]:
+    """The checkpoint's tensors, grouped so a shard never splits a layer: the embedding,
+    each layer, then the final norm and output projection. ``describe(name, shape)`` gives
+    the tensors a parameter of the (meta-device) ``model`` is stored as."""
+    units: list[Unit] = [[]]
+    layer = None
+    for name, param in model.named_parameters():
+        this = name.split(".")[2] if name.startswith("model.layers.") else None
+        if this != layer:
+            units.append([])
+            layer = this
+        units[-1] += describe(name, tuple(param.shape))
+    return [unit for unit in units if unit]
+
+
+def _random(shape: tuple[int, ...], kind: str, gen: Any) -> Any:
+    """A random tensor of ``kind``: MXFP4 ``blocks`` (random codes) and ``scales`` (e8m0
+    bytes 118-121), norm weights (``ones``), or bf16 from a small ``normal``."""
+    import torch
+
+    if kind == "blocks":
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    if kind == "scales":
+        return torch.randint(118, 122, shape, dtype=torch.uint8, generator=gen)
+    if kind == "ones":
+        return torch.ones(shape, dtype=torch.bfloat16)
+    return torch.empty(shape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
+
+
+def _write_shards(out: Path, units: list[Unit], make: Any) -> None:
+    """Sharded safetensors (``SHARD_BYTES`` at most, whole units) with their index, each
+    tensor ``make(name, shape, kind)``, written a shard at a time."""
+    from safetensors.torch import save_file
+
+    shards: list[Unit] = [[]]
+    size = 0
+    for unit in units:
+        nbytes = sum(2 * _numel(shape) if kind in ("normal", "ones") else _numel(shape)
+                     for _, shape, kind in unit)
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1] += unit
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    total = 0
+    for n, shard in enumerate(shards, 1):
+        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, tshape, kind in shard:
+            tensors[name] = t = make(name, tshape, kind)
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _write_config(out: Path, config: Any, architecture: str, **extra: Any) -> None:
+    """``config.json`` as the hub has it: the architecture named, the dtype bf16."""
+    config.save_pretrained(str(out))
+    data = json.loads((out / "config.json").read_text())
+    data["architectures"] = [architecture]
+    data["dtype"] = data["torch_dtype"] = "bfloat16"
+    data.update(extra)
+    (out / "config.json").write_text(json.dumps(data, indent=2))
 
 
 def _gpt_oss_tokenizer(out: Path) -> Any:
@@ -236,11 +305,8 @@ def _gpt_oss_tokenizer(out: Path) -> Any:
     return tokenizer
 
 
-def _gpt_oss_units(config: Any) -> list[list[tuple[str, tuple[int, ...], str]]]:
-    """The checkpoint's tensors as (name, shape, kind), grouped so a shard never splits a
-    layer: the embedding, each layer, then the final norm and output projection. The shapes
-    come from the model built on the meta device (nothing allocated), the experts' in the
-    hub's MXFP4 layout."""
+def _gpt_oss_units(config: Any) -> list[Unit]:
+    """gpt-oss's tensors by layer (``_units``), the experts' in the hub's MXFP4 layout."""
     import torch
     from transformers import GptOssForCausalLM
 
@@ -248,24 +314,15 @@ def _gpt_oss_units(config: Any) -> list[list[tuple[str, tuple[int, ...], str]]]:
         model = GptOssForCausalLM(config)
     e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
     mxfp4 = {"gate_up_proj": (e, 2 * i, h // 32), "down_proj": (e, h, i // 32)}
-    units: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-    layer = None
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        this = parts[2] if name.startswith("model.layers.") else None
-        if this != layer:
-            units.append([])
-            layer = this
-        proj = parts[-1]
+
+    def describe(name: str, shape: tuple[int, ...]) -> Unit:
+        proj = name.split(".")[-1]
         if ".mlp.experts." in name and proj in mxfp4:
-            shape = mxfp4[proj]
-            units[-1] += [(f"{name}_blocks", (*shape, 16), "blocks"),
-                          (f"{name}_scales", shape, "scales")]
-        elif name.endswith("norm.weight"):
-            units[-1].append((name, tuple(param.shape), "ones"))
-        else:
-            units[-1].append((name, tuple(param.shape), "normal"))
-    return [unit for unit in units if unit]
+            return [(f"{name}_blocks", (*mxfp4[proj], 16), "blocks"),
+                    (f"{name}_scales", mxfp4[proj], "scales")]
+        return [(name, shape, "ones" if name.endswith("norm.weight") else "normal")]
+
+    return _units(model, describe)
 
 
 def build_gpt_oss(shape: str, out: Path) -> Path:
@@ -273,7 +330,6 @@ def build_gpt_oss(shape: str, out: Path) -> Path:
     e8m0 scale bytes 118-121), everything else bf16 from a small normal, sharded safetensors
     with an index, written one shard at a time (never the whole model in memory)."""
     import torch
-    from safetensors.torch import save_file
     from transformers import GptOssConfig
 
     if (out / "config.json").exists():
@@ -286,50 +342,20 @@ def build_gpt_oss(shape: str, out: Path) -> Path:
     config = GptOssConfig(vocab_size=GPT_OSS_VOCAB, **GPT_OSS_SHAPES[shape],
                           eos_token_id=[ids["<|return|>"], ids["<|call|>"]],
                           pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
-    units = _gpt_oss_units(config)
-    shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-    size = 0
-    for unit in units:
-        nbytes = sum(2 * _numel(shape) if kind in ("normal", "ones") else _numel(shape)
-                     for _, shape, kind in unit)
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1] += unit
-        size += nbytes
     gen = torch.Generator().manual_seed(0)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for n, shard in enumerate(shards, 1):
-        file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {}
-        for name, tshape, kind in shard:
-            if kind == "blocks":
-                t = torch.randint(0, 256, tshape, dtype=torch.uint8, generator=gen)
-            elif kind == "scales":
-                t = torch.randint(118, 122, tshape, dtype=torch.uint8, generator=gen)
-            elif kind == "ones":
-                t = torch.ones(tshape, dtype=torch.bfloat16)
-            else:
-                t = torch.empty(tshape, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
-            if name == "lm_head.weight":  # ids past the tokenizer's are never the argmax
-                t[len(tokenizer):] = 0
-            tensors[name] = t
-            weight_map[name] = file
-            total += t.numel() * t.element_size()
-        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    config.save_pretrained(str(tmp))
-    data = json.loads((tmp / "config.json").read_text())
-    data["architectures"] = ["GptOssForCausalLM"]
-    data["quantization_config"] = {  # as gpt-oss-20b's config.json has it
+
+    def make(name: str, tshape: tuple[int, ...], kind: str) -> Any:
+        t = _random(tshape, kind, gen)
+        if name == "lm_head.weight":  # ids past the tokenizer's are never the argmax
+            t[len(tokenizer):] = 0
+        return t
+
+    _write_shards(tmp, _gpt_oss_units(config), make)
+    _write_config(tmp, config, "GptOssForCausalLM", quantization_config={
+        # as gpt-oss-20b's config.json has it
         "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                    "model.embed_tokens", "lm_head"],
-        "quant_method": "mxfp4"}
-    data["dtype"] = data["torch_dtype"] = "bfloat16"
-    (tmp / "config.json").write_text(json.dumps(data, indent=2))
+        "quant_method": "mxfp4"})
     tmp.rename(out)
     return out
 
@@ -457,7 +483,8 @@ def bench_gpt_oss(shape: str, work: Path, runs: int, tokens: int) -> None:
         ours.append(child(OPENWEIGHT_GPT_OSS_CHILD, f"bench-{shape}", str(tokens)))
         print(f"  openweight {ours[-1]}", flush=True)
     print(f"openweight's first load (repacking the experts, keeping the packed form): "
-          f"{ours[0]['first_token_s']:.0f} s; later runs read the kept form")
+          f"{ours[0]['first_token_s']:.0f} s, peak {ours[0]['peak_mb']:.0f} MB; later runs "
+          "read the kept form")
     ours = ours[1:] or ours
     print(f"\n{shape} shape, MXFP4 experts (openweight: the checkpoint, experts repacked to "
           f"int4, rest bf16; llama.cpp: MXFP4 + f16 GGUF), {runs} runs, medians:")

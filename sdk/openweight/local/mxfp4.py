@@ -220,20 +220,18 @@ def load_gpt_oss_packed(path: Path, dtype: str, quantize: str = "none",
     import torch
 
     from .packed_load import _allocator_returns_memory, _keep, _restore, cache_file
-    from .quantize import quantize_model
 
     torch_dtype = getattr(torch, dtype)
     model = _gpt_oss_model(path, torch_dtype)
     kept = None if cache is None else cache_file(cache, path, dtype, f"mxfp4-{quantize}")
-    # every working copy is returned to the system as it is freed: the Linear layers'
-    # dtype weights, packed afterwards, would otherwise leave gigabytes of heap holes
+    # every working copy (a Linear layer's dtype weight, a layer's MXFP4 tensors) is
+    # returned to the system as it is freed, not left as holes between the packed tensors
     with _allocator_returns_memory():
         if kept is not None and kept.exists():
             if _restore(model, kept, torch_dtype):
                 return model.eval()
             model = _gpt_oss_model(path, torch_dtype)  # maybe partly filled: start again
-        _fill(model, path, torch_dtype)
-        quantize_model(model, quantize, "cpu")
+        _fill(model, path, torch_dtype, quantize)
     if kept is not None:
         _keep(model, kept, path)
     return model.eval()
@@ -262,14 +260,19 @@ def _gpt_oss_model(path: Path, torch_dtype: Any) -> Any:
     return model
 
 
-def _fill(model: Any, path: Path, torch_dtype: Any) -> None:
-    """Every weight of ``model`` (from ``_gpt_oss_model``) read from the checkpoint: the
-    experts repacked one at a time, everything else in ``torch_dtype``."""
+def _fill(model: Any, path: Path, torch_dtype: Any, quantize: str) -> None:
+    """Every weight of ``model`` (from ``_gpt_oss_model``) read from the checkpoint: first
+    the Linear layers packed as ``quantize`` says as each is read and every other weight in
+    ``torch_dtype`` (``packed_load``'s fill: their ``dtype`` copies come and go while
+    little else is resident), then the experts repacked one at a time."""
     import torch
 
-    from .packed_load import _checked, _put, _Safetensors
+    from .packed_load import _checked, _Safetensors
+    from .packed_load import _fill as fill_packed
 
     source = _Safetensors(path)
+    own = {name: name for name, param in model.named_parameters() if param.device.type == "meta"}
+    fill_packed(model, source, own, torch_dtype, quantize)
 
     def read(name: str, shape: tuple[int, ...]) -> Any:
         return source.read(_checked(source, name, shape))
@@ -291,15 +294,7 @@ def _fill(model: Any, path: Path, torch_dtype: Any) -> None:
             del blocks, scales
             bias = getattr(experts, f"{proj}_bias")
             bias.data = read(f"{layer}.{proj}_bias", tuple(bias.shape)).to(torch_dtype)
-    known = set(source.names)
-    for name, param in list(model.named_parameters()):
-        if param.device.type != "meta":
-            continue
-        known.discard(name)
-        _put(model, name, torch.nn.Parameter(read(name, tuple(param.shape)).to(torch_dtype),
-                                             requires_grad=False))
-    params = {name for name, _ in model.named_parameters()}
-    extra = sorted(n for n in known if not _EXPERTS.match(n) and n not in params)
+    extra = sorted(n for n in source.names if n not in own and not _EXPERTS.match(n))
     if extra:
         raise ModelLoadError(f"the checkpoint in {path} has tensors this gpt-oss model does "
                              f"not know ({', '.join(extra[:3])}); it does not match its "
