@@ -29,7 +29,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,9 +39,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_description, llama_cpp_build  # noqa: E402
 from harmony_template import HARMONY_SPECIALS, HARMONY_TEMPLATE  # noqa: E402
 
 THREADS = 2
+LLAMA_PYTHON = [sys.executable]  # the Python whose llama_cpp is the peer (--llama-python)
 # (hidden, layers, heads, kv heads, ffn, tied): Llama-3.2-1B's and Llama-3.1-8B's dimensions
 # (the vocabulary is SmolLM2's 49152, so its tokenizer fits)
 SHAPES = {"1b": (2048, 16, 32, 8, 8192, True), "8b": (4096, 32, 32, 8, 14336, False),
@@ -168,20 +170,6 @@ def answer(prompt, n):
 answer("hi", 1)
 report(time.perf_counter() - t0)
 """
-
-def cpu_description() -> str:
-    import torch
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}; PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}; "
-            f"{THREADS} threads each")
-
 
 def build_model(shape: str, out: Path) -> Path:
     """A random Llama of ``shape`` in bfloat16 with SmolLM2's tokenizer, written a shard at
@@ -429,8 +417,8 @@ def gpt_oss_gguf(model: Path, work: Path) -> Path:
     return gguf
 
 
-def child(code: str, *args: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+def child(code: str, *args: str, python: str = sys.executable) -> dict[str, Any]:
+    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True,
                          env={**os.environ, "OPENWEIGHT_KEEP_ALIVE": "0",
                               "OMP_NUM_THREADS": str(THREADS)}, timeout=3600)
     if out.returncode != 0:
@@ -458,6 +446,44 @@ def pull(gguf: Path, name: str, home: Path) -> dict[str, float]:
             os.environ["OPENWEIGHT_HOME"] = env_home
 
 
+def estimate(name: str) -> str:
+    """What ``openweight info NAME`` estimates the bench model needs (the store is
+    ``OPENWEIGHT_HOME``), to set beside the measured peaks."""
+    from openweight.local.loader import resolve_quantize
+    from openweight.local.memory import estimate_memory
+    from openweight.store import ensure_model
+
+    _, path = ensure_model(name)
+    quantize = resolve_quantize("auto", "cpu", path)
+    est = estimate_memory(path, "cpu", "bfloat16", quantize=quantize)
+    return (f"openweight's estimate ({quantize}, bfloat16): weights {est.weights_bytes / MB:.0f} "
+            f"MB, with {est.context} tokens of KV cache and slack {est.total_bytes / MB:.0f} MB")
+
+
+MB = 1 << 20  # the peaks are VmHWM in KiB / 1024
+
+
+def report(title: str, ours: list[dict[str, Any]], theirs: list[dict[str, Any]],
+           keys: tuple[tuple[str, str], ...]) -> None:
+    """openweight's first load apart (it packs and keeps the packed form), then the medians
+    of the later runs (which read the kept form) against llama.cpp's, and the ratios."""
+    first = ours[0]
+    print(f"\nopenweight's first load (packing, keeping the packed form): "
+          f"{first['first_token_s']:.0f} s to the first token, peak {first['peak_mb']:.0f} MB; "
+          "later runs read the kept form")
+    ours = ours[1:] or ours
+    print(f"{title}, medians:")
+    print("| metric | openweight | llama.cpp | ratio |\n|---|---|---|---|")
+    for key, label in keys:
+        a = statistics.median(r[key] for r in ours)
+        b = statistics.median(r[key] for r in theirs)
+        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+
+
+KEYS = (("first_token_s", "load to first token (s)"), ("peak_mb", "peak memory (MB)"),
+        ("decode", "decode (tok/s)"), ("prefill", "prefill (tok/s)"))
+
+
 def bench_gpt_oss(shape: str, work: Path, runs: int, tokens: int) -> None:
     """Build the checkpoint, convert it for llama.cpp, then alternate fresh processes: llama.cpp
     on the GGUF, openweight on the checkpoint directory (registered in place in a bench store)."""
@@ -478,23 +504,15 @@ def bench_gpt_oss(shape: str, work: Path, runs: int, tokens: int) -> None:
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
     for _ in range(runs):  # alternate, fresh processes
-        theirs.append(child(LLAMA_GPT_OSS_CHILD, str(gguf), str(tokens), str(THREADS)))
+        theirs.append(child(LLAMA_GPT_OSS_CHILD, str(gguf), str(tokens), str(THREADS),
+                                  python=LLAMA_PYTHON[0]))
         print(f"  llama.cpp {theirs[-1]}", flush=True)
         ours.append(child(OPENWEIGHT_GPT_OSS_CHILD, f"bench-{shape}", str(tokens)))
         print(f"  openweight {ours[-1]}", flush=True)
-    print(f"openweight's first load (repacking the experts, keeping the packed form): "
-          f"{ours[0]['first_token_s']:.0f} s, peak {ours[0]['peak_mb']:.0f} MB; later runs "
-          "read the kept form")
-    ours = ours[1:] or ours
-    print(f"\n{shape} shape, MXFP4 experts (openweight: the checkpoint, experts repacked to "
-          f"int4, rest bf16; llama.cpp: MXFP4 + f16 GGUF), {runs} runs, medians:")
-    print("| metric | openweight | llama.cpp | ratio |\n|---|---|---|---|")
-    for key, label in (("first_token_s", "load to first token (s)"),
-                       ("peak_mb", "peak memory (MB)"), ("decode", "decode (tok/s)"),
-                       ("prefill", "prefill (tok/s)"), ("tokens", "tokens decoded")):
-        a = statistics.median(r[key] for r in ours)
-        b = statistics.median(r[key] for r in theirs)
-        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    print(estimate(f"bench-{shape}"))
+    report(f"{shape} shape, MXFP4 experts (openweight: the checkpoint, experts repacked to int4, "
+           f"rest bf16; llama.cpp: MXFP4 + f16 GGUF), {runs} runs", ours, theirs,
+           (*KEYS, ("tokens", "tokens decoded")))
 
 
 def main() -> None:
@@ -505,11 +523,16 @@ def main() -> None:
                         help="fresh-process runs of each engine (3; 2 for gpt-oss shapes, "
                         "whose first openweight run repacks the experts)")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="the Python whose llama-cpp-python is the peer (e.g. a venv's, "
+                        "built for AVX2: see the README's Development section)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "openweight-bench")
     args = parser.parse_args()
+    LLAMA_PYTHON[0] = args.llama_python
     work = args.work / args.shape
     work.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_description()}", flush=True)
+    print(f"CPU: {cpu_description(THREADS)}; llama.cpp built for "
+          f"{llama_cpp_build(LLAMA_PYTHON[0])}", flush=True)
     if args.shape in GPT_OSS_SHAPES:
         bench_gpt_oss(args.shape, work, args.runs or 2, args.tokens)
         return
@@ -529,18 +552,13 @@ def main() -> None:
     ours: list[dict[str, Any]] = []
     theirs: list[dict[str, Any]] = []
     for _ in range(args.runs):  # alternate, fresh processes
-        theirs.append(child(LLAMA_CHILD, str(gguf), str(args.tokens), str(THREADS)))
+        theirs.append(child(LLAMA_CHILD, str(gguf), str(args.tokens), str(THREADS),
+                                  python=LLAMA_PYTHON[0]))
         ours.append(child(OPENWEIGHT_CHILD, f"bench-{args.shape}", str(args.tokens)))
         print(f"  llama.cpp {theirs[-1]}\n  openweight {ours[-1]}", flush=True)
-    print(f"\n{args.shape} shape, Q4_1 source, {args.runs} runs, medians "
-          f"(openweight quantize=auto):")
-    print("| metric | openweight | llama.cpp | ratio |\n|---|---|---|---|")
-    for key, label in (("first_token_s", "load to first token (s)"),
-                       ("peak_mb", "peak memory (MB)"), ("decode", "decode (tok/s)"),
-                       ("prefill", "prefill (tok/s)")):
-        a = statistics.median(r[key] for r in ours)
-        b = statistics.median(r[key] for r in theirs)
-        print(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    print(estimate(f"bench-{args.shape}"))
+    report(f"{args.shape} shape, Q4_1 source, {args.runs} runs (openweight quantize=auto)",
+           ours, theirs, KEYS)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import cpu_description, llama_cpp_build
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "bench"
 STORY = "Write a long, detailed story about a dragon who learns to cook."
@@ -144,9 +146,9 @@ print(json.dumps(ttft))
 """
 
 
-def child(code: str, *args: str, env: dict[str, str]) -> object:
+def child(code: str, *args: str, env: dict[str, str], python: str = sys.executable) -> object:
     prelude = PEAK + f"import os\nLONG = {LONG!r}\nSTORY = {STORY!r}\nTEXT = {TEXT!r}\n"
-    done = subprocess.run([sys.executable, "-c", prelude + code, *args], env=env,
+    done = subprocess.run([python, "-c", prelude + code, *args], env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"benchmark child failed:\n{done.stderr[-3000:]}")
@@ -179,7 +181,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quantize", nargs="+", default=["auto", "none", "int8", "int4"])
     parser.add_argument("--home", help="an openweight store to use (default: a temp one)")
+    parser.add_argument("--llama-python", default=sys.executable,
+                        help="the Python whose llama-cpp-python is the peer (e.g. a venv's, "
+                        "built for AVX2: see the README's Development section)")
     args = parser.parse_args()
+    where = (f"CPU: {cpu_description(os.cpu_count() or 1)}; llama.cpp built for "
+             f"{llama_cpp_build(args.llama_python)}")
+    print(where, flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         home = args.home or tmp
@@ -188,21 +196,22 @@ def main() -> None:
         results: dict[str, list[dict[str, float]]] = {"llama.cpp": []}
         results.update({_label(q): [] for q in args.quantize})
         for _ in range(args.runs):  # alternate the engines within each round
-            results["llama.cpp"].append(child(LLAMA_CHILD, str(gguf), env=env))  # type: ignore[arg-type]
+            results["llama.cpp"].append(child(  # type: ignore[arg-type]
+                LLAMA_CHILD, str(gguf), env=env, python=args.llama_python))
             for q in args.quantize:
                 results[_label(q)].append(child(OPENWEIGHT_CHILD, q, env=env))  # type: ignore[arg-type]
         turns = {mode: child(TURNS_CHILD, mode, env=env) for mode in ("on", "off")}
-    report(results, turns, args.runs)
+    report(results, turns, args.runs, where)
 
 
 def report(results: dict[str, list[dict[str, float]]], turns: dict[str, object],
-           runs: int) -> None:
+           runs: int, where: str) -> None:
     base = results["llama.cpp"]
     metrics = [("decode tok/s", "decode_tps", True), ("prefill tok/s", "prefill_tps", True),
                ("time to first token (s)", "ttft_s", False), ("load (s)", "load_s", False),
                ("peak memory (MB)", "peak_mb", False)]
-    lines = [f"Medians of {runs} runs, SmolLM2-135M-Instruct, {os.cpu_count()} CPU threads.",
-             "", "| engine | " + " | ".join(m[0] for m in metrics) + " |",
+    lines = [f"Medians of {runs} runs, SmolLM2-135M-Instruct. {where}.", "",
+             "| engine | " + " | ".join(m[0] for m in metrics) + " |",
              "|---" * (len(metrics) + 1) + "|"]
     lines[2] += " perplexity |"
     lines[3] += "---|"

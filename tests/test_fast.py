@@ -56,16 +56,61 @@ def test_forward_matches_transformers(arch: str, mode: str) -> None:
     assert torch.equal(_reference(model, ids), want)
 
 
-def test_fused_weights_share_memory() -> None:
+@pytest.mark.parametrize("mode", ["none", "int4"])
+def test_a_long_prompt_runs_in_chunks(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt longer than ``PREFILL_CHUNK`` goes through the layers a chunk at a time (and
+    after a cached prefix too): the same logits, the cache filled as by one pass."""
+    import torch
+
+    from openweight.local import fast as fast_module
+
     model = _model("llama")
+    quantize_model(model, mode, "cpu")
+    ids = torch.randint(0, 300, (45,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = _reference(model, ids)
+    fast = FastModel(model)
+    whole = fast.new_cache(8)
+    with torch.inference_mode():
+        fast.forward(ids, whole)
+        monkeypatch.setattr(fast_module, "PREFILL_CHUNK", 8)
+        seen: list[int] = []
+        real = fast._forward
+        monkeypatch.setattr(fast, "_forward", lambda part, c: seen.append(len(part)) or real(
+            part, c))
+        cache = fast.new_cache(8)
+        _close(fast.forward(ids[:21], cache)[0], want[20])  # 8 + 8 + 5
+        _close(fast.forward(ids[21:], cache)[0], want[44])  # 8 + 8 + 8 after 21 cached
+    assert seen == [8, 8, 5, 8, 8, 8]
+    assert cache.get_seq_length() == 45
+    for a, b in zip((*cache.k, *cache.v), (*whole.k, *whole.v), strict=True):
+        assert torch.allclose(a[:, :, :45], b[:, :, :45], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "int4"])
+def test_fused_weights_share_memory(mode: str) -> None:
+    """The fused products' weights (and int8 scales, int4 scale/zero tables) are the
+    modules' own, whose forward still gives what it gave."""
+    import torch
+
+    model = _model("llama")
+    quantize_model(model, mode, "cpu")
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    FastModel(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    storage = attn.q_proj.weight.untyped_storage().data_ptr()
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == storage
-    assert attn.v_proj.weight.untyped_storage().data_ptr() == storage
-    assert mlp.up_proj.weight.untyped_storage().data_ptr() == \
-        mlp.gate_proj.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, model.config.hidden_size, dtype=model.dtype)
+    with torch.inference_mode():
+        want = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.up_proj)]
+    FastModel(model)
+    parts = {"none": ["weight"], "int8": ["weight", "scales"],
+             "int4": ["weight", "scale_zero"]}[mode]
+    for part in parts:
+        storage = getattr(attn.q_proj, part).untyped_storage().data_ptr()
+        assert getattr(attn.k_proj, part).untyped_storage().data_ptr() == storage
+        assert getattr(attn.v_proj, part).untyped_storage().data_ptr() == storage
+        assert getattr(mlp.up_proj, part).untyped_storage().data_ptr() == \
+            getattr(mlp.gate_proj, part).untyped_storage().data_ptr()
+    with torch.inference_mode():
+        got = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.up_proj)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     seen: dict[int, int] = {}
     for t in model.state_dict().values():
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -203,6 +203,34 @@ def test_gguf_loads_as_the_model_its_weights_make(
         assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_four_bit_token_embeddings_stay_four_bit(tmp_path: Path, mode: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF's Q4_1 token embeddings are kept as codes (0.75 bytes a weight): every row
+    looked up is the dequantised row exactly, and the kept packed form restores them as
+    they were, without reading the GGUF."""
+    import torch
+
+    from openweight.local import gguf_source
+
+    path, expected = _write_gguf_model(tmp_path / "m", {"proj": "Q4_1", "embed": "Q4_1"})
+    model = load_packed(path, "float32", mode, tmp_path / "kept")
+    assert model is not None
+    embed = model.get_input_embeddings()
+    assert type(embed).__name__ == "Int4Embedding"
+    assert "model.embed_tokens.weight" not in model.state_dict()
+    table = expected["model.embed_tokens.weight"]
+    ids = torch.arange(table.shape[0])
+    assert torch.equal(embed(ids), table)
+    assert torch.equal(embed(ids[:256].view(4, -1)), table[:256].view(4, -1, table.shape[1]))
+    monkeypatch.setattr(gguf_source, "GgufSource", None)  # a restore reads no GGUF
+    again = load_packed(path, "float32", mode, tmp_path / "kept")
+    assert again is not None and torch.equal(again.get_input_embeddings()(ids), table)
+    x = torch.tensor([[5, 80, 90, 100, 33, 7]])
+    with torch.inference_mode():
+        assert torch.equal(again(x).logits, model(x).logits)
+
+
 def test_gguf_model_answers_through_the_client(gguf_model: tuple[Path, dict[str, Any]],
                                                tmp_path: Path) -> None:
     path, _ = gguf_model

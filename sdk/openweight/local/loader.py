@@ -254,9 +254,9 @@ def load_model(
     """Load (or reuse) the model at ``path`` on ``device`` in ``dtype``, maybe quantised
     (``packed_cache``: a directory where a quantised model's packed form is kept between
     loads, see ``packed_load``)."""
+    from .fast import FastModel, unsupported_reason
     from .mxfp4 import cpu_packed_mxfp4
-    from .packed_load import gguf_file, load_packed, loads_packed
-    from .quantize import quantize_model
+    from .packed_load import allocator_returns_memory
 
     path = Path(path).expanduser().resolve()
     dev = resolve_device(device)
@@ -267,8 +267,7 @@ def load_model(
     with _cache_lock:
         if key in _cache:
             return _cache[key]
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         from .memory import check_fits, estimate_memory
@@ -294,21 +293,10 @@ def load_model(
                    path.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
-            model = load_packed(path, dt, quant, packed_cache) if loads_packed(
-                config, dev, quant) else None
-            if model is None and packed_experts:  # gpt-oss on a CPU, see local/mxfp4.py
-                from .mxfp4 import load_gpt_oss_packed
-
-                model = load_gpt_oss_packed(path, dt, quant, packed_cache)
-            if model is None:  # the whole model in dtype, then packed
-                gguf = gguf_file(path)
-                if gguf is not None:
-                    extra["gguf_file"] = gguf.name
-                model = AutoModelForCausalLM.from_pretrained(str(path),
-                                                             dtype=getattr(torch, dt), **extra)
-                model.to(dev)
-                model.eval()
-                quantize_model(model, quant, dev)
+            with allocator_returns_memory():  # the fast path's fused copies free memory too
+                model = _weights(path, dev, dt, quant, config, packed_cache, extra)
+                fast_off_reason = unsupported_reason(model, dev)
+                fast = FastModel(model) if fast_off_reason is None else None
         except (InvalidRequestError, ModelLoadError):
             raise
         except Exception as exc:
@@ -327,14 +315,42 @@ def load_model(
             quantize=quant,
             model_type=str(getattr(model.config, "model_type", "")),
             harmony_ids=_harmony_ids(model.config, tokenizer),
+            fast=fast,
+            fast_off_reason=fast_off_reason,
         )
-        from .fast import FastModel, unsupported_reason
-
-        loaded.fast_off_reason = unsupported_reason(model, dev)
-        if loaded.fast_off_reason is None:
-            loaded.fast = FastModel(model)
         _cache[key] = loaded
         return loaded
+
+
+def _weights(path: Path, dev: str, dt: str, quant: str, config: dict[str, Any],
+             packed_cache: Path | None, extra: dict[str, Any]) -> Any:
+    """The model with its weights, on ``dev`` in ``dt``, quantised as ``quant`` says: read
+    straight into its packed form where ``packed_load`` (or, for gpt-oss's MXFP4 experts on
+    a CPU, ``mxfp4``) can, else the whole model in ``dt`` through transformers (``extra``:
+    its further arguments), then packed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .mxfp4 import cpu_packed_mxfp4
+    from .packed_load import gguf_file, load_packed, loads_packed
+    from .quantize import quantize_model
+
+    model = load_packed(path, dt, quant, packed_cache) if loads_packed(
+        config, dev, quant) else None
+    if model is None and cpu_packed_mxfp4(config, dev):  # gpt-oss on a CPU
+        from .mxfp4 import load_gpt_oss_packed
+
+        model = load_gpt_oss_packed(path, dt, quant, packed_cache)
+    if model is None:  # the whole model in dtype, then packed
+        gguf = gguf_file(path)
+        if gguf is not None:
+            extra["gguf_file"] = gguf.name
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dt),
+                                                     **extra)
+        model.to(dev)
+        model.eval()
+        quantize_model(model, quant, dev)
+    return model
 
 
 def unload_all() -> None:

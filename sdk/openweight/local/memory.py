@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from .fast import FAST_KV_BYTES, SUPPORTED_TYPES
 from .mxfp4 import cpu_packed_mxfp4
 
 __all__ = ["PLANNING_CONTEXT", "MemoryEstimate", "check_fits", "cpu_packed_mxfp4",
@@ -173,7 +174,9 @@ def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = F
         weights = params * bytes_per
     window = int(getattr(config, "max_position_embeddings", PLANNING_CONTEXT) or PLANNING_CONTEXT)
     ctx = min(context or PLANNING_CONTEXT, window)
-    return MemoryEstimate(params, weights, _kv_bytes(config, ctx, bytes_per), ctx, device,
+    kv_bytes = FAST_KV_BYTES if device == "cpu" and config.model_type in SUPPORTED_TYPES \
+        else bytes_per  # the CPU fast path keeps its KV cache in float32
+    return MemoryEstimate(params, weights, _kv_bytes(config, ctx, kv_bytes), ctx, device,
                           dtype, free_memory(device), quantize)
 
 

@@ -219,14 +219,14 @@ def load_gpt_oss_packed(path: Path, dtype: str, quantize: str = "none",
     minutes for gpt-oss-20b."""
     import torch
 
-    from .packed_load import _allocator_returns_memory, _keep, _restore, cache_file
+    from .packed_load import _keep, _restore, allocator_returns_memory, cache_file
 
     torch_dtype = getattr(torch, dtype)
     model = _gpt_oss_model(path, torch_dtype)
     kept = None if cache is None else cache_file(cache, path, dtype, f"mxfp4-{quantize}")
     # every working copy (a Linear layer's dtype weight, a layer's MXFP4 tensors) is
     # returned to the system as it is freed, not left as holes between the packed tensors
-    with _allocator_returns_memory():
+    with allocator_returns_memory():
         if kept is not None and kept.exists():
             if _restore(model, kept, torch_dtype):
                 return model.eval()

@@ -12,8 +12,9 @@ from typing import Any
 
 from ..errors import InvalidRequestError
 
-__all__ = ["INT4_GROUP", "QUANTIZE", "int4_linear_from_codes", "pack_linear", "packs_as_int4",
-           "quantize_model", "restore_linear"]
+__all__ = ["EMBEDDING_PARTS", "INT4_GROUP", "QUANTIZE", "int4_embedding_from_codes",
+           "int4_linear_from_codes", "pack_linear", "packs_as_int4", "quantize_model",
+           "restore_embedding", "restore_linear"]
 
 QUANTIZE = ("auto", "none", "int8", "int4")
 INT4_GROUP = 32
@@ -117,6 +118,54 @@ def int4_linear_from_codes(codes: Any, scale: Any, low: Any, bias: Any) -> Any:
     return int4_linear(torch.cat(packs), torch.cat(tables, dim=1).contiguous(), bias)
 
 
+EMBEDDING_PARTS = ("codes", "scale", "low")  # an Int4Embedding's saved tensors
+
+
+def int4_embedding_from_codes(codes: Any, scale: Any, low: Any, dtype: Any) -> Any:
+    """The embedding table of weights on a 4-bit grid (a GGUF's Q4_0/Q4_1/Q4_K token
+    embeddings: ``codes`` [vocab, dim] 0..15 times ``scale`` plus ``low``, [vocab, dim / 32]
+    each) kept on it: codes two to a byte, scale and offset in float32, so a row looked up
+    is exactly the dequantised row in ``dtype``, at 0.75 bytes a weight (bf16: 2)."""
+    import torch
+
+    codes = codes.to(torch.uint8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    return restore_embedding({"codes": packed, "scale": scale.float().contiguous(),
+                              "low": low.float().contiguous()}, dtype)
+
+
+def restore_embedding(tensors: dict[str, Any], dtype: Any) -> Any:
+    """The embedding module again from its saved tensors (``EMBEDDING_PARTS``)."""
+    return _embedding_class()(tensors["codes"], tensors["scale"], tensors["low"], dtype)
+
+
+@functools.cache
+def _embedding_class() -> Any:
+    import torch
+
+    class Int4Embedding(torch.nn.Module):  # type: ignore[misc]
+        """An embedding table as 4-bit codes with a float32 scale and offset per 32
+        values (``int4_embedding_from_codes``): only the rows looked up are expanded."""
+
+        def __init__(self, codes: Any, scale: Any, low: Any, dtype: Any) -> None:
+            super().__init__()
+            self.register_buffer("codes", codes)
+            self.register_buffer("scale", scale)
+            self.register_buffer("low", low)
+            self.out_dtype = dtype
+            self.num_embeddings = int(codes.shape[0])
+            self.embedding_dim = 2 * int(codes.shape[1])
+
+        def forward(self, ids: Any) -> Any:
+            packed = self.codes[ids]
+            q = torch.stack([packed & 15, packed >> 4], -1).reshape(
+                *ids.shape, -1, INT4_GROUP).float()
+            rows = q * self.scale[ids].unsqueeze(-1) + self.low[ids].unsqueeze(-1)
+            return rows.reshape(*ids.shape, self.embedding_dim).to(self.out_dtype)
+
+    return Int4Embedding
+
+
 @functools.cache
 def _module_classes() -> tuple[Any, Any]:
     """The packed Linear modules (defined once, on first use: torch is imported lazily).
@@ -152,8 +201,9 @@ def _module_classes() -> tuple[Any, Any]:
 
         def forward(self, x: Any) -> Any:
             flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+            # the fast path leaves a fused layer's modules a strided view of its table
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP,
-                                                             self.scale_zero)
+                                                             self.scale_zero.contiguous())
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
