@@ -455,9 +455,12 @@ def estimate(name: str) -> str:
 
     _, path = ensure_model(name)
     quantize = resolve_quantize("auto", "cpu", path)
-    est = estimate_memory(path, "cpu", "bfloat16", quantize=quantize)
-    return (f"openweight's estimate ({quantize}, bfloat16): weights {est.weights_bytes / MB:.0f} "
-            f"MB, with {est.context} tokens of KV cache and slack {est.total_bytes / MB:.0f} MB")
+    short = estimate_memory(path, "cpu", "bfloat16", quantize=quantize, context=1024)
+    full = estimate_memory(path, "cpu", "bfloat16", quantize=quantize)
+    return (f"openweight's estimate ({quantize}, bfloat16): weights {short.weights_bytes / MB:.0f}"
+            f" MB; with the KV cache and slack: {short.total_bytes / MB:.0f} MB for 1,024 "
+            f"tokens (the bench's answers fit in them), {full.total_bytes / MB:.0f} MB for "
+            f"{full.context}")
 
 
 MB = 1 << 20  # the peaks are VmHWM in KiB / 1024
