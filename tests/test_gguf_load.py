@@ -237,7 +237,8 @@ def test_gguf_model_answers_through_the_client(gguf_model: tuple[Path, dict[str,
     loader.unload_all()
     result = Client(str(path)).chat(HI, max_tokens=4, temperature=0)
     lm = Client(str(path))._get_backend().loaded  # type: ignore[attr-defined]
-    assert lm.quantize == "int4" and lm.fast is not None
+    assert lm.quantize == loader.resolve_quantize("auto", "cpu", path) and lm.fast is not None
+    assert loader.resolve_quantize("auto", "cpu", path, "AVX2") == "int4"
     assert result.usage.completion_tokens >= 1
     loader.unload_all()
 

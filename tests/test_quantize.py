@@ -66,8 +66,9 @@ def test_auto_resolves_by_device_family_and_source(tiny_model: Path, tiny_gpt_os
     import json
     import shutil
 
-    assert resolve_quantize(None, "cpu", tiny_model) == "int8"  # full-precision source
-    assert resolve_quantize("AUTO", "cpu", tiny_model) == "int8"
+    for cap in ("AVX512", "AVX2"):  # CPUs whose packed kernels are fast
+        assert resolve_quantize(None, "cpu", tiny_model, cap) == "int8"  # full precision
+        assert resolve_quantize("AUTO", "cpu", tiny_model, cap) == "int8"
     assert resolve_quantize("none", "cpu", tiny_model) == "none"
     assert resolve_quantize("auto", "cuda", tiny_model) == "none"  # GPUs have the bandwidth
     assert resolve_quantize("auto", "cpu", tiny_gpt_oss) == "none"  # no fast path for it
@@ -77,12 +78,26 @@ def test_auto_resolves_by_device_family_and_source(tiny_model: Path, tiny_gpt_os
     config["openweight_source_bits"] = 4
     (four_bit / "config.json").write_text(json.dumps(config))
     assert source_bits(four_bit) == 4 and source_bits(tiny_model) is None
-    assert resolve_quantize(None, "cpu", four_bit) == "int4"
+    assert resolve_quantize(None, "cpu", four_bit, "AVX2") == "int4"
     lm = Client(str(four_bit))._get_backend().loaded  # type: ignore[attr-defined]
-    assert lm.quantize == "int4"
+    assert lm.quantize == resolve_quantize(None, "cpu", four_bit)  # this CPU's choice
     with pytest.raises(InvalidRequestError, match="quantize 'int3'") as info:
         resolve_quantize("int3", "cpu", tiny_model)
     assert info.value.param == "quantize"
+
+
+@pytest.mark.parametrize("cap", ["DEFAULT", "SVE256", "ZVECTOR"])
+def test_auto_keeps_to_none_where_packed_kernels_are_slow(
+        cap: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPUs without the vectorised packed kernels (measured 2-4x slower than none on the
+    generic ones; ARM unmeasured), auto is none, unless only the packed form fits."""
+    from openweight.local import memory
+
+    assert resolve_quantize("auto", "cpu", tiny_model, cap) == "none"
+    assert resolve_quantize("int8", "cpu", tiny_model, cap) == "int8"  # asked for: honoured
+    full = memory.estimate_memory(tiny_model, "cpu", "float32", quantize="none").total_bytes
+    monkeypatch.setattr(memory, "free_memory", lambda device: full - 1)
+    assert resolve_quantize("auto", "cpu", tiny_model, cap) == "int8"
 
 
 def test_bad_quantize_values(tiny_model: Path) -> None:

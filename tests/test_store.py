@@ -16,7 +16,7 @@ import pytest
 import openweight
 from openweight import Client, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from openweight.cli import main
-from openweight.local.loader import source_bits
+from openweight.local.loader import resolve_quantize, source_bits
 from openweight.store import CATALOG, default_model, list_models, model_info, pull
 from openweight.store import sources as sources_mod
 from openweight.store.registry import write_json_atomic
@@ -210,8 +210,8 @@ def test_default_and_info(store: Path, tiny_model: Path) -> None:
     assert Client().model == "tiny"
     info = model_info("tiny")
     assert info["installed"] and info["default"] and info["path"] == str(tiny_model.resolve())
-    memory = info["memory_estimate"]  # with the settings a load would pick: int8 packed on a CPU
-    assert memory["quantize"] == "int8" and memory["fits"]
+    memory = info["memory_estimate"]  # with the settings a load would pick on this CPU
+    assert memory["quantize"] == resolve_quantize("auto", "cpu", tiny_model) and memory["fits"]
     assert model_info("gpt-oss-20b")["hub_id"] == "openai/gpt-oss-20b"
     with pytest.raises(ModelNotFoundError):
         openweight.set_default("nope")
@@ -314,4 +314,5 @@ def test_embedded_default_from_wheel_answers_paris(
     # the Q4_1 source is recorded, so the default on a CPU packs it back to 4 bits
     lm = client._get_backend().loaded  # type: ignore[attr-defined]
     assert source_bits(lm.path) == 4
-    assert lm.quantize == "int4" and lm.fast is not None
+    assert lm.quantize == resolve_quantize("auto", "cpu", lm.path) and lm.fast is not None
+    assert resolve_quantize("auto", "cpu", lm.path, "AVX2") == "int4"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError, ModelLoadError
-from .cpu import BF16_CPU_CAPABILITIES, cpu_capability
+from .cpu import BF16_CPU_CAPABILITIES, PACKED_CPU_CAPABILITIES, cpu_capability
 from .prefix_cache import PrefixCache
 
 __all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "cpu_capability",
@@ -105,10 +105,14 @@ def source_bits(path: Path) -> int | None:
     return int(value) if isinstance(value, int | float) else None
 
 
-def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
-    """``auto`` (the default): on a CPU, Llama-style models get int4 when their weights came
-    from a 4-bit GGUF (nothing more is lost) and int8 otherwise, as do gpt-oss's attention
-    and output layers beside its packed MXFP4 experts; elsewhere ``none``."""
+def resolve_quantize(quantize: str | None, device: str, path: Path,
+                     capability: str | None = None) -> str:
+    """``auto`` (the default): on a CPU whose packed kernels are fast
+    (``PACKED_CPU_CAPABILITIES``), Llama-style models get int4 when their weights came from
+    a 4-bit GGUF (nothing more is lost) and int8 otherwise; on other CPUs they get none
+    unless only the packed form fits in memory. gpt-oss's attention and output layers are
+    int8 beside its packed MXFP4 experts on every CPU (memory decides there). Elsewhere
+    ``none``. ``capability`` stands in for this CPU's, to decide for another kind."""
     from .fast import SUPPORTED_TYPES
     from .quantize import QUANTIZE
 
@@ -126,7 +130,14 @@ def resolve_quantize(quantize: str | None, device: str, path: Path) -> str:
     if device != "cpu" or config.get("model_type") not in SUPPORTED_TYPES:
         return "none"
     bits = source_bits(path)
-    return "int4" if bits is not None and bits <= 4 else "int8"
+    packed = "int4" if bits is not None and bits <= 4 else "int8"
+    cap = (capability or cpu_capability()).upper()
+    if cap in PACKED_CPU_CAPABILITIES:
+        return packed
+    from .memory import estimate_memory  # the packed kernels are slow here: none if it fits
+
+    dtype = resolve_dtype("auto", device, cap)
+    return "none" if estimate_memory(path, device, dtype, quantize="none").fits else packed
 
 
 def check_model_dir(path: Path) -> None:
