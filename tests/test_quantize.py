@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from openweight import Client, InvalidRequestError
-from openweight.local.loader import resolve_quantize, source_bits
+from openweight.local.loader import auto_quantize, resolve_quantize, source_bits
 from openweight.local.quantize import quantize_model
 
 HI = [{"role": "user", "content": "hi there"}]
@@ -95,6 +95,10 @@ def test_auto_keeps_to_none_where_packed_kernels_are_slow(
 
     assert resolve_quantize("auto", "cpu", tiny_model, cap) == "none"
     assert resolve_quantize("int8", "cpu", tiny_model, cap) == "int8"  # asked for: honoured
+    choice, why = auto_quantize("cpu", tiny_model, cap)
+    assert choice == "none" and cap in why and "slower" in why
+    choice, why = auto_quantize("cpu", tiny_model, "AVX2")
+    assert choice == "int8" and "AVX2" in why and "full-precision" in why
     full = memory.estimate_memory(tiny_model, "cpu", "float32", quantize="none").total_bytes
     monkeypatch.setattr(memory, "free_memory", lambda device: full - 1)
     assert resolve_quantize("auto", "cpu", tiny_model, cap) == "int8"

@@ -16,7 +16,12 @@ import pytest
 import openweight
 from openweight import Client, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from openweight.cli import main
-from openweight.local.loader import resolve_quantize, source_bits
+from openweight.local.loader import (
+    auto_quantize,
+    cpu_capability,
+    resolve_quantize,
+    source_bits,
+)
 from openweight.store import CATALOG, default_model, list_models, model_info, pull
 from openweight.store import sources as sources_mod
 from openweight.store.registry import write_json_atomic
@@ -212,6 +217,9 @@ def test_default_and_info(store: Path, tiny_model: Path) -> None:
     assert info["installed"] and info["default"] and info["path"] == str(tiny_model.resolve())
     memory = info["memory_estimate"]  # with the settings a load would pick on this CPU
     assert memory["quantize"] == resolve_quantize("auto", "cpu", tiny_model) and memory["fits"]
+    assert memory["quantize_reason"] == auto_quantize(memory["device"], tiny_model)[1]  # why
+    if memory["device"] == "cpu":
+        assert memory["quantize_reason"].startswith(f"{cpu_capability()} CPU")
     assert model_info("gpt-oss-20b")["hub_id"] == "openai/gpt-oss-20b"
     with pytest.raises(ModelNotFoundError):
         openweight.set_default("nope")

@@ -13,8 +13,9 @@ from ..errors import InvalidRequestError, ModelLoadError
 from .cpu import BF16_CPU_CAPABILITIES, PACKED_CPU_CAPABILITIES, cpu_capability
 from .prefix_cache import PrefixCache
 
-__all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "cpu_capability",
-           "load_model", "resolve_device", "resolve_dtype"]
+__all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "auto_quantize",
+           "cpu_capability", "load_model", "resolve_device", "resolve_dtype",
+           "resolve_quantize"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -107,37 +108,50 @@ def source_bits(path: Path) -> int | None:
 
 def resolve_quantize(quantize: str | None, device: str, path: Path,
                      capability: str | None = None) -> str:
-    """``auto`` (the default): on a CPU whose packed kernels are fast
-    (``PACKED_CPU_CAPABILITIES``), Llama-style models get int4 when their weights came from
-    a 4-bit GGUF (nothing more is lost) and int8 otherwise; on other CPUs they get none
-    unless only the packed form fits in memory. gpt-oss's attention and output layers are
-    int8 beside its packed MXFP4 experts on every CPU (memory decides there). Elsewhere
-    ``none``. ``capability`` stands in for this CPU's, to decide for another kind."""
-    from .fast import SUPPORTED_TYPES
+    """``quantize`` checked, with ``auto`` (the default) resolved by ``auto_quantize``."""
     from .quantize import QUANTIZE
 
     quant = (quantize or "auto").lower()
     if quant not in QUANTIZE:
         raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one of "
                                   f"{', '.join(QUANTIZE)}", param="quantize")
-    if quant != "auto":
-        return quant
+    return quant if quant != "auto" else auto_quantize(device, path, capability)[0]
+
+
+def auto_quantize(device: str, path: Path, capability: str | None = None) -> tuple[str, str]:
+    """What ``quantize=auto`` picks for the model at ``path`` on ``device``, and why: on a
+    CPU whose packed kernels are fast (``PACKED_CPU_CAPABILITIES``), Llama-style models get
+    int4 when their weights came from a 4-bit GGUF (nothing more is lost) and int8
+    otherwise; on other CPUs none, unless only the packed form fits in memory. gpt-oss's
+    attention and output layers are int8 beside its packed MXFP4 experts on every CPU
+    (memory decides there). Elsewhere none. ``capability`` stands in for this CPU's."""
+    from .fast import SUPPORTED_TYPES
     from .mxfp4 import cpu_packed_mxfp4
 
     config = _config(path)
-    if cpu_packed_mxfp4(config, device):  # experts packed apart; attention, output int8
-        return "int8"
-    if device != "cpu" or config.get("model_type") not in SUPPORTED_TYPES:
-        return "none"
+    if cpu_packed_mxfp4(config, device):
+        return "int8", ("gpt-oss on a CPU: its MXFP4 experts are packed to int4 and its "
+                        "attention and output layers to int8, to fit in memory")
+    if device != "cpu":
+        return "none", f"on {device} the weights stay unpacked (the GPU has the bandwidth)"
+    kind = config.get("model_type")
+    if kind not in SUPPORTED_TYPES:
+        return "none", f"model type {kind!r} has no packed CPU path"
     bits = source_bits(path)
-    packed = "int4" if bits is not None and bits <= 4 else "int8"
+    packed, why = ("int4", f"its weights came from a {bits}-bit GGUF: int4 keeps them as they "
+                   "are") if bits is not None and bits <= 4 else (
+        "int8", "from full-precision weights int8 per row loses least")
     cap = (capability or cpu_capability()).upper()
     if cap in PACKED_CPU_CAPABILITIES:
-        return packed
-    from .memory import estimate_memory  # the packed kernels are slow here: none if it fits
+        return packed, f"{cap} CPU, whose packed kernels are fast; {why}"
+    from .memory import estimate_memory
 
     dtype = resolve_dtype("auto", device, cap)
-    return "none" if estimate_memory(path, device, dtype, quantize="none").fits else packed
+    if estimate_memory(path, device, dtype, quantize="none").fits:
+        return "none", (f"{cap} CPU: PyTorch's packed kernels are slower than plain products "
+                        "here (or unmeasured), and the model fits unpacked")
+    return packed, (f"{cap} CPU: PyTorch's packed kernels are slow here, but only the packed "
+                    f"form fits in memory; {why}")
 
 
 def check_model_dir(path: Path) -> None:

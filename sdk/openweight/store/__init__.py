@@ -126,15 +126,17 @@ def model_info(name: str) -> dict[str, Any]:
 
 def _estimate(path: Path) -> dict[str, Any] | str:
     """What loading this model with the auto settings would take, against what is free."""
-    from ..local.loader import resolve_device, resolve_dtype, resolve_quantize
+    from ..local.loader import auto_quantize, resolve_device, resolve_dtype
     from ..local.memory import estimate_memory
 
     device = resolve_device("auto")
     try:
-        return estimate_memory(path, device, resolve_dtype("auto", device),
-                               quantize=resolve_quantize("auto", device, path)).as_dict()
+        quantize, why = auto_quantize(device, path)
+        estimate = estimate_memory(path, device, resolve_dtype("auto", device),
+                                   quantize=quantize).as_dict()
     except Exception as exc:  # a broken config is reported, not fatal for `info`
         return f"unavailable: {exc}"
+    return {**estimate, "quantize_reason": why}
 
 
 def _unknown(name: str) -> str:
