@@ -9,9 +9,10 @@ __all__ = ["BF16_CPU_CAPABILITIES", "PACKED_CPU_CAPABILITIES", "cpu_capability"]
 # (SVE256, or DEFAULT for NEON) are unmeasured here and stay on float32.
 BF16_CPU_CAPABILITIES = frozenset({"AVX512"})
 # Where PyTorch's packed int8/int4 CPU kernels beat plain float products. Measured decode,
-# SmolLM2-135M, 2 threads: AVX-512 int4 51-57 / none ~35 tok/s; AVX2 int4 37, int8 36, none
-# 18; the generic kernels (DEFAULT, what PyTorch dispatches with no vector unit it knows)
-# int4 5.1, int8 10.7, none 18.8. ARM (DEFAULT with NEON, SVE256) is unmeasured: there
+# SmolLM2-135M, 2 threads, on an AVX-512 machine running each kind's kernels
+# (ATEN_CPU_CAPABILITY): AVX-512 int4 43, none 26.5 tok/s; AVX2 int4 37, int8 36, none 18;
+# the generic kernels (DEFAULT, what PyTorch dispatches with no vector unit it knows) int4
+# 5.1, int8 10.7, none 18.8. ARM (DEFAULT with NEON, SVE256) is unmeasured: there
 # quantize=auto keeps to none, never slower than itself.
 PACKED_CPU_CAPABILITIES = frozenset({"AVX512", "AVX2"})
 

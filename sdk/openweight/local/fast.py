@@ -32,7 +32,8 @@ CAPACITY_STEP = 256  # KV cache capacity grows in steps of this many positions
 FAST_KV_BYTES = 4  # the KV cache is float32, whatever the model's dtype (see above)
 # prompt tokens run through the layers at once: a long prompt's activations (and its
 # attention scores, which grow with the square of its length) stay bounded, at no cost in
-# speed (1B shape: 1,000-token prefill as fast in chunks of 256 as whole)
+# speed (1B shape, int4, AVX-512, 2 threads, a 1,000-token prefill: 75-78 tok/s in chunks
+# of 256, 72-75 whole)
 PREFILL_CHUNK = 256
 INT4_BLOCK = 64  # the packed int4 CPU layout interleaves output rows in blocks of 64
 
