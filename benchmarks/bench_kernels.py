@@ -5,8 +5,10 @@ another, at the shapes of real models, with the weights out of cache as in a rea
     ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_kernels.py
 
 Routes: PyTorch's packed int4 kernel (``_weight_int4pack_mm_for_cpu``, what ``quantize=int4``
-runs) and int8 kernel (``_weight_int8pack_mm``, ``quantize=int8``), both with bf16
-activations; float32 and bf16 ``F.linear`` (``quantize=none``); and fbgemm's dynamic int8
+runs on AVX-512) and int8 kernel (``_weight_int8pack_mm``, ``quantize=int8``), both with bf16
+activations; openweight's own products of the same packed tensors (``local/kernels.py``,
+what AVX2 CPUs run; built and checked as a load would); float32 and bf16 ``F.linear``
+(``quantize=none``); and fbgemm's dynamic int8
 product (``quantized::linear_dynamic``: int8 weights per row, activations quantised per
 call), a candidate. Each shape's weights are copied until they fill ``--megabytes`` and the
 copies are used in turn, so every product reads its weights from memory, as a decode step
@@ -53,8 +55,15 @@ def routes(k: int, n: int) -> dict[str, tuple[int, Callable[[], Any], Callable[[
         qw = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
         return torch.ops.quantized.linear_prepack(qw, None)
 
+    from openweight.local import kernels
+
     bf16 = torch.bfloat16
-    return {
+    own = {} if kernels._load()[0] is None else {
+        "int4 (ours)": (n * k // 2 + n * k // 8, int4,
+                        lambda x, w: kernels.int4_mm(x, w[0], w[1])),
+        "int8 (ours)": (n * k, int8, lambda x, w: kernels.int8_mm(x, w[0], w[1])),
+    }
+    return {**own,
         "int4 (packed)": (n * k // 2 + n * k // 8, int4, lambda x, w: torch.ops.aten
                           ._weight_int4pack_mm_for_cpu(x.to(bf16), w[0], 32, w[1])),
         "int8 (packed)": (n * k, int8, lambda x, w: torch._weight_int8pack_mm(
@@ -87,8 +96,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=60)
     args = parser.parse_args()
     threads = torch.get_num_threads()
+    from openweight.local import kernels
+
+    os.environ.setdefault("OPENWEIGHT_KERNELS", "own")  # measure ours on any x86 CPU kind
     print(f"CPU: {cpu_description(threads)}; fbgemm instructions: "
-          f"{os.environ.get('FBGEMM_ENABLE_INSTRUCTIONS', 'all the CPU has')}")
+          f"{os.environ.get('FBGEMM_ENABLE_INSTRUCTIONS', 'all the CPU has')}; "
+          f"openweight's kernels: {kernels.route()}")
     print("| shape (in x out) | route | 1 token (us) | weight GB/s | 64 tokens (us) |")
     print("|---|---|---|---|---|")
     torch.manual_seed(0)

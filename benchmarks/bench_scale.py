@@ -26,7 +26,6 @@ decode are timed from whole answers (1 token, then ``--tokens``) with the usage 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
@@ -355,10 +354,26 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+# llama.cpp's quantiser, run by the peer's interpreter (``--llama-python``: this one needs
+# no llama-cpp-python of its own): argv source, destination, ftype, threads
+QUANTISE = """
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(sys.argv[3]); params.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(),
+                                        ctypes.byref(params)))
+"""
+Q4_1_FTYPE = 3  # llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
+
+
+def llama_cpp_version() -> str:
+    out = subprocess.run([LLAMA_PYTHON[0], "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
 def llama_cpp_source(work: Path) -> Path:
     """llama.cpp's converter, from llama-cpp-python's source distribution."""
-    import llama_cpp
-
     src = work / "llama-cpp-src"
     # another shape's copy (same llama-cpp-python) serves as well
     src = next((p for p in work.parent.glob("*/llama-cpp-src")
@@ -366,7 +381,7 @@ def llama_cpp_source(work: Path) -> Path:
     if not src.exists():
         dl = work / "sdist"
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-                        "llama-cpp-python", f"llama-cpp-python=={llama_cpp.__version__}",
+                        "llama-cpp-python", f"llama-cpp-python=={llama_cpp_version()}",
                         "-d", str(dl)], check=True, capture_output=True)
         archive = next(dl.glob("llama_cpp_python-*.tar.gz"))
         shutil.unpack_archive(archive, work / "unpacked")
@@ -377,8 +392,6 @@ def llama_cpp_source(work: Path) -> Path:
 
 def to_gguf(model: Path, work: Path) -> Path:
     """The model as an f16 GGUF (llama.cpp's converter), then Q4_1 (its quantiser)."""
-    import llama_cpp
-
     q4 = work / f"{model.name}.Q4_1.gguf"
     if q4.exists():
         return q4
@@ -388,11 +401,8 @@ def to_gguf(model: Path, work: Path) -> Path:
     subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model),
                     "--outtype", "f16", "--outfile", str(f16)], check=True, env=env,
                    capture_output=True)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
-    params.nthread = THREADS
-    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(q4).encode(),
-                                        ctypes.byref(params))
+    rc = subprocess.run([LLAMA_PYTHON[0], "-c", QUANTISE, str(f16), str(q4), str(Q4_1_FTYPE),
+                         str(THREADS)]).returncode
     if rc != 0:
         raise SystemExit(f"llama_model_quantize failed ({rc})")
     f16.unlink()

@@ -295,6 +295,24 @@ def _keep_alive_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Our compiled kernels (local/kernels.py) are built into this session's own directory,
+    not the user's cache (subprocesses inherit it)."""
+    import os
+
+    os.environ["OPENWEIGHT_KERNEL_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+
+
+def use_kernels(monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
+    """Decide the packed products' kernels again, as ``OPENWEIGHT_KERNELS=choice`` says
+    (the process's earlier decision comes back after the test)."""
+    from openweight.local import kernels
+
+    monkeypatch.setenv("OPENWEIGHT_KERNELS", choice)
+    monkeypatch.setattr(kernels, "_state", None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -220,6 +220,10 @@ def test_default_and_info(store: Path, tiny_model: Path) -> None:
     assert memory["quantize_reason"] == auto_quantize(memory["device"], tiny_model)[1]  # why
     if memory["device"] == "cpu":
         assert memory["quantize_reason"].startswith(f"{cpu_capability()} CPU")
+    if memory["quantize"] != "none":  # and which kernels its packed products run on
+        from openweight.local import kernels
+
+        assert memory["kernels"] == kernels.route()
     assert model_info("gpt-oss-20b")["hub_id"] == "openai/gpt-oss-20b"
     with pytest.raises(ModelNotFoundError):
         openweight.set_default("nope")

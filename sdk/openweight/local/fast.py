@@ -21,6 +21,8 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from .kernels import INT4_BLOCK_ROWS, int4_mm, int8_mm
+
 __all__ = ["FAST_KV_BYTES", "Attend", "FastCache", "FastModel", "Sampler", "fast_tokens",
            "offset_mask", "unsupported_reason"]
 
@@ -35,7 +37,9 @@ FAST_KV_BYTES = 4  # the KV cache is float32, whatever the model's dtype (see ab
 # speed (1B shape, int4, AVX-512, 2 threads, a 1,000-token prefill: 75-78 tok/s in chunks
 # of 256, 72-75 whole)
 PREFILL_CHUNK = 256
-INT4_BLOCK = 64  # the packed int4 CPU layout interleaves output rows in blocks of 64
+# the packed int4 CPU layout interleaves output rows in blocks (of 64 for AVX-512): a fused
+# layer's parts must each fill whole blocks
+INT4_BLOCK = max(INT4_BLOCK_ROWS.values())
 
 
 def unsupported_reason(model: Any, device: str) -> str | None:
@@ -116,34 +120,13 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
         return lambda x: F.linear(x, weight, bias)
     if kind == "int8":
         scales = shared("scales")
-        dtype = scales.dtype
-
-        def int8(x: Any) -> Any:
-            x = _prepared(x, dtype)
-            out = torch._weight_int8pack_mm(x, weight, scales)
-            return out if bias is None else out + bias
-
-        return int8
-    from .quantize import INT4_GROUP
-
+        return lambda x: _biased(int8_mm(x, weight, scales), bias)
     scale_zero = shared("scale_zero", dim=1)  # [groups, rows, 2]: a module's is strided
-
-    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-    bf16 = torch.bfloat16
-
-    def int4(x: Any) -> Any:
-        out = mm(_prepared(x, bf16), weight, INT4_GROUP, scale_zero)
-        return out if bias is None else out + bias
-
-    return int4
+    return lambda x: _biased(int4_mm(x, weight, scale_zero), bias)
 
 
-def _prepared(x: Any, dtype: Any) -> Any:
-    """``x`` in ``dtype`` and contiguous, as the packed kernels want (no-op calls skipped:
-    each costs a dispatch, and a decode step makes thousands)."""
-    if x.dtype != dtype:
-        x = x.to(dtype)
-    return x if x.is_contiguous() else x.contiguous()
+def _biased(out: Any, bias: Any) -> Any:
+    return out if bias is None else out + bias
 
 
 class FastCache:

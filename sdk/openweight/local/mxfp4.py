@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from .kernels import int4_mm
 
 __all__ = ["FP4_VALUES", "GROUP", "PACKED_BITS_PER_WEIGHT", "cpu_packed_mxfp4", "decode_mxfp4",
            "load_gpt_oss_packed", "packed_experts_class", "repack_mxfp4_int4"]
@@ -180,7 +181,6 @@ def packed_experts_class() -> Any:
 
         def forward(self, hidden_states: Any, router_indices: Any = None,
                     routing_weights: Any = None) -> Any:
-            mm = torch.ops.aten._weight_int4pack_mm_for_cpu
             dtype = self.gate_up_proj_bias.dtype
             next_states = torch.zeros_like(hidden_states)
             with torch.no_grad():
@@ -190,11 +190,11 @@ def packed_experts_class() -> Any:
                 hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
             for e in hit:
                 top_k_pos, token_idx = torch.where(mask[e])
-                x = hidden_states[token_idx].to(torch.bfloat16).contiguous()
-                gate_up = mm(x, self.gate_up_packed[e], GROUP, self.gate_up_table[e])
-                gated = self._apply_gate(gate_up.to(dtype) + self.gate_up_proj_bias[e])
-                out = mm(gated.to(torch.bfloat16).contiguous(), self.down_packed[e], GROUP,
-                         self.down_table[e]).to(dtype) + self.down_proj_bias[e]
+                x = hidden_states[token_idx].to(dtype)
+                gate_up = int4_mm(x, self.gate_up_packed[e], self.gate_up_table[e])
+                gated = self._apply_gate(gate_up + self.gate_up_proj_bias[e])
+                out = int4_mm(gated, self.down_packed[e], self.down_table[e])
+                out = out + self.down_proj_bias[e]
                 out = out * routing_weights[token_idx, top_k_pos, None]
                 next_states.index_add_(0, token_idx, out.to(hidden_states.dtype))
             return next_states

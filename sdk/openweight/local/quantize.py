@@ -1,8 +1,9 @@
 """Weight-only quantisation of a model's Linear layers: int8 (per channel) or int4 (grouped).
 
-Uses PyTorch's own packed-weight CPU kernels (``_weight_int8pack_mm`` and
-``_weight_int4pack_mm_for_cpu``, the kernels gpt-fast and torchao use on CPU): decode on a
-CPU is bound by reading the weights, so fewer bytes per weight is more tokens per second.
+Packs weights as PyTorch's own packed-weight CPU kernels take them (``_weight_int8pack_mm``
+and ``_weight_int4pack_mm_for_cpu``, the kernels gpt-fast and torchao use on CPU); the
+products run through ``kernels`` (PyTorch's kernels, or ours where they are faster). Decode
+on a CPU is bound by reading the weights, so fewer bytes per weight is more tokens a second.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import functools
 from typing import Any
 
 from ..errors import InvalidRequestError
+from .kernels import INT4_GROUP, int4_mm, int8_mm
 
 __all__ = ["EMBEDDING_PARTS", "INT4_GROUP", "QUANTIZE", "int4_embedding_from_codes",
            "int4_linear_from_codes", "pack_linear", "packs_as_int4", "quantize_model",
            "restore_embedding", "restore_linear"]
 
 QUANTIZE = ("auto", "none", "int8", "int4")
-INT4_GROUP = 32
 
 
 ROWS_AT_ONCE = 1024  # rows packed at a time: the float32 working copy stays small (a
@@ -183,8 +184,7 @@ def _module_classes() -> tuple[Any, Any]:
             self.out_features = int(weight.shape[0])
 
         def forward(self, x: Any) -> Any:
-            flat = x.reshape(-1, x.shape[-1]).to(self.scales.dtype).contiguous()
-            out = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+            out = int8_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -200,10 +200,9 @@ def _module_classes() -> tuple[Any, Any]:
             self.out_features = int(scale_zero.shape[1])
 
         def forward(self, x: Any) -> Any:
-            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
             # the fast path leaves a fused layer's modules a strided view of its table
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP,
-                                                             self.scale_zero.contiguous())
+            out = int4_mm(x.reshape(-1, x.shape[-1]), self.weight,
+                          self.scale_zero.contiguous())
             if self.bias is not None:
                 out = out + self.bias
             return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -126,6 +126,7 @@ def model_info(name: str) -> dict[str, Any]:
 
 def _estimate(path: Path) -> dict[str, Any] | str:
     """What loading this model with the auto settings would take, against what is free."""
+    from ..local import kernels
     from ..local.loader import auto_quantize, resolve_device, resolve_dtype
     from ..local.memory import estimate_memory
 
@@ -136,7 +137,8 @@ def _estimate(path: Path) -> dict[str, Any] | str:
                                    quantize=quantize).as_dict()
     except Exception as exc:  # a broken config is reported, not fatal for `info`
         return f"unavailable: {exc}"
-    return {**estimate, "quantize_reason": why}
+    extra = {"kernels": kernels.route()} if device == "cpu" and quantize != "none" else {}
+    return {**estimate, "quantize_reason": why, **extra}
 
 
 def _unknown(name: str) -> str:

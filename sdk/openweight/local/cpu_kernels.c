@@ -1,0 +1,212 @@
+/* openweight's own matrix products for packed weights on x86 CPUs with AVX2 and FMA.
+
+   They read the tensors PyTorch's packed kernels take, as PyTorch packed them, so nothing
+   is repacked or stored twice, and compute in float32 (PyTorch's take bfloat16
+   activations): see kernels.py for why and when they run. Built by kernels.py with the
+   system's C compiler (-O3 -mavx2 -mfma -fopenmp), once per machine. OpenMP: the process
+   already holds PyTorch's libgomp.so.1, so these loops share its threads. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* PyTorch's packed int4 CPU layout, blocks of block_n rows (64 in its AVX-512 build, 32 in
+   its AVX2 one): [N/block_n][K][block_n/2] bytes, byte j of (block, k) holds row
+   block_n*block + j in its low nibble and row block_n*block + block_n/2 + j in its high
+   one. scale_zero is [K/32][N][2] bfloat16 (scale, zero): weight = (q - 8) * scale + zero,
+   so a group's sum of x * weight is scale * (sum x*q - 8 sum x) + zero * sum x. */
+
+static inline __m256 bf16_lo(__m256i pairs) { return _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)); }
+static inline __m256 bf16_hi(__m256i pairs) {
+    return _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32((int)0xFFFF0000)));
+}
+
+/* the group's sums for 8 rows at ``row`` of the table, added to out[0..8) */
+static inline void finish(const uint16_t *sz, int64_t N, int64_t g, int64_t row, __m256 acc,
+                          float xs, float *out) {
+    __m256i p = _mm256_loadu_si256((const __m256i *)(sz + (g * N + row) * 2));
+    __m256 vs = _mm256_set1_ps(xs);
+    __m256 o = _mm256_loadu_ps(out);
+    o = _mm256_fmadd_ps(bf16_lo(p), _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), vs, acc), o);
+    o = _mm256_fmadd_ps(bf16_hi(p), vs, o);
+    _mm256_storeu_ps(out, o);
+}
+
+#define NIBBLES(ptr, lo, hi) do { \
+    __m256i v_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ptr))); \
+    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v_, mask)); \
+    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v_, 4)); } while (0)
+
+/* one token, one block of rows, with the token's activations as int16 (a scale per group
+   of 32: 2^-15 of the group's largest, far finer than bfloat16): pairs of k run through
+   madd, 16 products an instruction, against 8 for float FMA, which decode is bound by */
+static void decode_block16(const uint8_t *w, const uint16_t *sz, const int16_t *xq,
+                           const float *xscale, const float *xsum, float *out, int64_t K,
+                           int64_t N, int64_t n0, int half) {
+    const __m256i mask = _mm256_set1_epi16(15);
+    const int64_t groups = K / 32;
+    for (int i = 0; i < 2 * half; i += 8) _mm256_storeu_ps(out + n0 + i, _mm256_setzero_ps());
+    for (int c = 0; c < half; c += 16)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *wp = w + g * 32 * half + c;
+            const int16_t *xp = xq + g * 32;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < 32; k += 2) {
+                __m128i u = _mm_loadu_si128((const __m128i *)(wp + k * half));
+                __m128i v = _mm_loadu_si128((const __m128i *)(wp + (k + 1) * half));
+                __m256i w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(u, v));
+                __m256i w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(u, v));
+                int32_t pair;
+                memcpy(&pair, xp + k, 4);
+                __m256i xv = _mm256_set1_epi32(pair);
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(w0, mask), xv));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_and_si256(w1, mask), xv));
+                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), xv));
+                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_srli_epi16(w1, 4), xv));
+            }
+            __m256 s = _mm256_set1_ps(xscale[g]);
+            finish(sz, N, g, n0 + c, _mm256_mul_ps(_mm256_cvtepi32_ps(a0), s), xsum[g], out + n0 + c);
+            finish(sz, N, g, n0 + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(a1), s), xsum[g], out + n0 + c + 8);
+            finish(sz, N, g, n0 + half + c, _mm256_mul_ps(_mm256_cvtepi32_ps(a2), s), xsum[g], out + n0 + half + c);
+            finish(sz, N, g, n0 + half + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(a3), s), xsum[g], out + n0 + half + c + 8);
+        }
+}
+
+/* x [K] as int16 per group of 32, with each group's scale */
+static void quantize16(const float *x, int64_t K, int16_t *xq, float *xscale) {
+    for (int64_t g = 0; g < K / 32; g++) {
+        float top = 0;
+        for (int k = 0; k < 32; k++) {
+            float a = x[g * 32 + k] < 0 ? -x[g * 32 + k] : x[g * 32 + k];
+            top = a > top ? a : top;
+        }
+        float scale = top / 32767.0f, inv = top > 0 ? 32767.0f / top : 0.0f;
+        for (int k = 0; k < 32; k++) xq[g * 32 + k] = (int16_t)__builtin_lrintf(x[g * 32 + k] * inv);
+        xscale[g] = scale;
+    }
+}
+
+/* four tokens, one block of rows, 16 rows (8 bytes of each k) at a time */
+static void prefill_block(const uint8_t *w, const uint16_t *sz, const float *x,
+                          const float *xsum, float *out, int64_t K, int64_t N, int64_t n0,
+                          int half, int T) {
+    const __m256i mask = _mm256_set1_epi32(15);
+    const int64_t groups = K / 32;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 2 * half; i += 8) _mm256_storeu_ps(out + t * N + n0 + i, _mm256_setzero_ps());
+    for (int c = 0; c < half; c += 8)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *wp = w + g * 32 * half + c;
+            const float *xp = x + g * 32;
+            __m256 z = _mm256_setzero_ps(), l0 = z, h0 = z, l1 = z, h1 = z, l2 = z, h2 = z,
+                   l3 = z, h3 = z, lo, hi, xb;
+            for (int k = 0; k < 32; k++) {
+                NIBBLES(wp + k * half, lo, hi);
+                xb = _mm256_broadcast_ss(xp + k); l0 = _mm256_fmadd_ps(lo, xb, l0); h0 = _mm256_fmadd_ps(hi, xb, h0);
+                if (T > 1) { xb = _mm256_broadcast_ss(xp + K + k); l1 = _mm256_fmadd_ps(lo, xb, l1); h1 = _mm256_fmadd_ps(hi, xb, h1); }
+                if (T > 2) { xb = _mm256_broadcast_ss(xp + 2 * K + k); l2 = _mm256_fmadd_ps(lo, xb, l2); h2 = _mm256_fmadd_ps(hi, xb, h2); }
+                if (T > 3) { xb = _mm256_broadcast_ss(xp + 3 * K + k); l3 = _mm256_fmadd_ps(lo, xb, l3); h3 = _mm256_fmadd_ps(hi, xb, h3); }
+            }
+            __m256 ls[4] = {l0, l1, l2, l3}, hs[4] = {h0, h1, h2, h3};
+            for (int t = 0; t < T; t++) {
+                finish(sz, N, g, n0 + c, ls[t], xsum[t * groups + g], out + t * N + n0 + c);
+                finish(sz, N, g, n0 + half + c, hs[t], xsum[t * groups + g], out + t * N + n0 + half + c);
+            }
+        }
+}
+
+/* out [M, N] = x [M, K] @ weight.T, float32, for a weight packed in blocks of block_n
+   rows (N a multiple of it, K of 32); returns 0, or -1 when out of memory */
+int ow_int4_mm(const float *x, const uint8_t *w, const uint16_t *sz, float *out,
+               int64_t M, int64_t K, int64_t N, int threads, int block_n) {
+    const int64_t groups = K / 32;
+    const int half = block_n / 2;
+    float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
+    if (xsum == NULL) return -1;
+    for (int64_t i = 0; i < M * groups; i++) {
+        float s = 0;
+        for (int k = 0; k < 32; k++) s += x[i * 32 + k];
+        xsum[i] = s;
+    }
+    const int64_t blocks = N / block_n;
+    int16_t *xq = NULL;
+    float *xscale = NULL;
+    if (M == 1) {
+        xq = malloc(sizeof(int16_t) * (size_t)K);
+        xscale = malloc(sizeof(float) * (size_t)groups);
+        if (xq == NULL || xscale == NULL) { free(xq); free(xscale); free(xsum); return -1; }
+        quantize16(x, K, xq, xscale);
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint8_t *wb = w + b * K * half;
+        if (xq != NULL) {
+            decode_block16(wb, sz, xq, xscale, xsum, out, K, N, b * block_n, half);
+            continue;
+        }
+        for (int64_t m = 0; m < M; m += 4) {
+            int T = M - m < 4 ? (int)(M - m) : 4;
+            prefill_block(wb, sz, x + m * K, xsum + m * groups, out + m * N, K, N, b * block_n, half, T);
+        }
+    }
+    free(xsum);
+    free(xq);
+    free(xscale);
+    return 0;
+}
+
+static inline __m256 int8_8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* the eight sums of a0..a7, in order */
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
+                           __m256 a6, __m256 a7) {
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20),
+                         _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+/* out [M, N] = (x [M, K] @ w.T) * scales, w [N, K] int8 row-major, scales [N] bfloat16:
+   eight rows at a time (one load of x serves all eight) */
+void ow_int8_mm(const float *x, const int8_t *w, const uint16_t *scales, float *out,
+                int64_t M, int64_t K, int64_t N, int threads) {
+    const int64_t tiles = (N + 7) / 8, body = K & ~(int64_t)7;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t n0 = tile * 8;
+        const int rows = N - n0 < 8 ? (int)(N - n0) : 8;
+        const int8_t *r[8];
+        for (int i = 0; i < 8; i++) r[i] = w + (n0 + (i < rows ? i : 0)) * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                   a6 = a0, a7 = a0;
+            for (int64_t k = 0; k < body; k += 8) {
+                __m256 xv = _mm256_loadu_ps(xm + k);
+                a0 = _mm256_fmadd_ps(int8_8(r[0] + k), xv, a0);
+                a1 = _mm256_fmadd_ps(int8_8(r[1] + k), xv, a1);
+                a2 = _mm256_fmadd_ps(int8_8(r[2] + k), xv, a2);
+                a3 = _mm256_fmadd_ps(int8_8(r[3] + k), xv, a3);
+                a4 = _mm256_fmadd_ps(int8_8(r[4] + k), xv, a4);
+                a5 = _mm256_fmadd_ps(int8_8(r[5] + k), xv, a5);
+                a6 = _mm256_fmadd_ps(int8_8(r[6] + k), xv, a6);
+                a7 = _mm256_fmadd_ps(int8_8(r[7] + k), xv, a7);
+            }
+            float sums[8];
+            _mm256_storeu_ps(sums, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+            for (int i = 0; i < rows; i++) {
+                for (int64_t k = body; k < K; k++) sums[i] += xm[k] * (float)r[i][k];
+                out[m * N + n0 + i] = sums[i] * bf16_to_float(scales[n0 + i]);
+            }
+        }
+    }
+}
