@@ -13,7 +13,7 @@ from openweight.local.fast import FastCache, FastModel, unsupported_reason
 from openweight.local.loader import load_model, unload_all
 from openweight.local.quantize import quantize_model
 
-from conftest import wide_model
+from conftest import use_kernels, wide_model
 
 HI = [{"role": "user", "content": "hi there, how are you?"}]
 
@@ -54,6 +54,41 @@ def test_forward_matches_transformers(arch: str, mode: str) -> None:
     assert cache.get_seq_length() == 40 and cache.capacity >= 40
     # the fused weights are the modules' weights: transformers' forward is unchanged
     assert torch.equal(_reference(model, ids), want)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_one_call_decode_step_matches_the_layers(arch: str, mode: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float32 model with packed layers on our kernels decodes a token in one call of
+    ours (kernels.decode_step): the same logits and KV cache as the layers one operation
+    at a time, step after step (GQA, q/k/v biases, Qwen3's q/k norms)."""
+    import torch
+
+    use_kernels(monkeypatch, "own")
+    model = _model(arch).float()
+    quantize_model(model, mode, "cpu")
+    fast = FastModel(model)
+    assert fast._step is not None
+    ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    want = _reference(model, ids)
+    caches = fast.new_cache(8), fast.new_cache(8)
+    with torch.inference_mode():
+        for cache in caches:
+            fast.forward(ids[:20], cache)
+        step, fast._step = fast._step, None
+        layers = [fast.forward([i], caches[0])[0] for i in ids[20:]]  # op by op
+        fast._step = step
+        for j, i in enumerate(ids[20:]):
+            got = fast.forward([i], caches[1])[0]
+            assert torch.allclose(got, layers[j], rtol=0, atol=1e-3 * float(got.abs().max()))
+            _close(got, want[20 + j])
+    for a, b in zip((*caches[0].k, *caches[0].v), (*caches[1].k, *caches[1].v), strict=True):
+        a, b = a[:, :, :30], b[:, :, :30]
+        assert torch.allclose(a, b, rtol=0, atol=1e-3 * float(b.abs().max()))
+    use_kernels(monkeypatch, "pytorch")  # a step built under ours gives way to PyTorch's
+    with torch.inference_mode():
+        _close(fast.forward([ids[0]], caches[1])[0], fast.forward([ids[0]], caches[0])[0])
 
 
 @pytest.mark.parametrize("mode", ["none", "int4"])

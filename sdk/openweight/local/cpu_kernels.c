@@ -6,6 +6,7 @@
    system's C compiler (-O3 -mavx2 -mfma -fopenmp), once per machine. OpenMP: the process
    already holds PyTorch's libgomp.so.1, so these loops share its threads. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,38 +176,229 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
                          _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-/* out [M, N] = (x [M, K] @ w.T) * scales, w [N, K] int8 row-major, scales [N] bfloat16:
-   eight rows at a time (one load of x serves all eight) */
-void ow_int8_mm(const float *x, const int8_t *w, const uint16_t *scales, float *out,
-                int64_t M, int64_t K, int64_t N, int threads) {
-    const int64_t tiles = (N + 7) / 8, body = K & ~(int64_t)7;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t tile = 0; tile < tiles; tile++) {
-        const int64_t n0 = tile * 8;
-        const int rows = N - n0 < 8 ? (int)(N - n0) : 8;
-        const int8_t *r[8];
-        for (int i = 0; i < 8; i++) r[i] = w + (n0 + (i < rows ? i : 0)) * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
-                   a6 = a0, a7 = a0;
-            for (int64_t k = 0; k < body; k += 8) {
-                __m256 xv = _mm256_loadu_ps(xm + k);
-                a0 = _mm256_fmadd_ps(int8_8(r[0] + k), xv, a0);
-                a1 = _mm256_fmadd_ps(int8_8(r[1] + k), xv, a1);
-                a2 = _mm256_fmadd_ps(int8_8(r[2] + k), xv, a2);
-                a3 = _mm256_fmadd_ps(int8_8(r[3] + k), xv, a3);
-                a4 = _mm256_fmadd_ps(int8_8(r[4] + k), xv, a4);
-                a5 = _mm256_fmadd_ps(int8_8(r[5] + k), xv, a5);
-                a6 = _mm256_fmadd_ps(int8_8(r[6] + k), xv, a6);
-                a7 = _mm256_fmadd_ps(int8_8(r[7] + k), xv, a7);
-            }
-            float sums[8];
-            _mm256_storeu_ps(sums, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
-            for (int i = 0; i < rows; i++) {
-                for (int64_t k = body; k < K; k++) sums[i] += xm[k] * (float)r[i][k];
-                out[m * N + n0 + i] = sums[i] * bf16_to_float(scales[n0 + i]);
-            }
+/* out [M, N] rows n0..n0+7 = (x [M, K] @ w.T) * scales, w [N, K] int8 row-major, scales [N]
+   bfloat16: eight rows at a time (one load of x serves all eight) */
+static void int8_tile(const float *x, const int8_t *w, const uint16_t *scales, float *out,
+                      int64_t K, int64_t N, int64_t n0, int64_t M) {
+    const int64_t body = K & ~(int64_t)7;
+    const int rows = N - n0 < 8 ? (int)(N - n0) : 8;
+    const int8_t *r[8];
+    for (int i = 0; i < 8; i++) r[i] = w + (n0 + (i < rows ? i : 0)) * K;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+               a6 = a0, a7 = a0;
+        for (int64_t k = 0; k < body; k += 8) {
+            __m256 xv = _mm256_loadu_ps(xm + k);
+            a0 = _mm256_fmadd_ps(int8_8(r[0] + k), xv, a0);
+            a1 = _mm256_fmadd_ps(int8_8(r[1] + k), xv, a1);
+            a2 = _mm256_fmadd_ps(int8_8(r[2] + k), xv, a2);
+            a3 = _mm256_fmadd_ps(int8_8(r[3] + k), xv, a3);
+            a4 = _mm256_fmadd_ps(int8_8(r[4] + k), xv, a4);
+            a5 = _mm256_fmadd_ps(int8_8(r[5] + k), xv, a5);
+            a6 = _mm256_fmadd_ps(int8_8(r[6] + k), xv, a6);
+            a7 = _mm256_fmadd_ps(int8_8(r[7] + k), xv, a7);
+        }
+        float sums[8];
+        _mm256_storeu_ps(sums, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+        for (int i = 0; i < rows; i++) {
+            for (int64_t k = body; k < K; k++) sums[i] += xm[k] * (float)r[i][k];
+            out[m * N + n0 + i] = sums[i] * bf16_to_float(scales[n0 + i]);
         }
     }
+}
+
+/* out [M, N] = (x [M, K] @ w.T) * scales */
+void ow_int8_mm(const float *x, const int8_t *w, const uint16_t *scales, float *out,
+                int64_t M, int64_t K, int64_t N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t tile = 0; tile < (N + 7) / 8; tile++)
+        int8_tile(x, w, scales, out, K, N, tile * 8, M);
+}
+
+/* ---- a whole decode step of a Llama-style model's layers, one token, in one call ----
+   The same computation as fast.py's layers for one token (and the products above), with no
+   PyTorch operation between: a decode step of a small model is otherwise mostly the
+   dispatch of ~30 small operations a layer. One OpenMP region runs every layer; the
+   products and the attention heads are shared out, the small steps run on one thread. */
+
+typedef struct {
+    int32_t kind;          /* 4: int4 in PyTorch's packing, 8: int8 rows */
+    int32_t rows, cols;
+    const void *weight;
+    const uint16_t *table; /* int4: [cols/32, rows, 2] (scale, zero); int8: [rows] scales */
+    const float *bias;     /* [rows], or NULL */
+} ow_linear;
+
+typedef struct {
+    int32_t hidden, heads, kv_heads, head_dim, block_n;
+    float eps1, eps2, qk_eps, scaling;
+    const float *norm1, *norm2;   /* [hidden] */
+    const float *q_norm, *k_norm; /* [head_dim], or NULL */
+    ow_linear qkv, o, gate_up, down;
+} ow_layer;
+
+typedef struct { const float *x; int16_t *xq; float *xscale, *xsum; } ow_input;
+
+static void prepare(const ow_linear *p, const float *x, ow_input *in) {
+    in->x = x;
+    if (p->kind != 4) return;
+    quantize16(x, p->cols, in->xq, in->xscale);
+    for (int64_t g = 0; g < p->cols / 32; g++) {
+        float s = 0;
+        for (int k = 0; k < 32; k++) s += x[g * 32 + k];
+        in->xsum[g] = s;
+    }
+}
+
+/* this thread's share of out = p(in) (inside the parallel region; ends on a barrier) */
+static void product(const ow_linear *p, const ow_input *in, float *out, int block_n) {
+    if (p->kind == 4) {
+        const int half = block_n / 2;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < p->rows / block_n; b++)
+            decode_block16((const uint8_t *)p->weight + b * p->cols * half, p->table, in->xq,
+                           in->xscale, in->xsum, out, p->cols, p->rows, b * block_n, half);
+    } else {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < (p->rows + 7) / 8; t++)
+            int8_tile(in->x, (const int8_t *)p->weight, p->table, out, p->cols, p->rows, t * 8, 1);
+    }
+}
+
+static void add_bias(const ow_linear *p, float *out) {
+    if (p->bias != NULL)
+        for (int i = 0; i < p->rows; i++) out[i] += p->bias[i];
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int n, float *out) {
+    double squares = 0;
+    for (int i = 0; i < n; i++) squares += (double)x[i] * x[i];
+    float inv = 1.0f / sqrtf((float)(squares / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+/* x * cos + [x2, x1] * sin (sin carries the sign), in place */
+static void rope(float *x, const float *cos, const float *sin, int dim, float *tmp) {
+    const int half = dim / 2;
+    for (int i = 0; i < dim; i++) tmp[i] = x[i] * cos[i] + x[(i + half) % dim] * sin[i];
+    memcpy(x, tmp, sizeof(float) * (size_t)dim);
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+    __m256 s = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s);
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t = _mm_add_ss(t, _mm_movehdup_ps(t));
+    float r = _mm_cvtss_f32(t);
+    for (; i < n; i++) r += a[i] * b[i];
+    return r;
+}
+
+/* one head's attention over the ``length`` cached positions */
+static void attend(const float *q, const float *keys, const float *values, int64_t length,
+                   int dim, float scaling, float *scores, float *out) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = scaling * dot(q, keys + j * dim, dim);
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0;
+    for (int64_t j = 0; j < length; j++) {
+        scores[j] = expf(scores[j] - top);
+        total += scores[j];
+    }
+    for (int d = 0; d < dim; d++) out[d] = 0;
+    for (int64_t j = 0; j < length; j++) {
+        const float p = scores[j] / total, *v = values + j * dim;
+        for (int d = 0; d < dim; d++) out[d] += p * v[d];
+    }
+}
+
+static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* x [hidden]: the token's hidden state, in and out. keys[i], values[i]: layer i's cache
+   [kv_heads, capacity, head_dim] holding positions 0..pos-1; this token's go to pos.
+   cos, sin: [head_dim] at pos. Returns 0, or -1 when out of memory. */
+int ow_decode_layers(const ow_layer *layers, int32_t count, float *x, float *const *keys,
+                     float *const *values, int64_t pos, int64_t capacity, const float *cos,
+                     const float *sin, int threads) {
+    int64_t widest = 0, heads = 0;
+    for (int i = 0; i < count; i++) {
+        const ow_layer *L = &layers[i];
+        const int64_t sizes[] = {L->hidden, L->qkv.rows, L->gate_up.rows,
+                                 (int64_t)L->heads * L->head_dim};
+        for (int j = 0; j < 4; j++) widest = sizes[j] > widest ? sizes[j] : widest;
+        heads = L->heads > heads ? L->heads : heads;
+    }
+    float *buf = malloc(sizeof(float) * (size_t)(5 * widest + heads * (pos + 1)));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)widest);
+    if (buf == NULL || xq == NULL) { free(buf); free(xq); return -1; }
+    float *normed = buf, *mixed = buf + widest, *attn = buf + 2 * widest,
+          *xscale = buf + 3 * widest, *xsum = buf + 4 * widest, *scores = buf + 5 * widest;
+    ow_input in = {NULL, xq, xscale, xsum};
+#pragma omp parallel num_threads(threads)
+    for (int i = 0; i < count; i++) {
+        const ow_layer *L = &layers[i];
+        const int dim = L->head_dim, nq = L->heads * dim, nk = L->kv_heads * dim;
+        const int group = L->heads / L->kv_heads;
+        float *kc = keys[i], *vc = values[i];
+#pragma omp single
+        {
+            rms_norm(x, L->norm1, L->eps1, L->hidden, normed);
+            prepare(&L->qkv, normed, &in);
+        }
+        product(&L->qkv, &in, mixed, L->block_n);
+#pragma omp single
+        {
+            add_bias(&L->qkv, mixed);
+            for (int h = 0; h < L->heads + L->kv_heads; h++) {
+                float *head = mixed + h * dim;
+                if (L->q_norm != NULL) {
+                    rms_norm(head, h < L->heads ? L->q_norm : L->k_norm, L->qk_eps, dim, attn);
+                    memcpy(head, attn, sizeof(float) * (size_t)dim);
+                }
+                rope(head, cos, sin, dim, attn);
+            }
+            for (int h = 0; h < L->kv_heads; h++) {
+                memcpy(kc + (h * capacity + pos) * dim, mixed + nq + h * dim, sizeof(float) * (size_t)dim);
+                memcpy(vc + (h * capacity + pos) * dim, mixed + nq + nk + h * dim, sizeof(float) * (size_t)dim);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int h = 0; h < L->heads; h++) {
+            const int64_t kv = h / group;
+            attend(mixed + h * dim, kc + kv * capacity * dim, vc + kv * capacity * dim, pos + 1,
+                   dim, L->scaling, scores + h * (pos + 1), attn + h * dim);
+        }
+#pragma omp single
+        prepare(&L->o, attn, &in);
+        product(&L->o, &in, mixed, L->block_n);
+#pragma omp single
+        {
+            add_bias(&L->o, mixed);
+            for (int j = 0; j < L->hidden; j++) x[j] += mixed[j];
+            rms_norm(x, L->norm2, L->eps2, L->hidden, normed);
+            prepare(&L->gate_up, normed, &in);
+        }
+        product(&L->gate_up, &in, mixed, L->block_n);
+#pragma omp single
+        {
+            add_bias(&L->gate_up, mixed);
+            const int inter = L->gate_up.rows / 2;
+            for (int j = 0; j < inter; j++) attn[j] = silu(mixed[j]) * mixed[inter + j];
+            prepare(&L->down, attn, &in);
+        }
+        product(&L->down, &in, mixed, L->block_n);
+#pragma omp single
+        {
+            add_bias(&L->down, mixed);
+            for (int j = 0; j < L->hidden; j++) x[j] += mixed[j];
+        }
+    }
+    free(buf);
+    free(xq);
+    return 0;
 }

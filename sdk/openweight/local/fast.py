@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from .kernels import INT4_BLOCK_ROWS, int4_mm, int8_mm
+from .kernels import INT4_BLOCK_ROWS, LayerParts, Product, decode_step, int4_mm, int8_mm
 
 __all__ = ["FAST_KV_BYTES", "Attend", "FastCache", "FastModel", "Sampler", "fast_tokens",
            "offset_mask", "unsupported_reason"]
@@ -77,8 +77,9 @@ def _kind(module: Any) -> str:
     return "linear" if isinstance(module, torch.nn.Linear) else "other"
 
 
-def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
-    """One matrix product computing ``cat([m(x) for m in modules], -1)``.
+def _fuse(modules: Sequence[Any]) -> tuple[Callable[[Any], Any], Product]:
+    """One matrix product computing ``cat([m(x) for m in modules], -1)``, and what it is
+    made of.
 
     The fused weight is built by concatenation and the modules' weights are pointed at
     slices of it, so memory is not doubled. Mixed or unalignable layers fall back to
@@ -94,8 +95,8 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
         kind = "mixed"
     if kind in ("mixed", "other"):
         if len(modules) == 1:
-            return modules[0]  # type: ignore[no-any-return]
-        return lambda x: torch.cat([m(x) for m in modules], -1)
+            return modules[0], Product(kind)
+        return (lambda x: torch.cat([m(x) for m in modules], -1)), Product(kind)
 
     bias = None
     if any(m.bias is not None for m in modules):
@@ -117,12 +118,14 @@ def _fuse(modules: Sequence[Any]) -> Callable[[Any], Any]:
 
     weight = shared("weight")
     if kind == "linear":
-        return lambda x: F.linear(x, weight, bias)
+        return (lambda x: F.linear(x, weight, bias)), Product(kind, weight, None, bias)
     if kind == "int8":
         scales = shared("scales")
-        return lambda x: _biased(int8_mm(x, weight, scales), bias)
+        return (lambda x: _biased(int8_mm(x, weight, scales), bias)), Product(
+            kind, weight, scales, bias)
     scale_zero = shared("scale_zero", dim=1)  # [groups, rows, 2]: a module's is strided
-    return lambda x: _biased(int4_mm(x, weight, scale_zero), bias)
+    return (lambda x: _biased(int4_mm(x, weight, scale_zero), bias)), Product(
+        kind, weight, scale_zero, bias)
 
 
 def _biased(out: Any, bias: Any) -> Any:
@@ -189,6 +192,7 @@ class _Norm:
         weight = norm.weight.detach()
         self.size = int(weight.shape[0])
         self.weight = torch.cat([weight, weight])
+        self.plain = self.weight[: self.size]  # the norm's own weight
         self.eps = _eps(norm)
 
     def __call__(self, x: Any) -> Any:
@@ -205,16 +209,24 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1 = _Norm(layer.input_layernorm)
         self.norm2 = _Norm(layer.post_attention_layernorm)
-        self.qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.o = _fuse([attn.o_proj])
-        self.gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.down = _fuse([mlp.down_proj])
+        self.qkv, qkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o, o = _fuse([attn.o_proj])
+        self.gate_up, gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down, down = _fuse([mlp.down_proj])
         self.scaling = float(attn.scaling)
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.qk_norm = None if q_norm is None or k_norm is None else (
             _Norm(q_norm), _Norm(k_norm))
         self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        qk = self.qk_norm
+        # what kernels.decode_step runs a token through (it takes what it can run)
+        self.parts = LayerParts(
+            self.norm1.size, heads, kv_heads, head_dim, self.scaling,
+            (self.norm1.plain, self.norm2.plain), (self.norm1.eps, self.norm2.eps),
+            None if qk is None else (qk[0].plain, qk[1].plain),
+            0.0 if qk is None else qk[0].eps, qkv, o, gate_up, down,
+        ) if qk is None or qk[0].eps == qk[1].eps else None
 
     def heads_of(self, qkv: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
         """Queries and keys (normed where the model norms them, rotated) and values, each
@@ -290,6 +302,9 @@ class FastModel:
         self._rotary = inner.rotary_emb
         self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
         self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
+        parts = [layer.parts for layer in self.layers]
+        # a token's layers in one call of ours, where they take every part (see kernels)
+        self._step = None if None in parts else decode_step(parts)  # type: ignore[arg-type]
 
     def new_cache(self, capacity: int) -> FastCache:
         return FastCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
@@ -343,6 +358,11 @@ class FastModel:
         end = pos + count
         cache.reserve(end)
         cos, sin = self.rope(pos, end)
+        if count == 1 and self._step is not None:
+            x = self.embed(torch.tensor(ids)).contiguous()
+            if self._step(x, cache.k, cache.v, pos, cache.capacity, cos[0], sin[0]):
+                cache.length = end
+                return self.logits(x)
         mask = offset_mask(pos, count)
         gqa = self.heads != self.kv_heads
 

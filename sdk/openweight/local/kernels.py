@@ -27,14 +27,15 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .cpu import OWN_KERNEL_CPU_CAPABILITIES, cpu_capability
 
-__all__ = ["INT4_BLOCK_ROWS", "INT4_GROUP", "KERNEL_CHOICES", "int4_mm", "int8_mm", "kernel_dir",
-           "prepared", "route"]
+__all__ = ["INT4_BLOCK_ROWS", "INT4_GROUP", "KERNEL_CHOICES", "DecodeStep", "LayerParts",
+           "Product", "decode_step", "int4_mm", "int8_mm", "kernel_dir", "prepared", "route"]
 
 INT4_GROUP = 32  # weights per int4 group (one scale and zero each)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -150,7 +151,7 @@ def _build() -> Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE)],
+        done = subprocess.run([compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
@@ -170,6 +171,9 @@ def _bind(lib: Any) -> Any:
     lib.ow_int4_mm.restype = ctypes.c_int
     lib.ow_int8_mm.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
     lib.ow_int8_mm.restype = None
+    lib.ow_decode_layers.argtypes = [pointer, ctypes.c_int32] + [pointer] * 3 + [size] * 2 + [
+        pointer] * 2 + [ctypes.c_int]
+    lib.ow_decode_layers.restype = ctypes.c_int
     return lib
 
 
@@ -225,3 +229,133 @@ def _own_int8(lib: Any, x: Any, weight: Any, scales: Any, threads: int) -> Any:
     lib.ow_int8_mm(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), out.data_ptr(),
                    x.shape[0], x.shape[1], weight.shape[0], threads)
     return out
+
+
+# -- a whole single-token step of a Llama-style model's layers, in one call of ours ---------
+
+
+@dataclass(frozen=True)
+class Product:
+    """One (fused) matrix product of a layer: ``kind`` int4, int8 (packed as ``quantize``
+    packs them), or anything else (not ours to run); ``table`` is int4's scale/zero or
+    int8's scales."""
+
+    kind: str
+    weight: Any = None
+    table: Any = None
+    bias: Any = None
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """What one decoder layer's single-token step is made of (fast.py's ``_Layer``)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    norms: tuple[Any, Any]  # input and post-attention RMSNorm weights, float32 [hidden]
+    eps: tuple[float, float]
+    qk_norms: tuple[Any, Any] | None  # per-head q and k RMSNorm weights (Qwen3), and eps
+    qk_eps: float
+    qkv: Product
+    o: Product
+    gate_up: Product
+    down: Product
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32),
+                ("weight", ctypes.c_void_p), ("table", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_int32) for name in
+                  ("hidden", "heads", "kv_heads", "head_dim", "block_n")),
+                *((name, ctypes.c_float) for name in ("eps1", "eps2", "qk_eps", "scaling")),
+                *((name, ctypes.c_void_p) for name in ("norm1", "norm2", "q_norm", "k_norm")),
+                *((name, _Linear) for name in ("qkv", "o", "gate_up", "down"))]
+
+
+class DecodeStep:
+    """Every layer of one token's decode step in one call of ours (``ow_decode_layers``):
+    the same computation as the fast path's layers, without the ~30 PyTorch operations a
+    layer that otherwise make up much of a small model's token. Holds the tensors it
+    points at."""
+
+    def __init__(self, layers: Sequence[LayerParts], block: int) -> None:
+        self._held = [layers]
+        self._layers = (_Layer * len(layers))(*(_layer(p, block) for p in layers))
+
+    def __call__(self, x: Any, keys: Sequence[Any], values: Sequence[Any], position: int,
+                 capacity: int, cos: Any, sin: Any) -> bool:
+        """Run every layer for the token at ``position`` over its hidden state ``x``
+        (float32 [hidden], updated in place), writing its keys and values into each
+        layer's float32 [1, kv_heads, capacity, head_dim] cache; ``cos`` and ``sin``
+        (float32 [head_dim]) are its rotary row. False when ours are no longer the kernels
+        in use (``OPENWEIGHT_KERNELS`` changed): nothing was done."""
+        import torch
+
+        lib = _load()[0]
+        if lib is None:
+            return False
+        count = len(self._layers)
+        key_ptrs = (ctypes.c_void_p * count)(*(k.data_ptr() for k in keys))
+        value_ptrs = (ctypes.c_void_p * count)(*(v.data_ptr() for v in values))
+        if lib.ow_decode_layers(self._layers, count, x.data_ptr(), key_ptrs, value_ptrs,
+                                position, capacity, cos.data_ptr(), sin.data_ptr(),
+                                torch.get_num_threads()):
+            raise MemoryError("no memory for the decode step's scratch")
+        return True
+
+
+def decode_step(layers: Sequence[LayerParts]) -> DecodeStep | None:
+    """The single-token step of these layers in one call of ours, or None where ours are
+    not the kernels in use or a layer has a part they do not take (a product that is not
+    int4 or int8, a tensor that is not float32 or not contiguous)."""
+    lib, block, _ = _load()
+    if lib is None or not block or not all(_takes(p, block) for p in layers):
+        return None
+    return DecodeStep(layers, block)
+
+
+def _takes(parts: LayerParts, block: int) -> bool:
+    import torch
+
+    def plain(t: Any, dtype: Any = torch.float32) -> bool:
+        return t is None or (t.dtype == dtype and t.is_contiguous())
+
+    def product(p: Product) -> bool:
+        if p.kind == "int4":
+            rows = int(p.table.shape[1])
+            shaped = rows % block == 0 and p.table.dim() == 3
+        elif p.kind == "int8":
+            shaped = p.weight.dtype == torch.int8 and p.weight.dim() == 2
+        else:
+            return False
+        return shaped and plain(p.table, torch.bfloat16) and plain(p.weight, p.weight.dtype) \
+            and plain(p.bias)
+
+    tensors = [*parts.norms, *(parts.qk_norms or ())]
+    return (all(map(product, (parts.qkv, parts.o, parts.gate_up, parts.down)))
+            and all(plain(t) for t in tensors) and parts.heads % parts.kv_heads == 0)
+
+
+def _linear(p: Product) -> _Linear:
+    if p.kind == "int4":
+        rows, cols = int(p.table.shape[1]), int(p.table.shape[0]) * INT4_GROUP
+    else:
+        rows, cols = int(p.weight.shape[0]), int(p.weight.shape[1])
+    return _Linear(4 if p.kind == "int4" else 8, rows, cols, p.weight.data_ptr(),
+                   p.table.data_ptr(), None if p.bias is None else p.bias.data_ptr())
+
+
+def _layer(p: LayerParts, block: int) -> _Layer:
+    q_norm, k_norm = p.qk_norms or (None, None)
+    return _Layer(p.hidden, p.heads, p.kv_heads, p.head_dim, block, p.eps[0], p.eps[1],
+                  p.qk_eps, p.scaling, p.norms[0].data_ptr(), p.norms[1].data_ptr(),
+                  None if q_norm is None else q_norm.data_ptr(),
+                  None if k_norm is None else k_norm.data_ptr(),
+                  _linear(p.qkv), _linear(p.o), _linear(p.gate_up), _linear(p.down))
