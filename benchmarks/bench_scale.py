@@ -401,10 +401,11 @@ def to_gguf(model: Path, work: Path) -> Path:
     subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model),
                     "--outtype", "f16", "--outfile", str(f16)], check=True, env=env,
                    capture_output=True)
-    rc = subprocess.run([LLAMA_PYTHON[0], "-c", QUANTISE, str(f16), str(q4), str(Q4_1_FTYPE),
-                         str(THREADS)]).returncode
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize failed ({rc})")
+    done = subprocess.run([LLAMA_PYTHON[0], "-c", QUANTISE, str(f16), str(q4),
+                           str(Q4_1_FTYPE), str(THREADS)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"llama_model_quantize failed ({done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
     f16.unlink()
     return q4
 
@@ -459,15 +460,15 @@ def pull(gguf: Path, name: str, home: Path) -> dict[str, float]:
 def estimate(name: str) -> str:
     """What ``openweight info NAME`` estimates the bench model needs (the store is
     ``OPENWEIGHT_HOME``), to set beside the measured peaks."""
-    from openweight.local.loader import resolve_quantize
+    from openweight.local.loader import resolve_dtype, resolve_quantize
     from openweight.local.memory import estimate_memory
     from openweight.store import ensure_model
 
     _, path = ensure_model(name)
-    quantize = resolve_quantize("auto", "cpu", path)
-    short = estimate_memory(path, "cpu", "bfloat16", quantize=quantize, context=1024)
-    full = estimate_memory(path, "cpu", "bfloat16", quantize=quantize)
-    return (f"openweight's estimate ({quantize}, bfloat16): weights {short.weights_bytes / MB:.0f}"
+    quantize, dtype = resolve_quantize("auto", "cpu", path), resolve_dtype("auto", "cpu")
+    short = estimate_memory(path, "cpu", dtype, quantize=quantize, context=1024)
+    full = estimate_memory(path, "cpu", dtype, quantize=quantize)
+    return (f"openweight's estimate ({quantize}, {dtype}): weights {short.weights_bytes / MB:.0f}"
             f" MB; with the KV cache and slack: {short.total_bytes / MB:.0f} MB for 1,024 "
             f"tokens (the bench's answers fit in them), {full.total_bytes / MB:.0f} MB for "
             f"{full.context}")

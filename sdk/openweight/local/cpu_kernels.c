@@ -38,6 +38,12 @@ static inline void finish(const uint16_t *sz, int64_t N, int64_t g, int64_t row,
     lo = _mm256_cvtepi32_ps(_mm256_and_si256(v_, mask)); \
     hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v_, 4)); } while (0)
 
+/* Groups ahead whose scale/zero rows a single-token product asks the memory for: the
+   weights stream in order, but each group's rows of the table are a whole table row apart,
+   too far for the hardware to guess. Two ahead measured 10-40% faster than none on the 1B
+   shape's products, weights out of cache (one ahead and four were between, eight no gain). */
+#define TABLE_AHEAD 2
+
 /* one token, one block of rows, with the token's activations as int16 (a scale per group
    of 32: 2^-15 of the group's largest, far finer than bfloat16): pairs of k run through
    madd, 16 products an instruction, against 8 for float FMA, which decode is bound by */
@@ -52,6 +58,11 @@ static void decode_block16(const uint8_t *w, const uint16_t *sz, const int16_t *
             const uint8_t *wp = w + g * 32 * half + c;
             const int16_t *xp = xq + g * 32;
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            if (g + TABLE_AHEAD < groups) { /* the table's rows of a group lie N apart */
+                _mm_prefetch((const char *)(sz + ((g + TABLE_AHEAD) * N + n0 + c) * 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(sz + ((g + TABLE_AHEAD) * N + n0 + half + c) * 2),
+                             _MM_HINT_T0);
+            }
             for (int k = 0; k < 32; k += 2) {
                 __m128i u = _mm_loadu_si128((const __m128i *)(wp + k * half));
                 __m128i v = _mm_loadu_si128((const __m128i *)(wp + (k + 1) * half));
