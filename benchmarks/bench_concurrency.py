@@ -85,9 +85,27 @@ def free_port() -> int:
 
 
 def model_dir() -> str:
+    """A directory ``transformers serve`` loads: the store's, or, where the store keeps the
+    default as its GGUF file (which transformers serve cannot take), a bfloat16 copy made
+    once from it by transformers' own GGUF loading."""
     out = subprocess.run([*openweight_command(), "info", MODEL], capture_output=True,
                          text=True, check=True)
-    return str(json.loads(out.stdout)["path"])
+    path = Path(json.loads(out.stdout)["path"])
+    if not (path / "model.gguf").exists():
+        return str(path)
+    converted = Path.home() / ".cache" / "openweight-bench" / f"{MODEL}-transformers"
+    if not (converted / "config.json").exists():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file="model.gguf",
+                                                     dtype=torch.bfloat16)
+        model.hf_quantizer = None  # it saves as plain safetensors then
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(converted)
+        AutoTokenizer.from_pretrained(path).save_pretrained(converted)
+    return str(converted)
 
 
 def openweight_command() -> list[str]:

@@ -227,7 +227,10 @@ def test_token_required_everywhere(served: tuple[Path, str, str], path: str) -> 
 
 
 @pytest.mark.slow
-def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str],
+            tiny_model: Path) -> None:
+    from openweight.local.loader import auto_quantize
+
     home, url, _ = served
     [info] = list_daemons()
     assert info.model == "tiny" and info.state == "ready" and info.url == url
@@ -244,6 +247,14 @@ def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["ps", "--json"]) == 0
     [data] = json.loads(capsys.readouterr().out)
     assert data["model"] == "tiny" and data["keep_alive"] == 120.0
+    # what it runs with, resolved: quantize=auto's choice on this CPU and why, the decode path
+    quantize, why = auto_quantize("cpu", tiny_model)
+    loaded = data["loaded"]
+    assert loaded["device"] == "cpu" and loaded["quantize"] == quantize
+    assert loaded["quantize_reason"] == why and loaded["decode"].startswith("the fast path")
+    assert ("kernels" in loaded) == (quantize != "none")
+    assert row.split()[3] == "/".join(v for v in ("cpu", loaded["dtype"], quantize)
+                                      if v != "none")
     time.sleep(1.1)
     assert list_daemons()[0].idle_seconds >= 1.0  # ps does not touch
     ensure_daemon("tiny", keep_alive="5m")  # a later call sets the keep-alive, as Ollama's do

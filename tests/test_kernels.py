@@ -16,7 +16,7 @@ from openweight import Client
 from openweight.local import kernels
 from openweight.local.cpu import cpu_capability
 
-from conftest import ROOT, use_kernels
+from conftest import ROOT, use_kernels, wide_model
 
 HI = [{"role": "user", "content": "hi there, how are you?"}]
 
@@ -179,3 +179,27 @@ def test_smollm2_on_the_avx2_kernels_answers_paris(smollm2_home: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_loaded_model_says_what_it_runs_with(tiny_model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LoadedModel.summary`` (``openweight ps --json``'s ``loaded``): the resolved
+    settings, the kernels and the decode path, the one-call step where ours run."""
+    import shutil
+
+    from openweight.local.loader import load_model, unload_all
+
+    wide = tmp_path / "wide"  # layers in whole int4 blocks, the tiny model's tokenizer
+    wide_model("llama").save_pretrained(wide)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model / name).exists():
+            shutil.copy(tiny_model / name, wide / name)
+    for choice, decode in (("own", "the fast path, a token's layers in one call of ours"),
+                           ("pytorch", "the fast path")):
+        use_kernels(monkeypatch, choice)
+        unload_all()  # a fresh load: the step is chosen when the fast path is built
+        summary = load_model(wide, "cpu", "float32", "int4").summary()
+        assert summary == {"device": "cpu", "dtype": "float32", "quantize": "int4",
+                           "quantize_reason": "asked for", "kernels": kernels.route(),
+                           "decode": decode}
+    unload_all()

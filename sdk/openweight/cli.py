@@ -101,8 +101,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
             until = ("never" if math.isinf(d.keep_alive)
                      else _ago(d.expires_in) if d.expires_in is not None else "-")
         where = d.url.removeprefix("http://").removesuffix("/v1") if d.url else "-"
-        device = "/".join(v for v in (d.device, d.dtype, d.quantize)
-                          if v not in ("auto", "none"))
+        settings = d.loaded or {"device": d.device, "dtype": d.dtype, "quantize": d.quantize}
+        device = "/".join(v for v in (settings.get(k, "auto") for k in
+                                      ("device", "dtype", "quantize")) if v not in ("auto", "none"))
         rows.append((d.model, str(d.pid), where, device or "auto", _size(d.rss_bytes), idle,
                      until))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

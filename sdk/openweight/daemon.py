@@ -598,6 +598,9 @@ class DaemonInfo:
     rss_bytes: int | None
     gpu_bytes: int | None
     log: str
+    # what the model runs with, resolved (quantize=auto's choice and why, the kernels,
+    # the decode path: LoadedModel.summary); None until it is loaded
+    loaded: dict[str, str] | None = None
 
     @property
     def expires_in(self) -> float | None:
@@ -637,7 +640,8 @@ def _info(rec: dict[str, Any], token: str) -> DaemonInfo:
         idle_seconds=float(idle) if isinstance(idle, int | float) else None,
         in_flight=status.get("in_flight") if isinstance(status.get("in_flight"), int) else None,
         rss_bytes=status.get("rss_bytes") or _rss_of(rec["pid"]),
-        gpu_bytes=status.get("gpu_bytes"), log=str(rec.get("log")))
+        gpu_bytes=status.get("gpu_bytes"), log=str(rec.get("log")),
+        loaded=rec.get("loaded") if isinstance(rec.get("loaded"), dict) else None)
 
 
 def _live_records(run: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
@@ -885,7 +889,7 @@ def _run_uvicorn(app: Any, keeper: KeepAliveApp, sock: socket.socket, run: Path,
 
     watchdog = threading.Thread(target=_watch, args=(run, key, keeper, should_exit, done),
                                 name="openweight-keepalive", daemon=True)
-    if not _set(run, key, state="ready", model_name=name):
+    if not _set(run, key, state="ready", model_name=name, loaded=app.state.pool.loaded()):
         return 0
     port = sock.getsockname()[1]
     ttl = "until stopped" if math.isinf(keeper.keep_alive) else f"{keeper.keep_alive:g} s idle"

@@ -230,6 +230,14 @@ class ModelPool:
                                       "openweight serve runs local models: unset it")
         return client
 
+    def loaded(self) -> dict[str, str] | None:
+        """What the default model runs with, resolved (``LoadedModel.summary``), when it
+        runs in this process (loading it if it is not loaded yet)."""
+        from .local import LocalEngine
+
+        backend = self.default._get_backend()
+        return backend.loaded.summary() if isinstance(backend, LocalEngine) else None
+
     def get(self, name: str | None) -> "Client":
         """The client for a request's ``model`` field (blocking: may pull or load)."""
         if not name:

@@ -306,6 +306,13 @@ class FastModel:
         # a token's layers in one call of ours, where they take every part (see kernels)
         self._step = None if None in parts else decode_step(parts)  # type: ignore[arg-type]
 
+    @property
+    def one_call(self) -> bool:
+        """Whether a single token's layers run in one call of ours (kernels.decode_step)."""
+        from .kernels import route
+
+        return self._step is not None and route().startswith("openweight's own")
+
     def new_cache(self, capacity: int) -> FastCache:
         return FastCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
 

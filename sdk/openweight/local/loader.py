@@ -14,7 +14,7 @@ from .cpu import BF16_CPU_CAPABILITIES, PACKED_CPU_CAPABILITIES, cpu_capability
 from .prefix_cache import PrefixCache
 
 __all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "auto_quantize",
-           "cpu_capability", "load_model", "resolve_device", "resolve_dtype",
+           "cpu_capability", "load_model", "quantize_and_reason", "resolve_device", "resolve_dtype",
            "resolve_quantize"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -34,12 +34,29 @@ class LoadedModel:
     context_length: int
     eos_ids: frozenset[int]
     quantize: str = "none"
+    quantize_reason: str = ""  # why quantize is what it is (auto's reason, or "asked for")
     model_type: str = ""
     harmony_ids: dict[str, int] | None = None
     prefix_cache: PrefixCache = field(default_factory=PrefixCache)
     # the lean CPU decode path (local/fast.py), or None where the model cannot take it
     fast: Any = None
     fast_off_reason: str | None = None
+
+    def summary(self) -> dict[str, str]:
+        """What this model runs with, resolved, and why: its device, dtype and quantize
+        (with auto's reason), the packed products' kernels, and the decode path."""
+        from .kernels import route
+
+        info = {"device": self.device, "dtype": self.dtype, "quantize": self.quantize,
+                "quantize_reason": self.quantize_reason}
+        if self.device == "cpu" and self.quantize != "none":
+            info["kernels"] = route()
+        if self.fast is None:
+            info["decode"] = f"transformers' generate ({self.fast_off_reason})"
+        else:
+            info["decode"] = ("the fast path, a token's layers in one call of ours"
+                              if self.fast.one_call else "the fast path")
+        return info
     # one generation at a time per model: results never depend on what runs beside them
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -109,13 +126,19 @@ def source_bits(path: Path) -> int | None:
 def resolve_quantize(quantize: str | None, device: str, path: Path,
                      capability: str | None = None) -> str:
     """``quantize`` checked, with ``auto`` (the default) resolved by ``auto_quantize``."""
+    return quantize_and_reason(quantize, device, path, capability)[0]
+
+
+def quantize_and_reason(quantize: str | None, device: str, path: Path,
+                        capability: str | None = None) -> tuple[str, str]:
+    """``resolve_quantize``'s choice and why (``auto_quantize``'s reason, or "asked for")."""
     from .quantize import QUANTIZE
 
     quant = (quantize or "auto").lower()
     if quant not in QUANTIZE:
         raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one of "
                                   f"{', '.join(QUANTIZE)}", param="quantize")
-    return quant if quant != "auto" else auto_quantize(device, path, capability)[0]
+    return (quant, "asked for") if quant != "auto" else auto_quantize(device, path, capability)
 
 
 def auto_quantize(device: str, path: Path, capability: str | None = None) -> tuple[str, str]:
@@ -287,7 +310,7 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_model_dir(path)
-    quant = resolve_quantize(quantize, dev, path)
+    quant, quant_reason = quantize_and_reason(quantize, dev, path)
     key = (str(path), dev, dt, quant)
     with _cache_lock:
         if key in _cache:
@@ -338,6 +361,7 @@ def load_model(
             context_length=_context_length(model.config, tokenizer),
             eos_ids=_eos_ids(model, tokenizer),
             quantize=quant,
+            quantize_reason=quant_reason,
             model_type=str(getattr(model.config, "model_type", "")),
             harmony_ids=_harmony_ids(model.config, tokenizer),
             fast=fast,
