@@ -60,7 +60,8 @@ OPENWEIGHT_CHILD = r"""
 import json, os, resource, sys, time
 t0 = time.perf_counter()
 from openweight import Client
-client = Client(quantize=sys.argv[1], keep_alive=0)  # in this process, not a server
+client = Client(quantize=sys.argv[1], dtype=os.environ.get("BENCH_DTYPE") or None,
+                keep_alive=0)  # in this process, not a server
 client.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 load = time.perf_counter() - t0
 client._get_backend().loaded.prefix_cache.max_entries = 0  # one-shot prompts, like llama.cpp
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quantize", nargs="+", default=["auto", "none", "int8", "int4"])
     parser.add_argument("--home", help="an openweight store to use (default: a temp one)")
+    parser.add_argument("--dtype", default=None,
+                        help="openweight's dtype (default: what auto picks on this CPU)")
     parser.add_argument("--llama-python", default=sys.executable,
                         help="the Python whose llama-cpp-python is the peer (e.g. a venv's, "
                         "built for AVX2: see the README's Development section)")
@@ -192,7 +195,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = args.home or tmp
         gguf = prepare(home)
-        env = {**os.environ, "OPENWEIGHT_HOME": home, "OPENWEIGHT_OFFLINE": "1"}
+        env = {**os.environ, "OPENWEIGHT_HOME": home, "OPENWEIGHT_OFFLINE": "1",
+               "BENCH_DTYPE": args.dtype or ""}
         results: dict[str, list[dict[str, float]]] = {"llama.cpp": []}
         results.update({_label(q): [] for q in args.quantize})
         for _ in range(args.runs):  # alternate the engines within each round
