@@ -33,31 +33,31 @@ static inline void finish(const uint16_t *sz, int64_t N, int64_t g, int64_t row,
     _mm256_storeu_ps(out, o);
 }
 
-#define NIBBLES(ptr, lo, hi) do { \
-    __m256i v_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ptr))); \
-    lo = _mm256_cvtepi32_ps(_mm256_and_si256(v_, mask)); \
-    hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(v_, 4)); } while (0)
-
 /* Groups ahead whose scale/zero rows a single-token product asks the memory for: the
    weights stream in order, but each group's rows of the table are a whole table row apart,
    too far for the hardware to guess. Two ahead measured 10-40% faster than none on the 1B
    shape's products, weights out of cache (one ahead and four were between, eight no gain). */
 #define TABLE_AHEAD 2
 
-/* one token, one block of rows, with the token's activations as int16 (a scale per group
-   of 32: 2^-15 of the group's largest, far finer than bfloat16): pairs of k run through
-   madd, 16 products an instruction, against 8 for float FMA, which decode is bound by */
-static void decode_block16(const uint8_t *w, const uint16_t *sz, const int16_t *xq,
-                           const float *xscale, const float *xsum, float *out, int64_t K,
-                           int64_t N, int64_t n0, int half) {
+/* T tokens (1 or 2), one block of rows, with the tokens' activations as int16 (a scale per
+   group of 32: 2^-15 of the group's largest, far finer than bfloat16): pairs of k run through
+   madd, 16 products an instruction, against 8 for float FMA. Each row's sums are the same
+   whichever T computes them. Two tokens share each unpacking of the weights (more would
+   not fit the 16 registers). */
+static inline __attribute__((always_inline)) void block16(
+    const uint8_t *w, const uint16_t *sz, const int16_t *xq, const float *xscale,
+    const float *xsum, float *out, int64_t K, int64_t N, int64_t n0, int half, const int T) {
     const __m256i mask = _mm256_set1_epi16(15);
     const int64_t groups = K / 32;
-    for (int i = 0; i < 2 * half; i += 8) _mm256_storeu_ps(out + n0 + i, _mm256_setzero_ps());
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 2 * half; i += 8)
+            _mm256_storeu_ps(out + t * N + n0 + i, _mm256_setzero_ps());
     for (int c = 0; c < half; c += 16)
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *wp = w + g * 32 * half + c;
-            const int16_t *xp = xq + g * 32;
-            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            __m256i a[2][4];
+            for (int t = 0; t < T; t++)
+                for (int j = 0; j < 4; j++) a[t][j] = _mm256_setzero_si256();
             if (g + TABLE_AHEAD < groups) { /* the table's rows of a group lie N apart */
                 _mm_prefetch((const char *)(sz + ((g + TABLE_AHEAD) * N + n0 + c) * 2), _MM_HINT_T0);
                 _mm_prefetch((const char *)(sz + ((g + TABLE_AHEAD) * N + n0 + half + c) * 2),
@@ -68,19 +68,24 @@ static void decode_block16(const uint8_t *w, const uint16_t *sz, const int16_t *
                 __m128i v = _mm_loadu_si128((const __m128i *)(wp + (k + 1) * half));
                 __m256i w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(u, v));
                 __m256i w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(u, v));
-                int32_t pair;
-                memcpy(&pair, xp + k, 4);
-                __m256i xv = _mm256_set1_epi32(pair);
-                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_and_si256(w0, mask), xv));
-                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_and_si256(w1, mask), xv));
-                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_srli_epi16(w0, 4), xv));
-                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_srli_epi16(w1, 4), xv));
+                __m256i q[4] = {_mm256_and_si256(w0, mask), _mm256_and_si256(w1, mask),
+                                _mm256_srli_epi16(w0, 4), _mm256_srli_epi16(w1, 4)};
+                for (int t = 0; t < T; t++) {
+                    int32_t pair;
+                    memcpy(&pair, xq + t * K + g * 32 + k, 4);
+                    __m256i xv = _mm256_set1_epi32(pair);
+                    for (int j = 0; j < 4; j++)
+                        a[t][j] = _mm256_add_epi32(a[t][j], _mm256_madd_epi16(q[j], xv));
+                }
             }
-            __m256 s = _mm256_set1_ps(xscale[g]);
-            finish(sz, N, g, n0 + c, _mm256_mul_ps(_mm256_cvtepi32_ps(a0), s), xsum[g], out + n0 + c);
-            finish(sz, N, g, n0 + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(a1), s), xsum[g], out + n0 + c + 8);
-            finish(sz, N, g, n0 + half + c, _mm256_mul_ps(_mm256_cvtepi32_ps(a2), s), xsum[g], out + n0 + half + c);
-            finish(sz, N, g, n0 + half + c + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(a3), s), xsum[g], out + n0 + half + c + 8);
+            /* rows of a[.][0..3]: c, c + 8 (low nibbles), half + c, half + c + 8 (high) */
+            const int64_t rows[4] = {n0 + c, n0 + c + 8, n0 + half + c, n0 + half + c + 8};
+            for (int t = 0; t < T; t++) {
+                __m256 s = _mm256_set1_ps(xscale[t * groups + g]);
+                for (int j = 0; j < 4; j++)
+                    finish(sz, N, g, rows[j], _mm256_mul_ps(_mm256_cvtepi32_ps(a[t][j]), s),
+                           xsum[t * groups + g], out + t * N + rows[j]);
+            }
         }
 }
 
@@ -98,35 +103,6 @@ static void quantize16(const float *x, int64_t K, int16_t *xq, float *xscale) {
     }
 }
 
-/* four tokens, one block of rows, 16 rows (8 bytes of each k) at a time */
-static void prefill_block(const uint8_t *w, const uint16_t *sz, const float *x,
-                          const float *xsum, float *out, int64_t K, int64_t N, int64_t n0,
-                          int half, int T) {
-    const __m256i mask = _mm256_set1_epi32(15);
-    const int64_t groups = K / 32;
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < 2 * half; i += 8) _mm256_storeu_ps(out + t * N + n0 + i, _mm256_setzero_ps());
-    for (int c = 0; c < half; c += 8)
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *wp = w + g * 32 * half + c;
-            const float *xp = x + g * 32;
-            __m256 z = _mm256_setzero_ps(), l0 = z, h0 = z, l1 = z, h1 = z, l2 = z, h2 = z,
-                   l3 = z, h3 = z, lo, hi, xb;
-            for (int k = 0; k < 32; k++) {
-                NIBBLES(wp + k * half, lo, hi);
-                xb = _mm256_broadcast_ss(xp + k); l0 = _mm256_fmadd_ps(lo, xb, l0); h0 = _mm256_fmadd_ps(hi, xb, h0);
-                if (T > 1) { xb = _mm256_broadcast_ss(xp + K + k); l1 = _mm256_fmadd_ps(lo, xb, l1); h1 = _mm256_fmadd_ps(hi, xb, h1); }
-                if (T > 2) { xb = _mm256_broadcast_ss(xp + 2 * K + k); l2 = _mm256_fmadd_ps(lo, xb, l2); h2 = _mm256_fmadd_ps(hi, xb, h2); }
-                if (T > 3) { xb = _mm256_broadcast_ss(xp + 3 * K + k); l3 = _mm256_fmadd_ps(lo, xb, l3); h3 = _mm256_fmadd_ps(hi, xb, h3); }
-            }
-            __m256 ls[4] = {l0, l1, l2, l3}, hs[4] = {h0, h1, h2, h3};
-            for (int t = 0; t < T; t++) {
-                finish(sz, N, g, n0 + c, ls[t], xsum[t * groups + g], out + t * N + n0 + c);
-                finish(sz, N, g, n0 + half + c, hs[t], xsum[t * groups + g], out + t * N + n0 + half + c);
-            }
-        }
-}
-
 /* out [M, N] = x [M, K] @ weight.T, float32, for a weight packed in blocks of block_n
    rows (N a multiple of it, K of 32); returns 0, or -1 when out of memory */
 int ow_int4_mm(const float *x, const uint8_t *w, const uint16_t *sz, float *out,
@@ -134,36 +110,35 @@ int ow_int4_mm(const float *x, const uint8_t *w, const uint16_t *sz, float *out,
     const int64_t groups = K / 32;
     const int half = block_n / 2;
     float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
-    if (xsum == NULL) return -1;
-    for (int64_t i = 0; i < M * groups; i++) {
-        float s = 0;
-        for (int k = 0; k < 32; k++) s += x[i * 32 + k];
-        xsum[i] = s;
+    float *xscale = malloc(sizeof(float) * (size_t)(M * groups));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
+    if (xsum == NULL || xscale == NULL || xq == NULL) {
+        free(xsum); free(xscale); free(xq);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        quantize16(x + m * K, K, xq + m * K, xscale + m * groups);
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0;
+            for (int k = 0; k < 32; k++) s += x[m * K + g * 32 + k];
+            xsum[m * groups + g] = s;
+        }
     }
     const int64_t blocks = N / block_n;
-    int16_t *xq = NULL;
-    float *xscale = NULL;
-    if (M == 1) {
-        xq = malloc(sizeof(int16_t) * (size_t)K);
-        xscale = malloc(sizeof(float) * (size_t)groups);
-        if (xq == NULL || xscale == NULL) { free(xq); free(xscale); free(xsum); return -1; }
-        quantize16(x, K, xq, xscale);
-    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = w + b * K * half;
-        if (xq != NULL) {
-            decode_block16(wb, sz, xq, xscale, xsum, out, K, N, b * block_n, half);
-            continue;
-        }
-        for (int64_t m = 0; m < M; m += 4) {
-            int T = M - m < 4 ? (int)(M - m) : 4;
-            prefill_block(wb, sz, x + m * K, xsum + m * groups, out + m * N, K, N, b * block_n, half, T);
-        }
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2)
+            block16(wb, sz, xq + m * K, xscale + m * groups, xsum + m * groups, out + m * N,
+                    K, N, b * block_n, half, 2);
+        if (m < M)
+            block16(wb, sz, xq + m * K, xscale + m * groups, xsum + m * groups, out + m * N,
+                    K, N, b * block_n, half, 1);
     }
     free(xsum);
-    free(xq);
     free(xscale);
+    free(xq);
     return 0;
 }
 
@@ -268,8 +243,8 @@ static void product(const ow_linear *p, const ow_input *in, float *out, int bloc
         const int half = block_n / 2;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < p->rows / block_n; b++)
-            decode_block16((const uint8_t *)p->weight + b * p->cols * half, p->table, in->xq,
-                           in->xscale, in->xsum, out, p->cols, p->rows, b * block_n, half);
+            block16((const uint8_t *)p->weight + b * p->cols * half, p->table, in->xq,
+                    in->xscale, in->xsum, out, p->cols, p->rows, b * block_n, half, 1);
     } else {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (p->rows + 7) / 8; t++)

@@ -8,10 +8,11 @@ On CPUs whose PyTorch kernels are the slow ones (``cpu.OWN_KERNEL_CPU_CAPABILITI
 our own C kernels (``cpu_kernels.c``) run instead: they read the very tensors PyTorch
 packed (nothing is repacked or held twice) and compute in float32. They are compiled with
 the system's C compiler once per machine, into the user's cache directory, and checked on
-first use against products computed from known codes. A single token's int4 product takes
-its activations as int16 (a scale per group of 32: within 2^-15 of each group's largest,
-where PyTorch's kernels round them to bfloat16's 2^-8), so it runs on integer
-multiply-adds, 16 products an instruction; where there is no compiler, the
+first use against products computed from known codes. The int4 products take their
+activations as int16 (a scale per group of 32: within 2^-15 of each group's largest, where
+PyTorch's kernels round them to bfloat16's 2^-8), so they run on integer multiply-adds,
+16 products an instruction, and a row's sums are the same whether it is computed alone or
+beside other tokens; where there is no compiler, the
 build fails, or the check disagrees (a PyTorch whose packed layout changed), PyTorch's
 kernels run and ``route()`` says why. ``OPENWEIGHT_KERNELS`` chooses: ``auto`` (the
 default: ours where they are the faster ones), ``own`` (ours on any x86 CPU with AVX2, for
