@@ -17,9 +17,10 @@ BF16_CPU_CAPABILITIES = frozenset({"AVX512"})
 # quantize=auto keeps to none, never slower than itself.
 PACKED_CPU_CAPABILITIES = frozenset({"AVX512", "AVX2"})
 # Where our own packed products (kernels.py, cpu_kernels.c) replace PyTorch's. Measured,
-# one product, 2 threads, AVX-512 EPYC running each kind's PyTorch kernels: on AVX2 our int4
-# product is 2.0-2.8x faster for one token (1B shape 2048x16384: 692 vs 1904 us, 24 vs 9 GB/s)
-# and 1.1-1.8x for 64; on AVX-512 PyTorch's (bf16 dot products) are 1.2-1.3x faster than ours.
+# `bench_kernels.py`, 2 threads, AVX-512 EPYC running each kind's PyTorch kernels, weights out
+# of cache: on AVX2 our int4 product is 2.7-3.3x faster for one token (1B shape 2048x16384:
+# 654 vs 1,958 us) and 1.4-1.7x for 64; on AVX-512 PyTorch's (bf16 dot products) are 1.2-1.3x
+# faster than ours product for product, so they stay (see the README for the one-call step).
 OWN_KERNEL_CPU_CAPABILITIES = frozenset({"AVX2"})
 
 
