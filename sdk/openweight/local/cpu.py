@@ -19,8 +19,9 @@ PACKED_CPU_CAPABILITIES = frozenset({"AVX512", "AVX2"})
 # Where our own packed products (kernels.py, cpu_kernels.c) replace PyTorch's. Measured,
 # `bench_kernels.py`, 2 threads, AVX-512 EPYC running each kind's PyTorch kernels, weights out
 # of cache: on AVX2 our int4 product is 2.7-3.3x faster for one token (1B shape 2048x16384:
-# 654 vs 1,958 us) and 1.4-1.7x for 64; on AVX-512 PyTorch's (bf16 dot products) are 1.2-1.3x
-# faster than ours product for product, so they stay (see the README for the one-call step).
+# 654 vs 1,958 us) and 1.4-1.7x for 64. On AVX-512 the two are even for one token (0.86-1.08x)
+# and PyTorch's (bf16 dot products) 1.3-1.5x faster for 64, so PyTorch's stay there (the
+# README says what the one-call step would give there).
 OWN_KERNEL_CPU_CAPABILITIES = frozenset({"AVX2"})
 
 
