@@ -36,7 +36,7 @@ from typing import Any
 from .cpu import OWN_KERNEL_CPU_CAPABILITIES, cpu_capability
 
 __all__ = ["INT4_BLOCK_ROWS", "INT4_GROUP", "KERNEL_CHOICES", "DecodeStep", "LayerParts",
-           "Product", "decode_step", "int4_mm", "int8_mm", "kernel_dir", "prepared", "route"]
+           "Product", "decode_step", "int4_mm", "int8_mm", "kernel_dir", "route"]
 
 INT4_GROUP = 32  # weights per int4 group (one scale and zero each)
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
@@ -55,7 +55,7 @@ def route() -> str:
     return _load()[2]
 
 
-def prepared(x: Any, dtype: Any) -> Any:
+def _prepared(x: Any, dtype: Any) -> Any:
     """``x`` in ``dtype`` and contiguous, as the kernels want (no-op calls skipped: each
     costs a dispatch, and a decode step makes hundreds)."""
     if x.dtype != dtype:
@@ -72,9 +72,9 @@ def int4_mm(x: Any, weight: Any, scale_zero: Any) -> Any:
     rows = int(scale_zero.shape[1])
     if lib is None or not block or rows % block:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            prepared(x, torch.bfloat16), weight, INT4_GROUP, scale_zero)
+            _prepared(x, torch.bfloat16), weight, INT4_GROUP, scale_zero)
         return out if out.dtype == x.dtype else out.to(x.dtype)
-    out = _own_int4(lib, prepared(x, torch.float32), weight, scale_zero, block,
+    out = _own_int4(lib, _prepared(x, torch.float32), weight, scale_zero, block,
                     torch.get_num_threads())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
@@ -86,9 +86,9 @@ def int8_mm(x: Any, weight: Any, scales: Any) -> Any:
 
     lib, _, _ = _load()
     if lib is None:
-        out = torch._weight_int8pack_mm(prepared(x, scales.dtype), weight, scales)
+        out = torch._weight_int8pack_mm(_prepared(x, scales.dtype), weight, scales)
         return out if out.dtype == x.dtype else out.to(x.dtype)
-    out = _own_int8(lib, prepared(x, torch.float32), weight, scales, torch.get_num_threads())
+    out = _own_int8(lib, _prepared(x, torch.float32), weight, scales, torch.get_num_threads())
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
