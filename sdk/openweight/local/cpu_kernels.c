@@ -89,17 +89,19 @@ static inline __attribute__((always_inline)) void block16(
         }
 }
 
-/* x [K] as int16 per group of 32, with each group's scale */
-static void quantize16(const float *x, int64_t K, int16_t *xq, float *xscale) {
+/* x [K] as int16 per group of 32, with each group's scale and its float sum */
+static void quantize16(const float *x, int64_t K, int16_t *xq, float *xscale, float *xsum) {
     for (int64_t g = 0; g < K / 32; g++) {
-        float top = 0;
+        float top = 0, sum = 0;
         for (int k = 0; k < 32; k++) {
             float a = x[g * 32 + k] < 0 ? -x[g * 32 + k] : x[g * 32 + k];
             top = a > top ? a : top;
+            sum += x[g * 32 + k];
         }
         float scale = top / 32767.0f, inv = top > 0 ? 32767.0f / top : 0.0f;
         for (int k = 0; k < 32; k++) xq[g * 32 + k] = (int16_t)__builtin_lrintf(x[g * 32 + k] * inv);
         xscale[g] = scale;
+        xsum[g] = sum;
     }
 }
 
@@ -116,14 +118,8 @@ int ow_int4_mm(const float *x, const uint8_t *w, const uint16_t *sz, float *out,
         free(xsum); free(xscale); free(xq);
         return -1;
     }
-    for (int64_t m = 0; m < M; m++) {
-        quantize16(x + m * K, K, xq + m * K, xscale + m * groups);
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0;
-            for (int k = 0; k < 32; k++) s += x[m * K + g * 32 + k];
-            xsum[m * groups + g] = s;
-        }
-    }
+    for (int64_t m = 0; m < M; m++)
+        quantize16(x + m * K, K, xq + m * K, xscale + m * groups, xsum + m * groups);
     const int64_t blocks = N / block_n;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
@@ -229,12 +225,7 @@ typedef struct { const float *x; int16_t *xq; float *xscale, *xsum; } ow_input;
 static void prepare(const ow_linear *p, const float *x, ow_input *in) {
     in->x = x;
     if (p->kind != 4) return;
-    quantize16(x, p->cols, in->xq, in->xscale);
-    for (int64_t g = 0; g < p->cols / 32; g++) {
-        float s = 0;
-        for (int k = 0; k < 32; k++) s += x[g * 32 + k];
-        in->xsum[g] = s;
-    }
+    quantize16(x, p->cols, in->xq, in->xscale, in->xsum);
 }
 
 /* this thread's share of out = p(in) (inside the parallel region; ends on a barrier) */

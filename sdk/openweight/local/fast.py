@@ -309,9 +309,7 @@ class FastModel:
     @property
     def one_call(self) -> bool:
         """Whether a single token's layers run in one call of ours (kernels.decode_step)."""
-        from .kernels import route
-
-        return self._step is not None and route().startswith("openweight's own")
+        return self._step is not None and self._step.active
 
     def new_cache(self, capacity: int) -> FastCache:
         return FastCache(len(self.layers), self.kv_heads, self.head_dim, capacity)

@@ -290,6 +290,12 @@ class DecodeStep:
         self._held = [layers]
         self._layers = (_Layer * len(layers))(*(_layer(p, block) for p in layers))
 
+    @property
+    def active(self) -> bool:
+        """Whether ours are still the kernels in use (``OPENWEIGHT_KERNELS`` can change them
+        within a process); the step runs only then."""
+        return _load()[0] is not None
+
     def __call__(self, x: Any, keys: Sequence[Any], values: Sequence[Any], position: int,
                  capacity: int, cos: Any, sin: Any) -> bool:
         """Run every layer for the token at ``position`` over its hidden state ``x``
