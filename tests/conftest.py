@@ -145,10 +145,11 @@ FAMILIES: dict[str, dict[str, object]] = {
 }
 
 
-def build_family_model(path: Path, family: str, *, seed: int = 0) -> Path:
+def build_family_model(path: Path, family: str, *, seed: int = 0, wide: bool = False) -> Path:
     """A tiny random model whose tokenizer and template carry a real family's special tokens:
     Qwen3 (think tags, enable_thinking), DeepSeek-R1 distill (template opens <think>), or
-    Llama 3 (end-of-turn tokens, sampling defaults in its generation config)."""
+    Llama 3 (end-of-turn tokens, sampling defaults in its generation config). ``wide``:
+    layers as wide as ``wide_model``'s, which every packed kernel takes."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -166,13 +167,14 @@ def build_family_model(path: Path, family: str, *, seed: int = 0) -> Path:
         tokenizer.add_tokens(["<think>", "</think>"])  # type: ignore[attr-defined]
     tokenizer.chat_template = spec["template"]  # type: ignore[attr-defined]
     vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
-    common = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+    width = 128 if wide else 32
+    common = dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=1024, eos_token_id=vocab[spec["eos"]], pad_token_id=0,
                   initializer_range=0.3, tie_word_embeddings=True)
     torch.manual_seed(seed)
     if family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **common))  # type: ignore[arg-type]
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=width // 4, **common))  # type: ignore[arg-type]
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))  # type: ignore[arg-type]
     if family == "llama3":

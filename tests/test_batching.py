@@ -28,8 +28,10 @@ from conftest import (
     HANG,
     SPECIALS,
     ServerThread,
+    build_family_model,
     build_tiny_model,
     byte_tokenizer,
+    use_kernels,
     wait_until,
 )
 
@@ -337,6 +339,47 @@ def test_other_families_batch_like_they_decode_alone(family: str, env: None,
                               for m, o in zip(messages, options, strict=True)])
         assert together == alone
         assert batch.stats()["batched"] == 6 and batch.stats()["max_rows"] >= 2
+    finally:
+        batch.close()
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """On our kernels (a float32 model with packed layers: the AVX2 default), a batch
+    step whose requests each decode a token runs every layer in one call of ours over the
+    paged cache, the call the single stream's tokens take: the same answers alone and
+    together."""
+    from openweight.local import kernels
+
+    use_kernels(monkeypatch, "own")
+    rows: list[int] = []
+    real = kernels.DecodeStep.__call__
+
+    def counted(self: Any, x: Any, *args: Any, **kwargs: Any) -> bool:
+        rows.append(int(x.shape[0]))
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.DecodeStep, "__call__", counted)
+    path = build_family_model(tmp_path / family, family, wide=True)
+    engine = LocalEngine(path, dtype="float32", quantize="int4")
+    assert engine.loaded.fast is not None and engine.loaded.fast.one_call
+    batch = Batching()
+    messages = [to_messages([{"role": "user", "content": p}]) for p in PROMPTS[:6]]
+    options = [GenerationOptions.from_kwargs({"temperature": 0, "max_tokens": 24 + 5 * i,
+                                              "thinking": False} if family == "qwen3" else
+                                             {"max_tokens": 24 + 5 * i, "seed": i})
+               for i in range(6)]
+    try:
+        alone = [collect(engine.stream(m, o), "x") for m, o in zip(messages, options,
+                                                                     strict=True)]
+        assert rows and set(rows) == {1}
+        rows.clear()
+        together = _together([lambda m=m, o=o: collect(engine.stream(m, o, source=batch.source),
+                                                       "x")
+                              for m, o in zip(messages, options, strict=True)])
+        assert together == alone
+        assert max(rows) >= 2, "no step decoded several requests in one call"
     finally:
         batch.close()
 

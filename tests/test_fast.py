@@ -69,16 +69,16 @@ def test_one_call_decode_step_matches_the_layers(arch: str, mode: str,
     model = _model(arch).float()
     quantize_model(model, mode, "cpu")
     fast = FastModel(model)
-    assert fast._step is not None
+    assert fast.step is not None
     ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
     want = _reference(model, ids)
     caches = fast.new_cache(8), fast.new_cache(8)
     with torch.inference_mode():
         for cache in caches:
             fast.forward(ids[:20], cache)
-        step, fast._step = fast._step, None
+        step, fast.step = fast.step, None
         layers = [fast.forward([i], caches[0])[0] for i in ids[20:]]  # op by op
-        fast._step = step
+        fast.step = step
         for j, i in enumerate(ids[20:]):
             got = fast.forward([i], caches[1])[0]
             assert torch.allclose(got, layers[j], rtol=0, atol=1e-3 * float(got.abs().max()))

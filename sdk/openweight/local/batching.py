@@ -556,6 +556,9 @@ def _batch_classes() -> dict[str, Any]:
                 spans.append((start, end, k0, k1, offset_mask(past, n)))
             pages = _page_starts(cache, cache_args["read_index"][0], spans)
             writes = cache_args["write_index"][0]
+            x = self._one_call(ids, pos, spans, pages, writes, cache)
+            if x is not None:
+                return fast.logits(x[keep])
             gqa = heads != kv
 
             def attend(li: int, q: Any, k: Any, v: Any) -> Any:
@@ -580,6 +583,33 @@ def _batch_classes() -> dict[str, Any]:
 
             cos, sin = fast.rope_at(pos)
             return fast.logits(fast.run_layers(fast.embed(ids), cos, sin, attend)[keep])
+
+        def _one_call(self, ids: Any, pos: Any, spans: list[Any], pages: list[Any] | None,
+                      writes: Any, cache: Any) -> Any:
+            """The final hidden states of a step whose requests each decode one token, run
+            by the fast path's one-call step (``kernels.DecodeStep``) over the paged cache in
+            place, the very computation the single stream's tokens get; None where it does
+            not apply (not our kernels, a prompt chunk, keys across pages)."""
+            fast = self.fast
+            if not fast.one_call or pages is None or len(spans) != ids.shape[0]:
+                return None
+            slots = writes.tolist()
+            rows = []
+            for (start, end, _, _, _), page, slot in zip(spans, pages, slots, strict=True):
+                if end - start != 1 or page is None or slot != page[1] - 1:
+                    return None
+                rows.append((slot, page[0], page[1] - page[0]))
+            views = [_layer_views(cache, li) for li in range(len(fast.layers))]
+            width = fast.kv_heads * fast.head_dim
+            if any(t.stride() != (width, fast.head_dim, 1) or t.dtype != torch.float32
+                   for pair in views for t in pair):
+                return None
+            x = fast.embed(ids).float().contiguous()
+            cos, sin = fast.rope_at(pos)
+            done = fast.step(x, [k for k, _ in views], [v for _, v in views],
+                             torch.tensor(rows, dtype=torch.int64), cos, sin,
+                             head_stride=fast.head_dim, token_stride=width)
+            return x if done else None
 
     def _layer_views(cache: Any, layer: int) -> tuple[Any, Any]:
         """The [tokens, kv_heads, head_dim] key and value views of one layer of the paged

@@ -105,12 +105,29 @@ static void quantize16(const float *x, int64_t K, int16_t *xq, float *xscale, fl
     }
 }
 
+/* block ``b`` of out [M, N] = x @ weight.T, the tokens two at a time (one unpacking each;
+   unpacking once for all tokens into a table in the first-level cache measured slower, the
+   multiply-adds and the finishing per token being the larger share) */
+static void int4_block(const uint8_t *w, const uint16_t *sz, const int16_t *xq,
+                       const float *xscale, const float *xsum, float *out, int64_t M,
+                       int64_t K, int64_t N, int64_t b, int block_n) {
+    const int64_t groups = K / 32;
+    const int half = block_n / 2;
+    const uint8_t *wb = w + b * K * half;
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2)
+        block16(wb, sz, xq + m * K, xscale + m * groups, xsum + m * groups, out + m * N,
+                K, N, b * block_n, half, 2);
+    if (m < M)
+        block16(wb, sz, xq + m * K, xscale + m * groups, xsum + m * groups, out + m * N,
+                K, N, b * block_n, half, 1);
+}
+
 /* out [M, N] = x [M, K] @ weight.T, float32, for a weight packed in blocks of block_n
    rows (N a multiple of it, K of 32); returns 0, or -1 when out of memory */
 int ow_int4_mm(const float *x, const uint8_t *w, const uint16_t *sz, float *out,
                int64_t M, int64_t K, int64_t N, int threads, int block_n) {
     const int64_t groups = K / 32;
-    const int half = block_n / 2;
     float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
     float *xscale = malloc(sizeof(float) * (size_t)(M * groups));
     int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
@@ -120,18 +137,9 @@ int ow_int4_mm(const float *x, const uint8_t *w, const uint16_t *sz, float *out,
     }
     for (int64_t m = 0; m < M; m++)
         quantize16(x + m * K, K, xq + m * K, xscale + m * groups, xsum + m * groups);
-    const int64_t blocks = N / block_n;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *wb = w + b * K * half;
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2)
-            block16(wb, sz, xq + m * K, xscale + m * groups, xsum + m * groups, out + m * N,
-                    K, N, b * block_n, half, 2);
-        if (m < M)
-            block16(wb, sz, xq + m * K, xscale + m * groups, xsum + m * groups, out + m * N,
-                    K, N, b * block_n, half, 1);
-    }
+    for (int64_t b = 0; b < N / block_n; b++)
+        int4_block(w, sz, xq, xscale, xsum, out, M, K, N, b, block_n);
     free(xsum);
     free(xscale);
     free(xq);
@@ -198,11 +206,13 @@ void ow_int8_mm(const float *x, const int8_t *w, const uint16_t *scales, float *
         int8_tile(x, w, scales, out, K, N, tile * 8, M);
 }
 
-/* ---- a whole decode step of a Llama-style model's layers, one token, in one call ----
-   The same computation as fast.py's layers for one token (and the products above), with no
-   PyTorch operation between: a decode step of a small model is otherwise mostly the
-   dispatch of ~30 small operations a layer. One OpenMP region runs every layer; the
-   products and the attention heads are shared out, the small steps run on one thread. */
+/* ---- a decode step of a Llama-style model's layers, for a few rows, in one call ----
+   The same computation as fast.py's layers (and the products above), with no PyTorch
+   operation between: a decode step of a small model is otherwise mostly the dispatch of
+   ~30 small operations a layer. One OpenMP region runs every layer; the products, the
+   attention heads and the rows' small steps are shared out. A row is one token: the single
+   stream's next one, or one of several requests' in the server's batch; each row's
+   results are the same whatever rows run beside it. */
 
 typedef struct {
     int32_t kind;          /* 4: int4 in PyTorch's packing, 8: int8 rows */
@@ -220,26 +230,33 @@ typedef struct {
     ow_linear qkv, o, gate_up, down;
 } ow_layer;
 
+/* a row's place in each layer's KV cache: its key and value go to slot ``write``; it
+   attends to the ``length`` slots from ``start`` (its own among them) */
+typedef struct { int64_t write, start, length; } ow_span;
+
 typedef struct { const float *x; int16_t *xq; float *xscale, *xsum; } ow_input;
 
-static void prepare(const ow_linear *p, const float *x, ow_input *in) {
-    in->x = x;
+/* row m of a product's input (x: [M, p->cols]) made ready for it */
+static void prepare(const ow_linear *p, const ow_input *in, int64_t m) {
     if (p->kind != 4) return;
-    quantize16(x, p->cols, in->xq, in->xscale, in->xsum);
+    const int64_t groups = p->cols / 32;
+    quantize16(in->x + m * p->cols, p->cols, in->xq + m * p->cols, in->xscale + m * groups,
+               in->xsum + m * groups);
 }
 
-/* this thread's share of out = p(in) (inside the parallel region; ends on a barrier) */
-static void product(const ow_linear *p, const ow_input *in, float *out, int block_n) {
+/* this thread's share of out [M, rows] = p(in) (inside the parallel region; ends on a
+   barrier) */
+static void product(const ow_linear *p, const ow_input *in, int64_t M, float *out,
+                    int block_n) {
     if (p->kind == 4) {
-        const int half = block_n / 2;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < p->rows / block_n; b++)
-            block16((const uint8_t *)p->weight + b * p->cols * half, p->table, in->xq,
-                    in->xscale, in->xsum, out, p->cols, p->rows, b * block_n, half, 1);
+            int4_block((const uint8_t *)p->weight, p->table, in->xq, in->xscale, in->xsum, out,
+                       M, p->cols, p->rows, b, block_n);
     } else {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (p->rows + 7) / 8; t++)
-            int8_tile(in->x, (const int8_t *)p->weight, p->table, out, p->cols, p->rows, t * 8, 1);
+            int8_tile(in->x, (const int8_t *)p->weight, p->table, out, p->cols, p->rows, t * 8, M);
     }
 }
 
@@ -274,12 +291,12 @@ static inline float dot(const float *a, const float *b, int n) {
     return r;
 }
 
-/* one head's attention over the ``length`` cached positions */
+/* one head's attention over ``length`` cached positions, ``stride`` floats apart */
 static void attend(const float *q, const float *keys, const float *values, int64_t length,
-                   int dim, float scaling, float *scores, float *out) {
+                   int64_t stride, int dim, float scaling, float *scores, float *out) {
     float top = -INFINITY;
     for (int64_t j = 0; j < length; j++) {
-        scores[j] = scaling * dot(q, keys + j * dim, dim);
+        scores[j] = scaling * dot(q, keys + j * stride, dim);
         top = scores[j] > top ? scores[j] : top;
     }
     float total = 0;
@@ -289,20 +306,22 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
     for (int d = 0; d < dim; d++) out[d] = 0;
     for (int64_t j = 0; j < length; j++) {
-        const float p = scores[j] / total, *v = values + j * dim;
+        const float p = scores[j] / total, *v = values + j * stride;
         for (int d = 0; d < dim; d++) out[d] += p * v[d];
     }
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* x [hidden]: the token's hidden state, in and out. keys[i], values[i]: layer i's cache
-   [kv_heads, capacity, head_dim] holding positions 0..pos-1; this token's go to pos.
-   cos, sin: [head_dim] at pos. Returns 0, or -1 when out of memory. */
-int ow_decode_layers(const ow_layer *layers, int32_t count, float *x, float *const *keys,
-                     float *const *values, int64_t pos, int64_t capacity, const float *cos,
+/* x [M, hidden]: the rows' hidden states, in and out. keys[i], values[i]: layer i's cache,
+   slot s of kv head h at h * head_stride + s * token_stride (head_dim floats in a row);
+   spans[m]: row m's slots. cos, sin: [M, head_dim], each row's rotary row. Returns 0, or -1
+   when out of memory. */
+int ow_decode_layers(const ow_layer *layers, int32_t count, float *x, int64_t M,
+                     float *const *keys, float *const *values, int64_t head_stride,
+                     int64_t token_stride, const ow_span *spans, const float *cos,
                      const float *sin, int threads) {
-    int64_t widest = 0, heads = 0;
+    int64_t widest = 0, heads = 0, keys_seen = 0;
     for (int i = 0; i < count; i++) {
         const ow_layer *L = &layers[i];
         const int64_t sizes[] = {L->hidden, L->qkv.rows, L->gate_up.rows,
@@ -310,71 +329,93 @@ int ow_decode_layers(const ow_layer *layers, int32_t count, float *x, float *con
         for (int j = 0; j < 4; j++) widest = sizes[j] > widest ? sizes[j] : widest;
         heads = L->heads > heads ? L->heads : heads;
     }
-    float *buf = malloc(sizeof(float) * (size_t)(5 * widest + heads * (pos + 1)));
-    int16_t *xq = malloc(sizeof(int16_t) * (size_t)widest);
-    if (buf == NULL || xq == NULL) { free(buf); free(xq); return -1; }
-    float *normed = buf, *mixed = buf + widest, *attn = buf + 2 * widest,
-          *xscale = buf + 3 * widest, *xsum = buf + 4 * widest, *scores = buf + 5 * widest;
-    ow_input in = {NULL, xq, xscale, xsum};
+    int64_t *first = malloc(sizeof(int64_t) * (size_t)M); /* row m's scores from here */
+    for (int64_t m = 0; first != NULL && m < M; m++) {
+        first[m] = keys_seen * heads;
+        keys_seen += spans[m].length;
+    }
+    const int64_t row = widest;
+    float *buf = malloc(sizeof(float) * (size_t)(5 * M * row + heads * keys_seen));
+    int16_t *xq = malloc(sizeof(int16_t) * (size_t)(M * row));
+    if (first == NULL || buf == NULL || xq == NULL) {
+        free(first); free(buf); free(xq);
+        return -1;
+    }
+    float *normed = buf, *mixed = buf + M * row, *attn = buf + 2 * M * row,
+          *xscale = buf + 3 * M * row, *xsum = buf + 4 * M * row, *scores = buf + 5 * M * row;
+    const int64_t hidden = layers[0].hidden;
 #pragma omp parallel num_threads(threads)
     for (int i = 0; i < count; i++) {
         const ow_layer *L = &layers[i];
         const int dim = L->head_dim, nq = L->heads * dim, nk = L->kv_heads * dim;
-        const int group = L->heads / L->kv_heads;
+        const int group = L->heads / L->kv_heads, inter = L->gate_up.rows / 2;
+        const int64_t width = L->qkv.rows;
         float *kc = keys[i], *vc = values[i];
-#pragma omp single
-        {
-            rms_norm(x, L->norm1, L->eps1, L->hidden, normed);
-            prepare(&L->qkv, normed, &in);
+        ow_input in = {normed, xq, xscale, xsum};
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            rms_norm(x + m * hidden, L->norm1, L->eps1, (int)hidden, normed + m * hidden);
+            prepare(&L->qkv, &in, m);
         }
-        product(&L->qkv, &in, mixed, L->block_n);
-#pragma omp single
-        {
-            add_bias(&L->qkv, mixed);
+        product(&L->qkv, &in, M, mixed, L->block_n);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            float *mine = mixed + m * width, *tmp = attn + m * row;
+            add_bias(&L->qkv, mine);
             for (int h = 0; h < L->heads + L->kv_heads; h++) {
-                float *head = mixed + h * dim;
+                float *head = mine + h * dim;
                 if (L->q_norm != NULL) {
-                    rms_norm(head, h < L->heads ? L->q_norm : L->k_norm, L->qk_eps, dim, attn);
-                    memcpy(head, attn, sizeof(float) * (size_t)dim);
+                    rms_norm(head, h < L->heads ? L->q_norm : L->k_norm, L->qk_eps, dim, tmp);
+                    memcpy(head, tmp, sizeof(float) * (size_t)dim);
                 }
-                rope(head, cos, sin, dim, attn);
+                rope(head, cos + m * dim, sin + m * dim, dim, tmp);
             }
+            const int64_t slot = spans[m].write * token_stride;
             for (int h = 0; h < L->kv_heads; h++) {
-                memcpy(kc + (h * capacity + pos) * dim, mixed + nq + h * dim, sizeof(float) * (size_t)dim);
-                memcpy(vc + (h * capacity + pos) * dim, mixed + nq + nk + h * dim, sizeof(float) * (size_t)dim);
+                memcpy(kc + h * head_stride + slot, mine + nq + h * dim, sizeof(float) * (size_t)dim);
+                memcpy(vc + h * head_stride + slot, mine + nq + nk + h * dim,
+                       sizeof(float) * (size_t)dim);
             }
         }
 #pragma omp for schedule(static)
-        for (int h = 0; h < L->heads; h++) {
-            const int64_t kv = h / group;
-            attend(mixed + h * dim, kc + kv * capacity * dim, vc + kv * capacity * dim, pos + 1,
-                   dim, L->scaling, scores + h * (pos + 1), attn + h * dim);
+        for (int64_t task = 0; task < M * L->heads; task++) {
+            const int64_t m = task / L->heads, h = task % L->heads;
+            const int64_t from = (h / group) * head_stride + spans[m].start * token_stride;
+            attend(mixed + m * width + h * dim, kc + from, vc + from, spans[m].length,
+                   token_stride, dim, L->scaling, scores + first[m] + h * spans[m].length,
+                   attn + m * nq + h * dim);
         }
-#pragma omp single
-        prepare(&L->o, attn, &in);
-        product(&L->o, &in, mixed, L->block_n);
-#pragma omp single
-        {
-            add_bias(&L->o, mixed);
-            for (int j = 0; j < L->hidden; j++) x[j] += mixed[j];
-            rms_norm(x, L->norm2, L->eps2, L->hidden, normed);
-            prepare(&L->gate_up, normed, &in);
+        in.x = attn;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) prepare(&L->o, &in, m);
+        product(&L->o, &in, M, mixed, L->block_n);
+        in.x = normed;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            float *mine = mixed + m * hidden, *xm = x + m * hidden;
+            add_bias(&L->o, mine);
+            for (int64_t j = 0; j < hidden; j++) xm[j] += mine[j];
+            rms_norm(xm, L->norm2, L->eps2, (int)hidden, normed + m * hidden);
+            prepare(&L->gate_up, &in, m);
         }
-        product(&L->gate_up, &in, mixed, L->block_n);
-#pragma omp single
-        {
-            add_bias(&L->gate_up, mixed);
-            const int inter = L->gate_up.rows / 2;
-            for (int j = 0; j < inter; j++) attn[j] = silu(mixed[j]) * mixed[inter + j];
-            prepare(&L->down, attn, &in);
+        product(&L->gate_up, &in, M, mixed, L->block_n);
+        in.x = attn;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            float *mine = mixed + m * L->gate_up.rows, *act = attn + m * inter;
+            add_bias(&L->gate_up, mine);
+            for (int j = 0; j < inter; j++) act[j] = silu(mine[j]) * mine[inter + j];
+            prepare(&L->down, &in, m);
         }
-        product(&L->down, &in, mixed, L->block_n);
-#pragma omp single
-        {
-            add_bias(&L->down, mixed);
-            for (int j = 0; j < L->hidden; j++) x[j] += mixed[j];
+        product(&L->down, &in, M, mixed, L->block_n);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            float *mine = mixed + m * hidden, *xm = x + m * hidden;
+            add_bias(&L->down, mine);
+            for (int64_t j = 0; j < hidden; j++) xm[j] += mine[j];
         }
     }
+    free(first);
     free(buf);
     free(xq);
     return 0;

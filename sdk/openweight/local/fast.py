@@ -303,13 +303,14 @@ class FastModel:
         self._cos = torch.empty(0, self.head_dim, dtype=self.dtype)
         self._sin = torch.empty(0, self.head_dim, dtype=self.dtype)
         parts = [layer.parts for layer in self.layers]
-        # a token's layers in one call of ours, where they take every part (see kernels)
-        self._step = None if None in parts else decode_step(parts)  # type: ignore[arg-type]
+        # a decode step's layers in one call of ours, where they take every part (see
+        # kernels): the single stream's tokens here, the server's batch (batching.py)
+        self.step = None if None in parts else decode_step(parts)  # type: ignore[arg-type]
 
     @property
     def one_call(self) -> bool:
-        """Whether a single token's layers run in one call of ours (kernels.decode_step)."""
-        return self._step is not None and self._step.active
+        """Whether a decode step's layers run in one call of ours (kernels.decode_step)."""
+        return self.step is not None and self.step.active
 
     def new_cache(self, capacity: int) -> FastCache:
         return FastCache(len(self.layers), self.kv_heads, self.head_dim, capacity)
@@ -363,9 +364,12 @@ class FastModel:
         end = pos + count
         cache.reserve(end)
         cos, sin = self.rope(pos, end)
-        if count == 1 and self._step is not None:
+        if count == 1 and self.step is not None:
             x = self.embed(torch.tensor(ids)).contiguous()
-            if self._step(x, cache.k, cache.v, pos, cache.capacity, cos[0], sin[0]):
+            spans = torch.tensor([[pos, 0, end]])
+            if self.step(x, cache.k, cache.v, spans, cos, sin,
+                          head_stride=cache.capacity * self.head_dim,
+                          token_stride=self.head_dim):
                 cache.length = end
                 return self.logits(x)
         mask = offset_mask(pos, count)

@@ -172,8 +172,8 @@ def _bind(lib: Any) -> Any:
     lib.ow_int4_mm.restype = ctypes.c_int
     lib.ow_int8_mm.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
     lib.ow_int8_mm.restype = None
-    lib.ow_decode_layers.argtypes = [pointer, ctypes.c_int32] + [pointer] * 3 + [size] * 2 + [
-        pointer] * 2 + [ctypes.c_int]
+    lib.ow_decode_layers.argtypes = [pointer, ctypes.c_int32, pointer, size] + [pointer] * 2 + [
+        size] * 2 + [pointer] * 3 + [ctypes.c_int]
     lib.ow_decode_layers.restype = ctypes.c_int
     return lib
 
@@ -281,10 +281,11 @@ class _Layer(ctypes.Structure):
 
 
 class DecodeStep:
-    """Every layer of one token's decode step in one call of ours (``ow_decode_layers``):
-    the same computation as the fast path's layers, without the ~30 PyTorch operations a
-    layer that otherwise make up much of a small model's token. Holds the tensors it
-    points at."""
+    """Every layer of a decode step in one call of ours (``ow_decode_layers``), for one
+    token or a few (one row each: the next token of the single stream, or of each request in
+    the server's batch): the same computation as the fast path's layers, without the ~30
+    PyTorch operations a layer that otherwise make up much of a small model's token. A row's
+    results are the same whatever rows run beside it. Holds the tensors it points at."""
 
     def __init__(self, layers: Sequence[LayerParts], block: int) -> None:
         self._held = [layers]
@@ -296,13 +297,16 @@ class DecodeStep:
         within a process); the step runs only then."""
         return _load()[0] is not None
 
-    def __call__(self, x: Any, keys: Sequence[Any], values: Sequence[Any], position: int,
-                 capacity: int, cos: Any, sin: Any) -> bool:
-        """Run every layer for the token at ``position`` over its hidden state ``x``
-        (float32 [hidden], updated in place), writing its keys and values into each
-        layer's float32 [1, kv_heads, capacity, head_dim] cache; ``cos`` and ``sin``
-        (float32 [head_dim]) are its rotary row. False when ours are no longer the kernels
-        in use (``OPENWEIGHT_KERNELS`` changed): nothing was done."""
+    def __call__(self, x: Any, keys: Sequence[Any], values: Sequence[Any], spans: Any,
+                 cos: Any, sin: Any, *, head_stride: int, token_stride: int) -> bool:
+        """Run every layer over the rows' hidden states ``x`` (float32 [rows, hidden],
+        contiguous, updated in place). Each layer's cache (``keys[i]``, ``values[i]``,
+        float32) holds slot s of kv head h at ``h * head_stride + s * token_stride``;
+        ``spans`` (int64 [rows, 3], contiguous) gives each row's slot to write its key and
+        value to, and the first slot and count of those it attends to (its own among them,
+        the last); ``cos`` and ``sin`` (float32 [rows, head_dim]) are the rows' rotary rows.
+        False when ours are no longer the kernels in use (``OPENWEIGHT_KERNELS`` changed):
+        nothing was done."""
         import torch
 
         lib = _load()[0]
@@ -311,9 +315,9 @@ class DecodeStep:
         count = len(self._layers)
         key_ptrs = (ctypes.c_void_p * count)(*(k.data_ptr() for k in keys))
         value_ptrs = (ctypes.c_void_p * count)(*(v.data_ptr() for v in values))
-        if lib.ow_decode_layers(self._layers, count, x.data_ptr(), key_ptrs, value_ptrs,
-                                position, capacity, cos.data_ptr(), sin.data_ptr(),
-                                torch.get_num_threads()):
+        if lib.ow_decode_layers(self._layers, count, x.data_ptr(), x.shape[0], key_ptrs,
+                                value_ptrs, head_stride, token_stride, spans.data_ptr(),
+                                cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()):
             raise MemoryError("no memory for the decode step's scratch")
         return True
 
