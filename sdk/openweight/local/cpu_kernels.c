@@ -166,15 +166,56 @@ static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4
                          _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
+/* the four sums of a0..a3, in order, each summed as hsum8 sums it */
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+/* two tokens' sums of 4 rows (r: the rows; x: the tokens' activations, K apart), scaled,
+   written to out[t * N + n0 + i] for the first ``rows`` of them: the tokens share each
+   conversion of the weights to float (8 accumulators: 4 rows by 2 tokens fit the
+   registers where 8 by 2 would not) */
+static void int8_pair(const float *x, const int8_t *const *r, const uint16_t *scales,
+                      float *out, int64_t K, int64_t N, int64_t n0, int rows) {
+    const int64_t body = K & ~(int64_t)7;
+    __m256 a[2][4];
+    for (int t = 0; t < 2; t++)
+        for (int i = 0; i < 4; i++) a[t][i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < body; k += 8) {
+        const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + K + k);
+        for (int i = 0; i < 4; i++) {
+            const __m256 wv = int8_8(r[i] + k);
+            a[0][i] = _mm256_fmadd_ps(wv, x0, a[0][i]);
+            a[1][i] = _mm256_fmadd_ps(wv, x1, a[1][i]);
+        }
+    }
+    for (int t = 0; t < 2; t++) {
+        float sums[4];
+        _mm_storeu_ps(sums, hsum4(a[t][0], a[t][1], a[t][2], a[t][3]));
+        for (int i = 0; i < rows; i++) {
+            for (int64_t k = body; k < K; k++) sums[i] += x[t * K + k] * (float)r[i][k];
+            out[t * N + n0 + i] = sums[i] * bf16_to_float(scales[n0 + i]);
+        }
+    }
+}
+
 /* out [M, N] rows n0..n0+7 = (x [M, K] @ w.T) * scales, w [N, K] int8 row-major, scales [N]
-   bfloat16: eight rows at a time (one load of x serves all eight) */
+   bfloat16: tokens in pairs (int8_pair, on each half of the rows), a last one alone on all
+   eight rows (one load of x serves all eight). Each row's sum is summed in the same order
+   either way, so it is the same whatever tokens run beside it. */
 static void int8_tile(const float *x, const int8_t *w, const uint16_t *scales, float *out,
                       int64_t K, int64_t N, int64_t n0, int64_t M) {
     const int64_t body = K & ~(int64_t)7;
     const int rows = N - n0 < 8 ? (int)(N - n0) : 8;
     const int8_t *r[8];
     for (int i = 0; i < 8; i++) r[i] = w + (n0 + (i < rows ? i : 0)) * K;
-    for (int64_t m = 0; m < M; m++) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2)
+        for (int half = 0; half < 2 && 4 * half < rows; half++)
+            int8_pair(x + m * K, r + 4 * half, scales, out + m * N, K, N, n0 + 4 * half,
+                      rows - 4 * half < 4 ? rows - 4 * half : 4);
+    for (; m < M; m++) {
         const float *xm = x + m * K;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
                a6 = a0, a7 = a0;
@@ -256,7 +297,8 @@ static void product(const ow_linear *p, const ow_input *in, int64_t M, float *ou
     } else {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (p->rows + 7) / 8; t++)
-            int8_tile(in->x, (const int8_t *)p->weight, p->table, out, p->cols, p->rows, t * 8, M);
+            int8_tile(in->x, (const int8_t *)p->weight, p->table, out, p->cols, p->rows,
+                      t * 8, M);
     }
 }
 
