@@ -8,7 +8,10 @@ on the model thread, with no server, scheduler or HTTP around it:
 - ``step``: one decode step for N requests, each with a PAST-token history in its own
   cache (``FastModel.run_layers`` with a per-request ``attend``, as the batch runs it);
 - ``products``: the same step with attention skipped (the matrix products, norms and the
-  output layer only): the part batching shares between rows.
+  output layer only): the part batching shares between rows;
+- ``one call``: the step as the batch runs it where our own kernels compute the products
+  (``FastModel.step``, every layer of every row in one C call, attention included), over
+  the same keys; "-" where that step does not run (PyTorch's kernels, a bfloat16 model).
 
 From those it prints the aggregate tokens/s of N requests and its ratio to one request.
 ``N x step(1) / step(N)`` is the most N streams can give over one stream on this machine,
@@ -27,7 +30,7 @@ import statistics
 import time
 from typing import Any
 
-from common import cpu_stall
+from common import cpu_description, cpu_stall
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,19 +52,27 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the fast path does not take {name}: {lm.fast_off_reason}")
     stall = cpu_stall()
     started = time.perf_counter()
-    rows: dict[int, tuple[float, float]] = {}
+    rows: dict[int, tuple[float, float, float | None]] = {}
     for n in args.rows:
         rows[n] = worker.call(lambda n=n: _time_steps(fast, n, args.past, args.steps))
     wall = time.perf_counter() - started
 
+    import torch
+
+    print(f"CPU: {cpu_description(torch.get_num_threads())}")
     print(f"{name} ({lm.quantize}), decode steps with {args.past} tokens of history per "
           f"request, medians of {args.steps} steps")
     print(f"{'requests':>8} {'step ms':>8} {'tok/s':>7} {'x 1 req':>8} "
-          f"{'products ms':>12} {'attention ms':>13}")
+          f"{'products ms':>12} {'attention ms':>13} {'one call ms':>12} {'tok/s':>7} "
+          f"{'x 1 req':>8}")
     one = rows[args.rows[0]][0] / args.rows[0]
-    for n, (step, products) in rows.items():
+    first_call = rows[args.rows[0]][2]
+    for n, (step, products, call) in rows.items():
+        calls = "-".rjust(12) + "-".rjust(8) + "-".rjust(9) if call is None or not first_call \
+            else (f"{call * 1e3:>12.2f} {n / call:>7.0f} "
+                  f"{n * first_call / args.rows[0] / call:>8.2f}")
         print(f"{n:>8} {step * 1e3:>8.2f} {n / step:>7.0f} {n * one / step:>8.2f} "
-              f"{products * 1e3:>12.2f} {(step - products) * 1e3:>13.2f}")
+              f"{products * 1e3:>12.2f} {(step - products) * 1e3:>13.2f} {calls}")
     if stall is not None:
         waited = (cpu_stall() or stall) - stall
         print(f"tasks waited for a CPU {waited:.1f} s over {wall:.1f} s of run "
@@ -69,13 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _time_steps(fast: Any, n: int, past: int, steps: int) -> tuple[float, float]:
-    """Median seconds of a decode step for ``n`` requests, with and without attention."""
+def _time_steps(fast: Any, n: int, past: int, steps: int
+                ) -> tuple[float, float, float | None]:
+    """Median seconds of a decode step for ``n`` requests, with and without attention, and
+    in one call of ours (None where it does not run)."""
     import torch
     import torch.nn.functional as F
 
     with torch.inference_mode():
-        caches = [fast.new_cache(past + steps + 8) for _ in range(n)]
+        caches = [fast.new_cache(past + 2 * steps + 8) for _ in range(n)]
         for i, cache in enumerate(caches):  # each request its own history
             fast.forward([(7 * i + j) % 1000 + 100 for j in range(past)], cache)
         # as in the batch's paged cache: every request's keys in one tensor per layer, a
@@ -113,11 +126,27 @@ def _time_steps(fast: Any, n: int, past: int, steps: int) -> tuple[float, float]
                 lengths[:] = [length + 1 for length in lengths]
             return elapsed
 
+        def one_call() -> float:
+            ids = torch.tensor([(11 * r) % 1000 + 100 for r in range(n)])
+            spans = torch.tensor([[r * cap + lengths[r], r * cap, lengths[r] + 1]
+                                  for r in range(n)])
+            start = time.perf_counter()
+            cos, sin = fast.rope_at(spans[:, 0] - spans[:, 1])
+            x = fast.embed(ids).contiguous()
+            fast.step(x, keys, values, spans, cos, sin, head_stride=keys[0].shape[2] * dim,
+                      token_stride=dim)
+            fast.logits(x).max(-1)
+            elapsed = time.perf_counter() - start
+            lengths[:] = [length + 1 for length in lengths]
+            return elapsed
+
+        dim = fast.head_dim
         for _ in range(3):
             step(False)
         products = statistics.median(step(False) for _ in range(steps))
         full = statistics.median(step(True) for _ in range(steps))
-    return full, products
+        call = statistics.median(one_call() for _ in range(steps)) if fast.one_call else None
+    return full, products, call
 
 
 if __name__ == "__main__":

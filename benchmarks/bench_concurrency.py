@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from common import cpu_stall
+from common import cpu_description, cpu_stall
 
 MODEL = "smollm2-135m"
 PROMPTS = [
@@ -202,6 +202,7 @@ def report(servers: list[Server], args: argparse.Namespace, stall: float | None,
         f"different prompts; {args.rounds} rounds alternating the servers; medians.",
         "Command: `python benchmarks/bench_concurrency.py"
         f" --rounds {args.rounds} --streams {args.streams} --tokens {args.tokens}`",
+        f"CPU: {cpu_description(os.cpu_count() or 1)} (both servers' default threads).",
         "",
         f"| server | 1 stream tok/s | {args.streams} streams tok/s (aggregate) | "
         f"TTFT median (s) | TTFT p90 (s) | 1-stream TTFT (s) | tokens per stream |",

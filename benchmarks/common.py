@@ -14,8 +14,13 @@ def cpu_stall() -> float | None:
 
 
 def cpu_description(threads: int) -> str:
-    """The CPU's model name, the kernels PyTorch dispatches on it (``ATEN_CPU_CAPABILITY``
-    lowers them: ``avx2`` on an AVX-512 machine gives AVX2 figures) and the thread count."""
+    """The CPU's model name, the kernels PyTorch dispatches on it, oneDNN's limit and the
+    thread count. AVX2 figures on an AVX-512 machine need both switches:
+    ``ATEN_CPU_CAPABILITY=avx2`` lowers PyTorch's own kernels, ``ONEDNN_MAX_CPU_ISA=AVX2``
+    the oneDNN kernels its bfloat16 and float32 products go through (oneDNN picks its own:
+    without it, bfloat16 products still run AVX-512's bfloat16 instructions, measured 4x
+    faster for 8 rows than on AVX2)."""
+    import os
     import platform
 
     import torch
@@ -27,8 +32,15 @@ def cpu_description(threads: int) -> str:
                          if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{model}; PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}; "
-            f"{threads} threads each")
+    capability = torch.backends.cpu.get_cpu_capability()
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if isa:
+        onednn = f"; oneDNN up to {isa}"
+    elif os.environ.get("ATEN_CPU_CAPABILITY"):
+        onednn = "; oneDNN unrestricted (set ONEDNN_MAX_CPU_ISA too for a lower CPU kind)"
+    else:
+        onednn = ""
+    return f"{model}; PyTorch kernels: {capability}{onednn}; {threads} threads each"
 
 
 def llama_cpp_build(python: str) -> str:
