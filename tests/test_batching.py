@@ -346,24 +346,45 @@ def test_other_families_batch_like_they_decode_alone(family: str, env: None,
 @pytest.mark.parametrize("family", ["qwen3", "llama3"])
 def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """On our kernels (a float32 model with packed layers: the AVX2 default), a batch
-    step whose requests each decode a token runs every layer in one call of ours over the
-    paged cache, the call the single stream's tokens take: the same answers alone and
-    together."""
+    """On our kernels (a float32 model with packed layers: the AVX2 default), the requests
+    of a batch step that decode a token run every layer in one call of ours over the paged
+    cache, the call a request alone takes for its tokens; prompt chunks in the same step
+    run the layers one operation at a time, as alone. So answers are the same alone and
+    together, also for requests that arrive while others decode."""
     from openweight.local import kernels
+    from openweight.local.batching import _batch_classes
 
     use_kernels(monkeypatch, "own")
-    rows: list[int] = []
+    steps: list[dict[str, int]] = []  # per batch step: rows in our one call, op by op
+    step_class = _batch_classes()["fast"]
+    real_logits, real_layers = step_class._logits, step_class._layers
+
+    def logits(self: Any, *args: Any, **kwargs: Any) -> Any:
+        steps.append({"one": 0, "ops": 0})
+        return real_logits(self, *args, **kwargs)
+
+    def layers(self: Any, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        steps[-1]["ops"] += int(ids.shape[0])
+        return real_layers(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(step_class, "_logits", logits)
+    monkeypatch.setattr(step_class, "_layers", layers)
+    alone_rows: list[int] = []
     real = kernels.DecodeStep.__call__
 
     def counted(self: Any, x: Any, *args: Any, **kwargs: Any) -> bool:
-        rows.append(int(x.shape[0]))
+        if steps and threading.current_thread() is worker_thread[0]:
+            steps[-1]["one"] += int(x.shape[0])
+        alone_rows.append(int(x.shape[0]))
         return real(self, x, *args, **kwargs)
 
     monkeypatch.setattr(kernels.DecodeStep, "__call__", counted)
     path = build_family_model(tmp_path / family, family, wide=True)
     engine = LocalEngine(path, dtype="float32", quantize="int4")
     assert engine.loaded.fast is not None and engine.loaded.fast.one_call
+    from openweight.local import worker
+
+    worker_thread = [worker.call(threading.current_thread)]
     batch = Batching()
     messages = [to_messages([{"role": "user", "content": p}]) for p in PROMPTS[:6]]
     options = [GenerationOptions.from_kwargs({"temperature": 0, "max_tokens": 24 + 5 * i,
@@ -373,13 +394,16 @@ def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: 
     try:
         alone = [collect(engine.stream(m, o), "x") for m, o in zip(messages, options,
                                                                      strict=True)]
-        assert rows and set(rows) == {1}
-        rows.clear()
-        together = _together([lambda m=m, o=o: collect(engine.stream(m, o, source=batch.source),
-                                                       "x")
-                              for m, o in zip(messages, options, strict=True)])
+        assert alone_rows and set(alone_rows) == {1} and not steps
+        def ask(i: int) -> Any:
+            if i >= 3:  # arrive while the first three decode
+                assert wait_until(lambda: len(steps) >= 4, HANG)
+            return collect(engine.stream(messages[i], options[i], source=batch.source), "x")
+
+        together = _together([lambda i=i: ask(i) for i in range(6)])
         assert together == alone
-        assert max(rows) >= 2, "no step decoded several requests in one call"
+        assert max(s["one"] for s in steps) >= 2, "no step decoded several requests at once"
+        assert any(s["one"] and s["ops"] for s in steps), "no step mixed prompts and decoding"
     finally:
         batch.close()
 

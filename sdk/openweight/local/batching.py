@@ -546,7 +546,6 @@ def _batch_classes() -> dict[str, Any]:
             runs them) over the concatenated rows of several requests: every per-row
             operation is the same; attention reads and writes the paged cache per request."""
             fast = self.fast
-            heads, kv = fast.heads, fast.kv_heads
             spans = []  # (first row, end row, first key, end key, mask)
             for i in range(len(cu_q) - 1):
                 start, end, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
@@ -556,9 +555,35 @@ def _batch_classes() -> dict[str, Any]:
                 spans.append((start, end, k0, k1, offset_mask(past, n)))
             pages = _page_starts(cache, cache_args["read_index"][0], spans)
             writes = cache_args["write_index"][0]
-            x = self._one_call(ids, pos, spans, pages, writes, cache)
-            if x is not None:
-                return fast.logits(x[keep])
+            decoding = {} if pages is None else self._decoding(spans, pages, writes, cache)
+            if pages is None or not decoding:
+                return fast.logits(self._layers(ids, pos, spans, pages, writes, cache,
+                                                cache_args)[keep])
+            # the requests decoding a token: in one call of ours, as a request alone decodes;
+            # the others (prompt chunks): the layers one operation at a time, as alone
+            one = [spans[i][0] for i in decoding]
+            x = fast.embed(ids).float().contiguous()
+            x[one] = self._one_call(x[one], pos[one], list(decoding.values()), cache)
+            rest = [i for i in range(len(spans)) if i not in decoding]
+            if rest:
+                rows = [r for i in rest for r in range(spans[i][0], spans[i][1])]
+                moved, at = [], 0
+                for i in rest:
+                    start, end, k0, k1, mask = spans[i]
+                    moved.append((at, at + end - start, k0, k1, mask))
+                    at += end - start
+                x[rows] = self._layers(ids[rows], pos[rows], moved,
+                                       [pages[i] for i in rest], writes[rows], cache,
+                                       cache_args)
+            return fast.logits(x[keep].to(fast.dtype))
+
+        def _layers(self, ids: Any, pos: Any, spans: list[Any], pages: list[Any] | None,
+                    writes: Any, cache: Any, cache_args: dict[str, Any]) -> Any:
+            """The final hidden states of these rows, the layers run one operation at a
+            time, attention per request (``spans``: each request's rows, keys and mask;
+            ``pages``: where its keys lie, see ``_page_starts``; ``writes``: each row's slot)."""
+            fast = self.fast
+            heads, kv = fast.heads, fast.kv_heads
             gqa = heads != kv
 
             def attend(li: int, q: Any, k: Any, v: Any) -> Any:
@@ -582,34 +607,44 @@ def _batch_classes() -> dict[str, Any]:
                 return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
 
             cos, sin = fast.rope_at(pos)
-            return fast.logits(fast.run_layers(fast.embed(ids), cos, sin, attend)[keep])
+            return fast.run_layers(fast.embed(ids), cos, sin, attend)
 
-        def _one_call(self, ids: Any, pos: Any, spans: list[Any], pages: list[Any] | None,
-                      writes: Any, cache: Any) -> Any:
-            """The final hidden states of a step whose requests each decode one token, run
-            by the fast path's one-call step (``kernels.DecodeStep``) over the paged cache in
-            place, the very computation the single stream's tokens get; None where it does
-            not apply (not our kernels, a prompt chunk, keys across pages)."""
+        def _decoding(self, spans: list[Any], pages: list[Any], writes: Any,
+                      cache: Any) -> dict[int, tuple[int, int, int]]:
+            """The requests of the step the one-call step takes (by their index in
+            ``spans``), each with its row's (slot to write, first key slot, key count): those
+            that decode one token with their keys in one page, where our kernels run and
+            the cache is float32 in the layout the step reads. Empty where none."""
             fast = self.fast
-            if not fast.one_call or pages is None or len(spans) != ids.shape[0]:
-                return None
-            slots = writes.tolist()
-            rows = []
-            for (start, end, _, _, _), page, slot in zip(spans, pages, slots, strict=True):
-                if end - start != 1 or page is None or slot != page[1] - 1:
-                    return None
-                rows.append((slot, page[0], page[1] - page[0]))
-            views = [_layer_views(cache, li) for li in range(len(fast.layers))]
+            if not fast.one_call:
+                return {}
+            views = [t for li in range(len(fast.layers)) for t in _layer_views(cache, li)]
             width = fast.kv_heads * fast.head_dim
             if any(t.stride() != (width, fast.head_dim, 1) or t.dtype != torch.float32
-                   for pair in views for t in pair):
-                return None
-            x = fast.embed(ids).float().contiguous()
+                   for t in views):
+                return {}
+            slots = writes.tolist()
+            out = {}
+            for i, ((start, end, _, _, _), page) in enumerate(zip(spans, pages, strict=True)):
+                if end - start == 1 and page is not None and slots[start] == page[1] - 1:
+                    out[i] = (slots[start], page[0], page[1] - page[0])
+            return out
+
+        def _one_call(self, x: Any, pos: Any, rows: list[tuple[int, int, int]],
+                      cache: Any) -> Any:
+            """The final hidden states of these decoding rows (embedded ``x``, float32), by
+            the fast path's one-call step (``kernels.DecodeStep``) over the paged cache in
+            place: the very computation a request alone gets for its tokens."""
+            fast = self.fast
+            views = [_layer_views(cache, li) for li in range(len(fast.layers))]
+            x = x.contiguous()
             cos, sin = fast.rope_at(pos)
-            done = fast.step(x, [k for k, _ in views], [v for _, v in views],
+            if not fast.step(x, [k for k, _ in views], [v for _, v in views],
                              torch.tensor(rows, dtype=torch.int64), cos, sin,
-                             head_stride=fast.head_dim, token_stride=width)
-            return x if done else None
+                             head_stride=fast.head_dim,
+                             token_stride=fast.kv_heads * fast.head_dim):
+                raise GenerationError("the kernels changed while the batch ran")
+            return x
 
     def _layer_views(cache: Any, layer: int) -> tuple[Any, Any]:
         """The [tokens, kv_heads, head_dim] key and value views of one layer of the paged
