@@ -58,10 +58,13 @@ def routes(k: int, n: int) -> dict[str, tuple[int, Callable[[], Any], Callable[[
     from openweight.local import kernels
 
     bf16 = torch.bfloat16
-    own = {} if kernels._load()[0] is None else {
-        "int4 (ours)": (n * k // 2 + n * k // 8, int4,
-                        lambda x, w: kernels.int4_mm(x, w[0], w[1])),
-        "int8 (ours)": (n * k, int8, lambda x, w: kernels.int8_mm(x, w[0], w[1])),
+    state = kernels._load()  # ours, called directly: whichever products a load would run
+    lib, block, threads = state.lib, state.block, torch.get_num_threads()
+    own = {} if lib is None or not block else {
+        "int4 (ours)": (n * k // 2 + n * k // 8, int4, lambda x, w: kernels._own_int4(
+            lib, x.float(), w[0], w[1], block, threads)),
+        "int8 (ours)": (n * k, int8, lambda x, w: kernels._own_int8(lib, x.float(), w[0], w[1],
+                                                                    threads)),
     }
     return {**own,
         "int4 (packed)": (n * k // 2 + n * k // 8, int4, lambda x, w: torch.ops.aten

@@ -99,9 +99,18 @@ def test_pytorchs_kernels_when_asked_or_where_theirs_are_faster(
     assert kernels.route() == "PyTorch's packed kernels (OPENWEIGHT_KERNELS=pytorch)"
     theirs = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 32, table)
     assert torch.equal(kernels.int4_mm(x, packed, table), theirs.float())
-    use_kernels(monkeypatch, "auto")
+    use_kernels(monkeypatch, "auto")  # AVX-512: PyTorch's products, our one-call step
+    real = cpu_capability()
     monkeypatch.setattr(kernels, "cpu_capability", lambda: "AVX512")
-    assert kernels.route() == "PyTorch's packed kernels (the faster ones on AVX512 CPUs)"
+    monkeypatch.setitem(kernels.INT4_BLOCK_ROWS, "AVX512", kernels.INT4_BLOCK_ROWS[real])
+    assert kernels.route() == ("PyTorch's packed kernels for the products (the faster ones "
+                               "on AVX512 CPUs); a decode step's layers in one call of "
+                               "openweight's own")
+    assert kernels._load().lib is not None
+    assert torch.equal(kernels.int4_mm(x, packed, table), theirs.float())
+    use_kernels(monkeypatch, "auto")
+    monkeypatch.setattr(kernels, "cpu_capability", lambda: "SVE256")
+    assert kernels.route() == "PyTorch's packed kernels (the faster ones on SVE256 CPUs)"
     use_kernels(monkeypatch, "fastest")
     assert "OPENWEIGHT_KERNELS='fastest' is not one of auto, own, pytorch" in kernels.route()
     assert torch.equal(kernels.int4_mm(x, packed, table), theirs.float())

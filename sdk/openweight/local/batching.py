@@ -640,7 +640,7 @@ def _batch_classes() -> dict[str, Any]:
             x = x.contiguous()
             cos, sin = fast.rope_at(pos)
             if not fast.step(x, [k for k, _ in views], [v for _, v in views],
-                             torch.tensor(rows, dtype=torch.int64), cos, sin,
+                             torch.tensor(rows, dtype=torch.int64), cos.float(), sin.float(),
                              head_stride=fast.head_dim,
                              token_stride=fast.kv_heads * fast.head_dim):
                 raise GenerationError("the kernels changed while the batch ran")

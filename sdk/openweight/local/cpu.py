@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["BF16_CPU_CAPABILITIES", "OWN_KERNEL_CPU_CAPABILITIES", "PACKED_CPU_CAPABILITIES",
-           "cpu_capability"]
+__all__ = ["BF16_CPU_CAPABILITIES", "OWN_KERNEL_CPU_CAPABILITIES", "OWN_STEP_CPU_CAPABILITIES",
+           "PACKED_CPU_CAPABILITIES", "cpu_capability"]
 
 # PyTorch's CPU kernels compute bf16 natively in their AVX-512 build (bf16, VNNI); its AVX2
 # and generic (DEFAULT) builds convert every bf16 value to float32 and back. ARM builds
@@ -20,9 +20,13 @@ PACKED_CPU_CAPABILITIES = frozenset({"AVX512", "AVX2"})
 # `bench_kernels.py`, 2 threads, AVX-512 EPYC running each kind's PyTorch kernels, weights out
 # of cache: on AVX2 our int4 product is 2.7-3.3x faster for one token (1B shape 2048x16384:
 # 654 vs 1,958 us) and 1.4-1.7x for 64. On AVX-512 the two are even for one token (0.86-1.08x)
-# and PyTorch's (bf16 dot products) 1.3-1.5x faster for 64, so PyTorch's stay there (the
-# README says what the one-call step would give there).
+# and PyTorch's (bf16 dot products) 1.3-1.5x faster for 64, so PyTorch's stay there.
 OWN_KERNEL_CPU_CAPABILITIES = frozenset({"AVX2"})
+# Where a decode step's layers run in one call of ours (kernels.decode_step) by default:
+# where our products run, and on AVX-512, where the step (its products ours, in float32)
+# replaces ~30 PyTorch operations a layer for single tokens while prompts keep PyTorch's
+# products. Measured, bench_speed.py, SmolLM2-135M, 2 threads: see the README.
+OWN_STEP_CPU_CAPABILITIES = frozenset({"AVX2", "AVX512"})
 
 
 def cpu_capability() -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from .kernels import INT4_BLOCK_ROWS, LayerParts, Product, decode_step, int4_mm, int8_mm
@@ -220,12 +221,14 @@ class _Layer:
         self.split = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         qk = self.qk_norm
-        # what kernels.decode_step runs a token through (it takes what it can run)
+        # what kernels.decode_step runs a token through (it takes what it can run), its
+        # vectors in float32 (copies, a few KB a layer, where the model is bfloat16)
         self.parts = LayerParts(
             self.norm1.size, heads, kv_heads, head_dim, self.scaling,
-            (self.norm1.plain, self.norm2.plain), (self.norm1.eps, self.norm2.eps),
-            None if qk is None else (qk[0].plain, qk[1].plain),
-            0.0 if qk is None else qk[0].eps, qkv, o, gate_up, down,
+            (self.norm1.plain.float(), self.norm2.plain.float()),
+            (self.norm1.eps, self.norm2.eps),
+            None if qk is None else (qk[0].plain.float(), qk[1].plain.float()),
+            0.0 if qk is None else qk[0].eps, *map(_float_bias, (qkv, o, gate_up, down)),
         ) if qk is None or qk[0].eps == qk[1].eps else None
 
     def heads_of(self, qkv: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
@@ -262,6 +265,10 @@ class _Layer:
         x = x + self.o(o.to(x.dtype))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up)
+
+
+def _float_bias(product: Product) -> Product:
+    return product if product.bias is None else replace(product, bias=product.bias.float())
 
 
 def offset_mask(past: int, count: int) -> Any:
@@ -365,13 +372,13 @@ class FastModel:
         cache.reserve(end)
         cos, sin = self.rope(pos, end)
         if count == 1 and self.step is not None:
-            x = self.embed(torch.tensor(ids)).contiguous()
+            x = self.embed(torch.tensor(ids)).float().contiguous()
             spans = torch.tensor([[pos, 0, end]])
-            if self.step(x, cache.k, cache.v, spans, cos, sin,
+            if self.step(x, cache.k, cache.v, spans, cos.float(), sin.float(),
                           head_stride=cache.capacity * self.head_dim,
                           token_stride=self.head_dim):
                 cache.length = end
-                return self.logits(x)
+                return self.logits(x.to(self.dtype))
         mask = offset_mask(pos, count)
         gqa = self.heads != self.kv_heads
 

@@ -17,6 +17,10 @@ build fails, or the check disagrees (a PyTorch whose packed layout changed), PyT
 kernels run and ``route()`` says why. ``OPENWEIGHT_KERNELS`` chooses: ``auto`` (the
 default: ours where they are the faster ones), ``own`` (ours on any x86 CPU with AVX2, for
 measuring and testing), ``pytorch``.
+
+A decode step's layers can run in one call of ours (``decode_step``): where our products
+run, and on AVX-512 (``cpu.OWN_STEP_CPU_CAPABILITIES``), where PyTorch's products stay for
+everything else (prompts, the output layer) and the step is what makes single tokens fast.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cpu import OWN_KERNEL_CPU_CAPABILITIES, cpu_capability
+from .cpu import OWN_KERNEL_CPU_CAPABILITIES, OWN_STEP_CPU_CAPABILITIES, cpu_capability
 
 __all__ = ["INT4_BLOCK_ROWS", "INT4_GROUP", "KERNEL_CHOICES", "DecodeStep", "LayerParts",
            "Product", "decode_step", "int4_mm", "int8_mm", "kernel_dir", "route"]
@@ -47,12 +51,26 @@ INT4_BLOCK_ROWS = {"AVX512": 64, "AVX2": 32}
 KERNEL_CHOICES = ("auto", "own", "pytorch")  # OPENWEIGHT_KERNELS
 
 _lock = threading.Lock()
-_state: tuple[Any, int, str] | None = None  # (library or None, int4 block rows, route)
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """What this process runs, decided once: our library (None: PyTorch's kernels only),
+    the int4 layout's block rows it reads (0: none), whether it computes the packed
+    products too (or only the one-call decode step), and why."""
+
+    lib: Any
+    block: int
+    products: bool
+    route: str
+
+
+_state: _Kernels | None = None
 
 
 def route() -> str:
-    """Which kernels compute the packed products in this process, and why."""
-    return _load()[2]
+    """Which kernels compute the packed products and decode steps in this process, and why."""
+    return _load().route
 
 
 def _prepared(x: Any, dtype: Any) -> Any:
@@ -68,9 +86,10 @@ def int4_mm(x: Any, weight: Any, scale_zero: Any) -> Any:
     ``scale_zero``, contiguous), in ``x``'s dtype."""
     import torch
 
-    lib, block, _ = _load()
+    state = _load()
+    lib, block = state.lib, state.block
     rows = int(scale_zero.shape[1])
-    if lib is None or not block or rows % block:
+    if lib is None or not state.products or not block or rows % block:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             _prepared(x, torch.bfloat16), weight, INT4_GROUP, scale_zero)
         return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -84,8 +103,9 @@ def int8_mm(x: Any, weight: Any, scales: Any) -> Any:
     [out], in ``x``'s dtype."""
     import torch
 
-    lib, _, _ = _load()
-    if lib is None:
+    state = _load()
+    lib = state.lib
+    if lib is None or not state.products:
         out = torch._weight_int8pack_mm(_prepared(x, scales.dtype), weight, scales)
         return out if out.dtype == x.dtype else out.to(x.dtype)
     out = _own_int8(lib, _prepared(x, torch.float32), weight, scales, torch.get_num_threads())
@@ -103,7 +123,7 @@ def kernel_dir() -> Path:
     return Path(user_cache_dir("openweight", appauthor=False)) / "kernels"
 
 
-def _load() -> tuple[Any, int, str]:
+def _load() -> _Kernels:
     global _state
     if _state is None:
         with _lock:
@@ -112,30 +132,35 @@ def _load() -> tuple[Any, int, str]:
     return _state
 
 
-def _open() -> tuple[Any, int, str]:
-    """The library, the int4 layout's block rows (0: ours cannot read it) and the route,
-    decided once a process."""
+def _open() -> _Kernels:
+    """What runs in this process (see ``_Kernels``), decided once."""
     capability = cpu_capability()
     theirs = "PyTorch's packed kernels"
     choice = os.environ.get("OPENWEIGHT_KERNELS", "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
-        return None, 0, (f"{theirs} (OPENWEIGHT_KERNELS={choice!r} is not one of "
-                         f"{', '.join(KERNEL_CHOICES)})")
+        return _Kernels(None, 0, False, f"{theirs} (OPENWEIGHT_KERNELS={choice!r} is not one "
+                                        f"of {', '.join(KERNEL_CHOICES)})")
     if choice == "pytorch":
-        return None, 0, f"{theirs} (OPENWEIGHT_KERNELS=pytorch)"
-    if choice == "auto" and capability not in OWN_KERNEL_CPU_CAPABILITIES:
-        return None, 0, f"{theirs} (the faster ones on {capability} CPUs)"
+        return _Kernels(None, 0, False, f"{theirs} (OPENWEIGHT_KERNELS=pytorch)")
+    products = choice == "own" or capability in OWN_KERNEL_CPU_CAPABILITIES
+    if not products and capability not in OWN_STEP_CPU_CAPABILITIES:
+        return _Kernels(None, 0, False, f"{theirs} (the faster ones on {capability} CPUs)")
     try:
         lib = _bind(ctypes.CDLL(str(_build())))
     except (OSError, RuntimeError) as exc:
-        return None, 0, f"{theirs} (ours did not build: {exc})"
+        return _Kernels(None, 0, False, f"{theirs} (ours did not build: {exc})")
     block = INT4_BLOCK_ROWS.get(capability, 0)
     wrong = _check(lib, block)
     if wrong:
-        return None, 0, f"{theirs} (ours disagreed with them: {wrong})"
+        return _Kernels(None, 0, False, f"{theirs} (ours disagreed with them: {wrong})")
+    if not products:
+        return _Kernels(lib, block, False, f"{theirs} for the products (the faster ones on "
+                        f"{capability} CPUs); a decode step's layers in one call of "
+                        "openweight's own")
     why = "OPENWEIGHT_KERNELS=own" if choice == "own" else "PyTorch's are slower there"
     int4 = "" if block else f"; int4 by PyTorch's, whose {capability} layout ours cannot read"
-    return lib, block, f"openweight's own kernels on this {capability} CPU ({why}{int4})"
+    return _Kernels(lib, block, True,
+                    f"openweight's own kernels on this {capability} CPU ({why}{int4})")
 
 
 def _build() -> Path:
@@ -295,7 +320,7 @@ class DecodeStep:
     def active(self) -> bool:
         """Whether ours are still the kernels in use (``OPENWEIGHT_KERNELS`` can change them
         within a process); the step runs only then."""
-        return _load()[0] is not None
+        return _load().lib is not None
 
     def __call__(self, x: Any, keys: Sequence[Any], values: Sequence[Any], spans: Any,
                  cos: Any, sin: Any, *, head_stride: int, token_stride: int) -> bool:
@@ -309,7 +334,7 @@ class DecodeStep:
         nothing was done."""
         import torch
 
-        lib = _load()[0]
+        lib = _load().lib
         if lib is None:
             return False
         count = len(self._layers)
@@ -326,7 +351,8 @@ def decode_step(layers: Sequence[LayerParts]) -> DecodeStep | None:
     """The single-token step of these layers in one call of ours, or None where ours are
     not the kernels in use or a layer has a part they do not take (a product that is not
     int4 or int8, a tensor that is not float32 or not contiguous)."""
-    lib, block, _ = _load()
+    state = _load()
+    lib, block = state.lib, state.block
     if lib is None or not block or not all(_takes(p, block) for p in layers):
         return None
     return DecodeStep(layers, block)
