@@ -553,17 +553,19 @@ def _batch_classes() -> dict[str, Any]:
                 if n <= 0:
                     continue
                 spans.append((start, end, k0, k1, offset_mask(past, n)))
-            pages = _page_starts(cache, cache_args["read_index"][0], spans)
+            reads = cache_args["read_index"][0]
+            places = _key_places(cache, reads, spans)
             writes = cache_args["write_index"][0]
-            decoding = {} if pages is None else self._decoding(spans, pages, writes, cache)
-            if pages is None or not decoding:
-                return fast.logits(self._layers(ids, pos, spans, pages, writes, cache,
+            decoding = {} if places is None else self._decoding(spans, places, reads, writes,
+                                                                      cache)
+            if places is None or not decoding:
+                return fast.logits(self._layers(ids, pos, spans, places, writes, cache,
                                                 cache_args)[keep])
             # the requests decoding a token: in one call of ours, as a request alone decodes;
             # the others (prompt chunks): the layers one operation at a time, as alone
             one = [spans[i][0] for i in decoding]
             x = fast.embed(ids).float().contiguous()
-            x[one] = self._one_call(x[one], pos[one], list(decoding.values()), cache)
+            x[one] = self._one_call(x[one], pos[one], list(decoding.values()), reads, cache)
             rest = [i for i in range(len(spans)) if i not in decoding]
             if rest:
                 rows = [r for i in rest for r in range(spans[i][0], spans[i][1])]
@@ -573,32 +575,33 @@ def _batch_classes() -> dict[str, Any]:
                     moved.append((at, at + end - start, k0, k1, mask))
                     at += end - start
                 x[rows] = self._layers(ids[rows], pos[rows], moved,
-                                       [pages[i] for i in rest], writes[rows], cache,
-                                       cache_args)
+                                       [places[i] for i in rest], writes[rows], cache,
+                                       cache_args).float()  # (exact: from bf16 or float32)
             return fast.logits(x[keep].to(fast.dtype))
 
-        def _layers(self, ids: Any, pos: Any, spans: list[Any], pages: list[Any] | None,
+        def _layers(self, ids: Any, pos: Any, spans: list[Any], places: list[Any] | None,
                     writes: Any, cache: Any, cache_args: dict[str, Any]) -> Any:
             """The final hidden states of these rows, the layers run one operation at a
             time, attention per request (``spans``: each request's rows, keys and mask;
-            ``pages``: where its keys lie, see ``_page_starts``; ``writes``: each row's slot)."""
+            ``places``: where its keys lie, see ``_key_places``; ``writes``: each row's
+            slot)."""
             fast = self.fast
             heads, kv = fast.heads, fast.kv_heads
             gqa = heads != kv
 
             def attend(li: int, q: Any, k: Any, v: Any) -> Any:
                 k, v, q = k.float().unsqueeze(0), v.float().unsqueeze(0), q.float().unsqueeze(0)
-                if pages is None:  # read back through the cache's index (a copy)
+                if places is None:  # read back through the cache's index (a copy)
                     keys, values = cache.update(k, v, li, dict(cache_args))
                     kv_of = [(keys[:, :, k0:k1], values[:, :, k0:k1])
                              for _, _, k0, k1, _ in spans]
-                else:  # write, then read each request's page in place
+                else:  # write, then read each request's keys: in place, or gathered
                     k_all, v_all = self._views(cache, li)
                     k_all.index_copy_(2, writes, k)
                     v_all.index_copy_(2, writes, v)
-                    kv_of = [(k[:, :, start:end], v[:, :, start:end]) if page is None else
-                             (k_all[:, :, page[0]:page[1]], v_all[:, :, page[0]:page[1]])
-                             for (start, end, _, _, _), page in zip(spans, pages, strict=True)]
+                    kv_of = [_keys_at(place, k_all, v_all, k, v, start, end)
+                             for (start, end, _, _, _), place in zip(spans, places,
+                                                                     strict=True)]
                 scale = fast.layers[li].scaling
                 outs = [F.scaled_dot_product_attention(
                     q[:, :, start:end], keys, values, attn_mask=mask,
@@ -609,12 +612,13 @@ def _batch_classes() -> dict[str, Any]:
             cos, sin = fast.rope_at(pos)
             return fast.run_layers(fast.embed(ids), cos, sin, attend)
 
-        def _decoding(self, spans: list[Any], pages: list[Any], writes: Any,
+        def _decoding(self, spans: list[Any], places: list[Any], reads: Any, writes: Any,
                       cache: Any) -> dict[int, tuple[int, int, int]]:
             """The requests of the step the one-call step takes (by their index in
-            ``spans``), each with its row's (slot to write, first key slot, key count): those
-            that decode one token with their keys in one page, where our kernels run and
-            the cache is float32 in the layout the step reads. Empty where none."""
+            ``spans``), each with its row's (slot to write, where its key slots start in
+            ``reads``, how many): those that decode one token after keys of their own, the
+            new one's slot the last read, where our kernels run and the cache is float32 in
+            the layout the step reads. Empty where none."""
             fast = self.fast
             if not fast.one_call:
                 return {}
@@ -623,18 +627,25 @@ def _batch_classes() -> dict[str, Any]:
             if any(t.stride() != (width, fast.head_dim, 1) or t.dtype != torch.float32
                    for t in views):
                 return {}
+            candidates = [i for i, (start, end, _, _, _) in enumerate(spans)
+                          if end - start == 1 and places[i] is not None]
+            if not candidates:
+                return {}
             slots = writes.tolist()
+            last = reads[[spans[i][3] - 1 for i in candidates]].tolist()
             out = {}
-            for i, ((start, end, _, _, _), page) in enumerate(zip(spans, pages, strict=True)):
-                if end - start == 1 and page is not None and slots[start] == page[1] - 1:
-                    out[i] = (slots[start], page[0], page[1] - page[0])
+            for i, read in zip(candidates, last, strict=True):
+                start, _, k0, k1, _ = spans[i]
+                if read == slots[start]:
+                    out[i] = (slots[start], k0, k1 - k0)
             return out
 
-        def _one_call(self, x: Any, pos: Any, rows: list[tuple[int, int, int]],
+        def _one_call(self, x: Any, pos: Any, rows: list[tuple[int, int, int]], reads: Any,
                       cache: Any) -> Any:
             """The final hidden states of these decoding rows (embedded ``x``, float32), by
             the fast path's one-call step (``kernels.DecodeStep``) over the paged cache in
-            place: the very computation a request alone gets for its tokens."""
+            place, each row's keys read by their slots: the very computation a request alone
+            gets for its tokens."""
             fast = self.fast
             views = [_layer_views(cache, li) for li in range(len(fast.layers))]
             x = x.contiguous()
@@ -642,7 +653,8 @@ def _batch_classes() -> dict[str, Any]:
             if not fast.step(x, [k for k, _ in views], [v for _, v in views],
                              torch.tensor(rows, dtype=torch.int64), cos.float(), sin.float(),
                              head_stride=fast.head_dim,
-                             token_stride=fast.kv_heads * fast.head_dim):
+                             token_stride=fast.kv_heads * fast.head_dim,
+                             reads=reads.to(torch.int64).contiguous()):
                 raise GenerationError("the kernels changed while the batch ran")
             return x
 
@@ -651,23 +663,33 @@ def _batch_classes() -> dict[str, Any]:
         cache (what its index-based update reads from)."""
         return cache.layer_to_allocator[layer]._kv_token_views[layer]  # type: ignore[no-any-return]
 
-    def _page_starts(cache: Any, read_index: Any, spans: list[Any]) -> list[Any] | None:
-        """Per request, the [start, end) of its keys in the layer views when they lie in one
-        page (None for a request with no past: its keys are this step's), or None for the
-        whole step when some request spans pages (then the cache's copying read is used)."""
+    def _key_places(cache: Any, read_index: Any, spans: list[Any]) -> list[Any] | None:
+        """Per request, where its keys lie in the layer views: the [start, end) of a run
+        in one page, read in place, or the tensor of their slots (across pages: read by a
+        gather); None for a request whose keys are all this step's when the step reads
+        none back. None for the whole step where the views are not to be had (another
+        transformers layout: the cache's own copying read is used then)."""
         if read_index.numel() == 0:
             return [None] * len(spans)
         try:
             _layer_views(cache, 0)
-        except (AttributeError, KeyError):  # another transformers layout: read by index
+        except (AttributeError, KeyError):
             return None
         ends = read_index[[i for _, _, k0, k1, _ in spans for i in (k0, k1 - 1)]].tolist()
-        out = []
+        out: list[Any] = []
         for (_, _, k0, k1, _), first, last in zip(spans, ends[::2], ends[1::2], strict=True):
-            if last - first != k1 - k0 - 1:
-                return None
-            out.append((first, last + 1))
+            out.append((first, last + 1) if last - first == k1 - k0 - 1
+                       else read_index[k0:k1].to(torch.int64))
         return out
+
+    def _keys_at(place: Any, k_all: Any, v_all: Any, k: Any, v: Any, start: int,
+                 end: int) -> tuple[Any, Any]:
+        """One request's keys and values (see ``_key_places``; ``k``, ``v``: this step's)."""
+        if place is None:
+            return k[:, :, start:end], v[:, :, start:end]
+        if isinstance(place, tuple):
+            return k_all[:, :, place[0]:place[1]], v_all[:, :, place[0]:place[1]]
+        return k_all.index_select(2, place), v_all.index_select(2, place)
 
     _CLASSES.update(fast=_BatchModel, model=_ModelBatch)
     return _CLASSES

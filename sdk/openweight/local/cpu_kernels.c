@@ -272,7 +272,8 @@ typedef struct {
 } ow_layer;
 
 /* a row's place in each layer's KV cache: its key and value go to slot ``write``; it
-   attends to the ``length`` slots from ``start`` (its own among them) */
+   attends to ``length`` slots (its own the last): those from slot ``start``, or, given a
+   table of slots, those it lists from its entry ``start`` */
 typedef struct { int64_t write, start, length; } ow_span;
 
 typedef struct { const float *x; int16_t *xq; float *xscale, *xsum; } ow_input;
@@ -333,12 +334,14 @@ static inline float dot(const float *a, const float *b, int n) {
     return r;
 }
 
-/* one head's attention over ``length`` cached positions, ``stride`` floats apart */
-static void attend(const float *q, const float *keys, const float *values, int64_t length,
-                   int64_t stride, int dim, float scaling, float *scores, float *out) {
+/* one head's attention over ``length`` cached positions, ``stride`` floats apart: the
+   first ``length``, or those ``slots`` lists */
+static void attend(const float *q, const float *keys, const float *values,
+                   const int64_t *slots, int64_t length, int64_t stride, int dim,
+                   float scaling, float *scores, float *out) {
     float top = -INFINITY;
     for (int64_t j = 0; j < length; j++) {
-        scores[j] = scaling * dot(q, keys + j * stride, dim);
+        scores[j] = scaling * dot(q, keys + (slots ? slots[j] : j) * stride, dim);
         top = scores[j] > top ? scores[j] : top;
     }
     float total = 0;
@@ -348,7 +351,7 @@ static void attend(const float *q, const float *keys, const float *values, int64
     }
     for (int d = 0; d < dim; d++) out[d] = 0;
     for (int64_t j = 0; j < length; j++) {
-        const float p = scores[j] / total, *v = values + j * stride;
+        const float p = scores[j] / total, *v = values + (slots ? slots[j] : j) * stride;
         for (int d = 0; d < dim; d++) out[d] += p * v[d];
     }
 }
@@ -357,12 +360,12 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
 /* x [M, hidden]: the rows' hidden states, in and out. keys[i], values[i]: layer i's cache,
    slot s of kv head h at h * head_stride + s * token_stride (head_dim floats in a row);
-   spans[m]: row m's slots. cos, sin: [M, head_dim], each row's rotary row. Returns 0, or -1
-   when out of memory. */
+   spans[m]: row m's slots, read from ``reads`` where it is not NULL. cos, sin:
+   [M, head_dim], each row's rotary row. Returns 0, or -1 when out of memory. */
 int ow_decode_layers(const ow_layer *layers, int32_t count, float *x, int64_t M,
                      float *const *keys, float *const *values, int64_t head_stride,
-                     int64_t token_stride, const ow_span *spans, const float *cos,
-                     const float *sin, int threads) {
+                     int64_t token_stride, const ow_span *spans, const int64_t *reads,
+                     const float *cos, const float *sin, int threads) {
     int64_t widest = 0, heads = 0, keys_seen = 0;
     for (int i = 0; i < count; i++) {
         const ow_layer *L = &layers[i];
@@ -422,8 +425,10 @@ int ow_decode_layers(const ow_layer *layers, int32_t count, float *x, int64_t M,
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < M * L->heads; task++) {
             const int64_t m = task / L->heads, h = task % L->heads;
-            const int64_t from = (h / group) * head_stride + spans[m].start * token_stride;
-            attend(mixed + m * width + h * dim, kc + from, vc + from, spans[m].length,
+            const int64_t *slots = reads == NULL ? NULL : reads + spans[m].start;
+            const int64_t from = (h / group) * head_stride +
+                                 (slots == NULL ? spans[m].start * token_stride : 0);
+            attend(mixed + m * width + h * dim, kc + from, vc + from, slots, spans[m].length,
                    token_stride, dim, L->scaling, scores + first[m] + h * spans[m].length,
                    attn + m * nq + h * dim);
         }

@@ -198,7 +198,7 @@ def _bind(lib: Any) -> Any:
     lib.ow_int8_mm.argtypes = [pointer] * 4 + [size] * 3 + [ctypes.c_int]
     lib.ow_int8_mm.restype = None
     lib.ow_decode_layers.argtypes = [pointer, ctypes.c_int32, pointer, size] + [pointer] * 2 + [
-        size] * 2 + [pointer] * 3 + [ctypes.c_int]
+        size] * 2 + [pointer] * 4 + [ctypes.c_int]
     lib.ow_decode_layers.restype = ctypes.c_int
     return lib
 
@@ -323,15 +323,17 @@ class DecodeStep:
         return _load().lib is not None
 
     def __call__(self, x: Any, keys: Sequence[Any], values: Sequence[Any], spans: Any,
-                 cos: Any, sin: Any, *, head_stride: int, token_stride: int) -> bool:
+                 cos: Any, sin: Any, *, head_stride: int, token_stride: int,
+                 reads: Any = None) -> bool:
         """Run every layer over the rows' hidden states ``x`` (float32 [rows, hidden],
         contiguous, updated in place). Each layer's cache (``keys[i]``, ``values[i]``,
         float32) holds slot s of kv head h at ``h * head_stride + s * token_stride``;
         ``spans`` (int64 [rows, 3], contiguous) gives each row's slot to write its key and
         value to, and the first slot and count of those it attends to (its own among them,
-        the last); ``cos`` and ``sin`` (float32 [rows, head_dim]) are the rows' rotary rows.
-        False when ours are no longer the kernels in use (``OPENWEIGHT_KERNELS`` changed):
-        nothing was done."""
+        the last), or, with ``reads`` (int64, contiguous: slots), where in ``reads`` its
+        slots are listed; ``cos`` and ``sin`` (float32 [rows, head_dim]) are the rows'
+        rotary rows. False when ours are no longer the kernels in use
+        (``OPENWEIGHT_KERNELS`` changed): nothing was done."""
         import torch
 
         lib = _load().lib
@@ -342,7 +344,8 @@ class DecodeStep:
         value_ptrs = (ctypes.c_void_p * count)(*(v.data_ptr() for v in values))
         if lib.ow_decode_layers(self._layers, count, x.data_ptr(), x.shape[0], key_ptrs,
                                 value_ptrs, head_stride, token_stride, spans.data_ptr(),
-                                cos.data_ptr(), sin.data_ptr(), torch.get_num_threads()):
+                                None if reads is None else reads.data_ptr(), cos.data_ptr(),
+                                sin.data_ptr(), torch.get_num_threads()):
             raise MemoryError("no memory for the decode step's scratch")
         return True
 
