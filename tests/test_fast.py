@@ -54,7 +54,7 @@ def test_forward_matches_transformers(arch: str, mode: str,
         _close(fast.forward(ids[:20], cache)[0], want[19])  # prefill from position 0
         _close(fast.forward(ids[20:30], cache)[0], want[29])  # prefill after a cached prefix
         for j in range(30, 40):  # one token at a time
-            _close(fast.forward([ids[j]], cache)[0], want[j])
+            _close(fast.decode(ids[j], cache)[0], want[j])
     assert cache.get_seq_length() == 40 and cache.capacity >= 40
     # the fused weights are the modules' weights: transformers' forward is unchanged
     assert torch.equal(_reference(model, ids), want)
@@ -88,8 +88,8 @@ def test_one_call_decode_step_matches_the_layers(arch: str, mode: str, dtype: st
         reference.forward(ids[:20], caches[0])
         fast.forward(ids[:20], caches[1])
         for j, i in enumerate(ids[20:]):
-            layers = reference.forward([i], caches[0])[0]
-            got = fast.forward([i], caches[1])[0].float()
+            layers = reference.decode(i, caches[0])[0]
+            got = fast.decode(i, caches[1])[0].float()
             if dtype == "float32":
                 assert torch.allclose(got, layers, rtol=0, atol=1e-3 * float(got.abs().max()))
                 _close(got, want[j])
@@ -104,9 +104,9 @@ def test_one_call_decode_step_matches_the_layers(arch: str, mode: str, dtype: st
     use_kernels(monkeypatch, "pytorch")  # a step built under ours gives way to PyTorch's
     assert not fast.one_call
     with torch.inference_mode():
-        got = fast.forward([ids[0]], caches[1])[0].float()
+        got = fast.decode(ids[0], caches[1])[0].float()
         if dtype == "float32":
-            _close(got, reference.forward([ids[0]], caches[0])[0])
+            _close(got, reference.decode(ids[0], caches[0])[0])
         assert bool(got.isfinite().all()) and caches[1].length == 31
 
 
@@ -292,16 +292,16 @@ def test_an_error_in_a_step_reaches_the_consumer(tiny_model: Path,
 
     client = Client(str(tiny_model))
     lm = client._get_backend().loaded  # type: ignore[attr-defined]
-    real = FastModel.forward
+    real = FastModel.decode
     calls: list[int] = []
 
-    def failing(self: FastModel, ids: Any, cache: FastCache) -> Any:
+    def failing(self: FastModel, token: int, cache: FastCache) -> Any:
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:  # the third token's step
             raise RuntimeError("simulated kernel failure")
-        return real(self, ids, cache)
+        return real(self, token, cache)
 
-    monkeypatch.setattr(FastModel, "forward", failing)
+    monkeypatch.setattr(FastModel, "decode", failing)
     with pytest.raises(GenerationError, match="simulated kernel failure"):
         client.chat(HI, max_tokens=20, temperature=0)
     monkeypatch.undo()

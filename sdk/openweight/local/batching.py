@@ -531,17 +531,24 @@ def _batch_classes() -> dict[str, Any]:
                   cache: Any, read_index: Any, write_index: Any, max_length_k: Any,
                   **_: Any) -> Any:
             with torch.inference_mode():
+                keep = logits_to_keep.long()
+                slots = logits_processor_args[0, : keep.shape[0]].tolist()
+                # each kept row's request's prompt length: which rows are generated tokens
+                prompts = {row: len(self.requests[slot].prompt)
+                           for row, slot in zip(keep.tolist(), slots, strict=True)
+                           if slot in self.requests}
                 logits = self._logits(input_ids[0].long(), position_ids[0].long(),
                                       cu_seq_lens_q.tolist(),
                                       next(iter(cu_seq_lens_k.values())).tolist(),
-                                      logits_to_keep.long(), cache,
+                                      keep, cache,
                                       {"cu_seq_lens_k": cu_seq_lens_k,
                                        "max_length_k": max_length_k,
-                                       "read_index": read_index, "write_index": write_index})
+                                       "read_index": read_index, "write_index": write_index},
+                                      prompts)
                 return self._picked(logits, logits_processor_args)
 
         def _logits(self, ids: Any, pos: Any, cu_q: list[int], cu_k: list[int], keep: Any,
-                    cache: Any, cache_args: dict[str, Any]) -> Any:
+                    cache: Any, cache_args: dict[str, Any], prompts: dict[int, int]) -> Any:
             """The fast path's layers (``FastModel.run_layers``, as its single-stream forward
             runs them) over the concatenated rows of several requests: every per-row
             operation is the same; attention reads and writes the paged cache per request."""
@@ -556,8 +563,8 @@ def _batch_classes() -> dict[str, Any]:
             reads = cache_args["read_index"][0]
             places = _key_places(cache, reads, spans)
             writes = cache_args["write_index"][0]
-            decoding = {} if places is None else self._decoding(spans, places, reads, writes,
-                                                                      cache)
+            decoding = {} if places is None else self._decoding(
+                spans, places, reads, writes, cache, pos, prompts)
             if places is None or not decoding:
                 return fast.logits(self._layers(ids, pos, spans, places, writes, cache,
                                                 cache_args)[keep])
@@ -613,11 +620,14 @@ def _batch_classes() -> dict[str, Any]:
             return fast.run_layers(fast.embed(ids), cos, sin, attend)
 
         def _decoding(self, spans: list[Any], places: list[Any], reads: Any, writes: Any,
-                      cache: Any) -> dict[int, tuple[int, int, int]]:
+                      cache: Any, pos: Any, prompts: dict[int, int]
+                      ) -> dict[int, tuple[int, int, int]]:
             """The requests of the step the one-call step takes (by their index in
             ``spans``), each with its row's (slot to write, where its key slots start in
-            ``reads``, how many): those that decode one token after keys of their own, the
-            new one's slot the last read, where our kernels run and the cache is float32 in
+            ``reads``, how many): those whose one row is a generated token (at a position
+            past its prompt: ``prompts`` maps a kept row to its request's prompt length;
+            prompts run one operation at a time, as alone, see ``FastModel.decode``), the
+            new key's slot the last read, where our kernels run and the cache is float32 in
             the layout the step reads. Empty where none."""
             fast = self.fast
             if not fast.one_call:
@@ -627,8 +637,10 @@ def _batch_classes() -> dict[str, Any]:
             if any(t.stride() != (width, fast.head_dim, 1) or t.dtype != torch.float32
                    for t in views):
                 return {}
+            positions = pos.tolist()
             candidates = [i for i, (start, end, _, _, _) in enumerate(spans)
-                          if end - start == 1 and places[i] is not None]
+                          if end - start == 1 and places[i] is not None
+                          and start in prompts and positions[start] >= prompts[start]]
             if not candidates:
                 return {}
             slots = writes.tolist()

@@ -356,12 +356,33 @@ class FastModel:
         return self.lm_head(self.norm(x))
 
     def forward(self, ids: Sequence[int], cache: FastCache) -> Any:
-        """Run ``ids`` after what ``cache`` holds, ``PREFILL_CHUNK`` at a time; returns the
-        logits of the last one."""
+        """Run prompt tokens ``ids`` after what ``cache`` holds, ``PREFILL_CHUNK`` at a
+        time, the layers one operation at a time; returns the logits of the last one."""
         cache.reserve(cache.length + len(ids))
         for start in range(0, len(ids) - PREFILL_CHUNK, PREFILL_CHUNK):
             self._forward(ids[start:start + PREFILL_CHUNK], cache)
         return self._forward(ids[len(ids) - 1 - (len(ids) - 1) % PREFILL_CHUNK:], cache)
+
+    def decode(self, token: int, cache: FastCache) -> Any:
+        """Run a generated token after what ``cache`` holds: in one call of ours where the
+        step runs (``step``), else as ``forward``. Prompts always run the layers one
+        operation at a time and generated tokens in one call where there is one, here and
+        in the server's batch, so a token is computed the same way wherever it runs (a
+        prompt's last token included, when a cached prefix leaves only it to run)."""
+        import torch
+
+        if self.step is None:
+            return self._forward([token], cache)
+        pos = cache.length
+        cache.reserve(pos + 1)
+        cos, sin = self.rope(pos, pos + 1)
+        x = self.embed(torch.tensor([token])).float().contiguous()
+        if not self.step(x, cache.k, cache.v, torch.tensor([[pos, 0, pos + 1]]), cos.float(),
+                         sin.float(), head_stride=cache.capacity * self.head_dim,
+                         token_stride=self.head_dim):
+            return self._forward([token], cache)  # the kernels changed: PyTorch's now
+        cache.length = pos + 1
+        return self.logits(x.to(self.dtype))
 
     def _forward(self, ids: Sequence[int], cache: FastCache) -> Any:
         import torch
@@ -371,14 +392,6 @@ class FastModel:
         end = pos + count
         cache.reserve(end)
         cos, sin = self.rope(pos, end)
-        if count == 1 and self.step is not None:
-            x = self.embed(torch.tensor(ids)).float().contiguous()
-            spans = torch.tensor([[pos, 0, end]])
-            if self.step(x, cache.k, cache.v, spans, cos.float(), sin.float(),
-                          head_stride=cache.capacity * self.head_dim,
-                          token_stride=self.head_dim):
-                cache.length = end
-                return self.logits(x.to(self.dtype))
         mask = offset_mask(pos, count)
         gqa = self.heads != self.kv_heads
 
@@ -501,7 +514,7 @@ def fast_tokens(lm: Any, prompt: list[int], max_new: int, settings: dict[str, An
                     sampler = Sampler(settings, processors, seed, prompt, max_new)
                     token = sampler.pick(fast.forward(prompt[reused:], cache))
                 else:
-                    token = sampler.pick(fast.forward([generated[-1]], cache))
+                    token = sampler.pick(fast.decode(generated[-1], cache))
             generated.append(token)
             out.put(token)
             if token in lm.eos_ids or len(generated) >= max_new:
