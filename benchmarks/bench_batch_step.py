@@ -132,10 +132,10 @@ def _time_steps(fast: Any, n: int, past: int, steps: int
                                   for r in range(n)])
             start = time.perf_counter()
             cos, sin = fast.rope_at(spans[:, 0] - spans[:, 1])
-            x = fast.embed(ids).contiguous()
-            fast.step(x, keys, values, spans, cos, sin, head_stride=keys[0].shape[2] * dim,
-                      token_stride=dim)
-            fast.logits(x).max(-1)
+            x = fast.embed(ids).float().contiguous()  # the step computes in float32
+            fast.step(x, keys, values, spans, cos.float(), sin.float(),
+                      head_stride=keys[0].shape[2] * dim, token_stride=dim)
+            fast.logits(x.to(fast.dtype)).max(-1)
             elapsed = time.perf_counter() - start
             lengths[:] = [length + 1 for length in lengths]
             return elapsed

@@ -110,6 +110,36 @@ def test_one_call_decode_step_matches_the_layers(arch: str, mode: str, dtype: st
         assert bool(got.isfinite().all()) and caches[1].length == 31
 
 
+def test_the_one_call_step_refuses_what_it_would_misread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The C step trusts its pointers: a wrong dtype or shape is refused before it runs (a
+    bfloat16 row read as float32 would write past its end)."""
+    import torch
+
+    use_kernels(monkeypatch, "own")
+    model = _model("llama")
+    quantize_model(model, "int4", "cpu")
+    fast = FastModel(model)
+    assert fast.step is not None
+    cache = fast.new_cache(8)
+    strides = {"head_stride": cache.capacity * fast.head_dim, "token_stride": fast.head_dim}
+    good = {"x": torch.zeros(1, fast.hidden), "spans": torch.tensor([[0, 0, 1]]),
+            "cos": torch.ones(1, fast.head_dim), "sin": torch.zeros(1, fast.head_dim)}
+    bad = {"x": torch.zeros(1, fast.hidden, dtype=torch.bfloat16),
+           "spans": torch.tensor([[0, 0, 1]], dtype=torch.int32),
+           "cos": torch.ones(2, fast.head_dim), "sin": torch.zeros(1, 2 * fast.head_dim)[:, ::2]}
+    for name, wrong in bad.items():
+        args = {**good, name: wrong}
+        with pytest.raises(ValueError, match=f"step's {name} must be"):
+            fast.step(args["x"], cache.k, cache.v, args["spans"], args["cos"], args["sin"],
+                      **strides)
+    with pytest.raises(ValueError, match="float32 keys and values"):
+        fast.step(good["x"], cache.k[:1], cache.v, good["spans"], good["cos"], good["sin"],
+                  **strides)
+    assert fast.step(good["x"], cache.k, cache.v, good["spans"], good["cos"], good["sin"],
+                     **strides)
+
+
 @pytest.mark.parametrize("mode", ["none", "int4"])
 def test_a_long_prompt_runs_in_chunks(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt longer than ``PREFILL_CHUNK`` goes through the layers a chunk at a time (and

@@ -315,6 +315,7 @@ class DecodeStep:
     def __init__(self, layers: Sequence[LayerParts], block: int) -> None:
         self._held = [layers]
         self._layers = (_Layer * len(layers))(*(_layer(p, block) for p in layers))
+        self._hidden, self._head_dim = layers[0].hidden, layers[0].head_dim
 
     @property
     def active(self) -> bool:
@@ -340,6 +341,7 @@ class DecodeStep:
         if lib is None:
             return False
         count = len(self._layers)
+        self._check(x, keys, values, spans, cos, sin, reads)
         key_ptrs = (ctypes.c_void_p * count)(*(k.data_ptr() for k in keys))
         value_ptrs = (ctypes.c_void_p * count)(*(v.data_ptr() for v in values))
         if lib.ow_decode_layers(self._layers, count, x.data_ptr(), x.shape[0], key_ptrs,
@@ -348,6 +350,28 @@ class DecodeStep:
                                 sin.data_ptr(), torch.get_num_threads()):
             raise MemoryError("no memory for the decode step's scratch")
         return True
+
+    def _check(self, x: Any, keys: Sequence[Any], values: Sequence[Any], spans: Any,
+               cos: Any, sin: Any, reads: Any) -> None:
+        """The arguments as the C code reads them (it trusts its pointers: a bfloat16 row
+        read as float32 would write past its end)."""
+        import torch
+
+        rows = int(x.shape[0])
+        wants = [(x, torch.float32, (rows, self._hidden), "x"),
+                 (spans, torch.int64, (rows, 3), "spans"),
+                 (cos, torch.float32, (rows, self._head_dim), "cos"),
+                 (sin, torch.float32, (rows, self._head_dim), "sin")]
+        if reads is not None:
+            wants.append((reads, torch.int64, tuple(reads.shape[:1]), "reads"))
+        for tensor, dtype, shape, name in wants:
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape \
+                    or not tensor.is_contiguous():
+                raise ValueError(f"the decode step's {name} must be {dtype} {list(shape)}, "
+                                 f"contiguous: got {tensor.dtype} {list(tensor.shape)}")
+        if len(keys) != len(self._layers) or len(values) != len(self._layers) or any(
+                t.dtype != torch.float32 for t in (*keys, *values)):
+            raise ValueError("the decode step needs float32 keys and values for every layer")
 
 
 def decode_step(layers: Sequence[LayerParts]) -> DecodeStep | None:
