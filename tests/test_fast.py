@@ -71,11 +71,16 @@ def test_one_call_decode_step_matches_the_layers(arch: str, mode: str, dtype: st
     biases, Qwen3's q/k norms); a bfloat16 model's within its own rounding."""
     import torch
 
+    from openweight.local import kernels
+
     use_kernels(monkeypatch, "own")
     models = [_model(arch).float(), _model(arch).float() if dtype == "float32" else _model(arch)]
     for model in models:
         quantize_model(model, mode, "cpu")
     reference, fast = FastModel(models[0]), FastModel(models[1])
+    if mode == "int4" and not kernels._load().block:  # a layout ours cannot read: no step
+        assert fast.step is None
+        return
     assert fast.step is not None
     reference.step = None  # the layers one operation at a time
     ids = torch.randint(0, 300, (30,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -118,7 +123,7 @@ def test_the_one_call_step_refuses_what_it_would_misread(
 
     use_kernels(monkeypatch, "own")
     model = _model("llama")
-    quantize_model(model, "int4", "cpu")
+    quantize_model(model, "int8", "cpu")
     fast = FastModel(model)
     assert fast.step is not None
     cache = fast.new_cache(8)

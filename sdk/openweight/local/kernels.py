@@ -380,7 +380,7 @@ def decode_step(layers: Sequence[LayerParts]) -> DecodeStep | None:
     int4 or int8, a tensor that is not float32 or not contiguous)."""
     state = _load()
     lib, block = state.lib, state.block
-    if lib is None or not block or not all(_takes(p, block) for p in layers):
+    if lib is None or not all(_takes(p, block) for p in layers):
         return None
     return DecodeStep(layers, block)
 
@@ -394,7 +394,7 @@ def _takes(parts: LayerParts, block: int) -> bool:
     def product(p: Product) -> bool:
         if p.kind == "int4":
             rows = int(p.table.shape[1])
-            shaped = rows % block == 0 and p.table.dim() == 3
+            shaped = block > 0 and rows % block == 0 and p.table.dim() == 3
         elif p.kind == "int8":
             shaped = p.weight.dtype == torch.int8 and p.weight.dim() == 2
         else:
