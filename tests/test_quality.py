@@ -1,4 +1,4 @@
-"""ruff and mypy (strict on sdk/) are part of the test run."""
+"""ruff and mypy (strict on sdk/ and the llm plugin) are part of the test run."""
 
 from __future__ import annotations
 
@@ -19,6 +19,6 @@ def test_ruff_clean() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_mypy_strict_on_sdk() -> None:
+def test_mypy_strict_on_sdk_and_plugin() -> None:
     done = _run("mypy")
     assert done.returncode == 0, done.stdout + done.stderr
