@@ -246,9 +246,9 @@ def test_sdk_stream_close_cancels(url: str, batching: Batching) -> None:
 
 def test_an_error_in_the_batch_reaches_its_requests(url: str, batching: Batching,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from openweight.local import batching as batching_mod
+    from openweight.local.batch_models import BatchModel
 
-    model_class = batching_mod._batch_model_class()
+    model_class = BatchModel
     real_step = model_class._step
     steps = []
 
@@ -352,11 +352,11 @@ def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: 
     run the layers one operation at a time, as alone. So answers are the same alone and
     together, also for requests that arrive while others decode."""
     from openweight.local import kernels
-    from openweight.local.batching import _batch_classes
+    from openweight.local.batch_models import BatchModel
 
     use_kernels(monkeypatch, "own")
     steps: list[dict[str, int]] = []  # per batch step: rows in our one call, op by op
-    step_class = _batch_classes()["fast"]
+    step_class = BatchModel
     real_logits, real_layers = step_class._logits, step_class._layers
 
     def logits(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -501,7 +501,7 @@ def _answer(engine: LocalEngine, messages: Any, options: GenerationOptions,
 
 
 def test_models_off_the_fast_path_batch_like_they_decode_alone(off_fast: LocalEngine) -> None:
-    from openweight.local.batching import _model_batch_class
+    from openweight.local.batch_models import ModelBatch
 
     engine, lm = off_fast, off_fast.loaded
     requests = _off_fast_requests(engine)
@@ -518,7 +518,7 @@ def test_models_off_the_fast_path_batch_like_they_decode_alone(off_fast: LocalEn
         stats = batch.stats()
         assert stats["batched"] == 2 * len(requests) and stats["single"] == 0
         assert stats["max_rows"] >= 4, "the requests were not decoded together"
-        assert isinstance(batch._batchers[id(lm)]._manager.model, _model_batch_class())
+        assert isinstance(batch._batchers[id(lm)]._manager.model, ModelBatch)
         for (result, tokens), (_, options) in zip(alone, requests, strict=True):
             assert result.usage.completion_tokens == len(tokens) <= options.max_tokens
     finally:
@@ -596,9 +596,9 @@ def test_one_attention_call_over_all_requests_as_on_a_gpu(
     single-stream answer; beside others, the call tiles a row's softmax by where its keys
     lie among theirs, which can move a greedy answer by a rounding step, so this asserts
     what that path does keep: every request batched, ended by its own limit or stop."""
-    from openweight.local import batching as batching_mod
+    from openweight.local import batch_models
 
-    monkeypatch.setattr(batching_mod, "_per_request_attention", lambda name: name)
+    monkeypatch.setattr(batch_models, "per_request_attention", lambda name: name)
     engine = off_fast
     requests = _off_fast_requests(engine)
     batch = Batching()
