@@ -590,3 +590,24 @@ def test_ctrl_c_stops_the_server(two_servers: list[Any]) -> None:
     assert time.monotonic() - start < 10  # no hang
     assert proc.returncode == 0, err
     assert "server stopped" in err and "Traceback" not in err and "ERROR" not in err
+
+
+def test_the_warm_up_leaves_no_cached_prompt(tiny_model: Path, env: None) -> None:
+    """``create_app`` runs one token to load the model, then forgets that prompt: a first
+    request is computed as in a fresh process, not after the warm-up's cached chat preamble
+    (which once turned the real SmolLM2's "Paris" into "L'Etoile" on every first request of
+    a keep-alive server)."""
+    from openweight.local import LocalEngine
+    from openweight.server import create_app
+
+    app = create_app(str(tiny_model), batching=False)
+    backend = app.state.pool.default._get_backend()
+    assert isinstance(backend, LocalEngine)
+    cache = backend.loaded.prefix_cache
+    assert len(cache) == 0
+    with ServerThread(app) as s:
+        body = {"messages": [{"role": "user", "content": "hello"}],
+                "temperature": 0, "max_tokens": 5}
+        r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+    assert len(cache) == 1  # the request's own prompt and answer, kept for its next turn

@@ -230,6 +230,20 @@ class ModelPool:
                                       "openweight serve runs local models: unset it")
         return client
 
+    def warm(self) -> None:
+        """Load the default model and run one token, so that the first request is fast and
+        a broken model fails here; then forget that token's prompt (the local model's
+        prefix cache), so the first request is computed as in a fresh process. A prompt
+        whose start was cached computes its rest apart, which can move a knife-edge greedy
+        answer: the warm-up's chat preamble once turned SmolLM2's "Paris" into "L'Etoile"
+        on every server's first request."""
+        from .local import LocalEngine
+
+        self.default.chat([{"role": "user", "content": "Hi"}], max_tokens=1)
+        backend = self.default._get_backend()
+        if isinstance(backend, LocalEngine):
+            backend.loaded.prefix_cache.clear()
+
     def loaded(self) -> dict[str, str] | None:
         """What the default model runs with, resolved (``LoadedModel.summary``), when it
         runs in this process (loading it if it is not loaded yet)."""
@@ -467,7 +481,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
 
     pool = ModelPool(model, device=device, dtype=dtype, quantize=quantize)
     if preload:
-        pool.default.chat([{"role": "user", "content": "Hi"}], max_tokens=1)
+        pool.warm()
     limiter = anyio.CapacityLimiter(GENERATION_THREADS)  # /health stays free when busy
     stopping = threading.Event()  # set on Ctrl-C: answers in flight end at their next token
 
