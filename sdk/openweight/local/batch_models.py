@@ -165,12 +165,24 @@ class BatchModel(Rows):
         self.dtype = torch.float32  # the KV cache's: float32, as on the single-stream path
         self._cache: Any = None
         self._views_of: dict[int, tuple[Any, Any]] = {}
+        self._steppable = False  # the cache's layout is the one the one-call step reads
+
+    def _see(self, cache: Any) -> None:
+        """Take ``cache`` as the batch's (the manager makes it once): its views and
+        whether the one-call step can read it are worked out once, not every step."""
+        if self._cache is cache:
+            return
+        self._cache, self._views_of = cache, {}
+        fast = self.fast
+        width = fast.kv_heads * fast.head_dim
+        self._steppable = all(
+            t.stride() == (width, fast.head_dim, 1) and t.dtype == torch.float32
+            for li in range(len(fast.layers)) for t in _layer_views(cache, li))
 
     def _views(self, cache: Any, layer: int) -> tuple[Any, Any]:
         """One layer's keys and values in the paged cache as [1, kv_heads, tokens,
         head_dim] views (the cache's own [tokens, kv_heads, head_dim] views, turned)."""
-        if self._cache is not cache:
-            self._cache, self._views_of = cache, {}
+        self._see(cache)
         views = self._views_of.get(layer)
         if views is None:
             views = tuple(t.permute(1, 0, 2).unsqueeze(0) for t in _layer_views(cache, layer))
@@ -280,13 +292,8 @@ class BatchModel(Rows):
         prompts run one operation at a time, as alone, see ``FastModel.decode``), the
         new key's slot the last read, where our kernels run and the cache is float32 in
         the layout the step reads. Empty where none."""
-        fast = self.fast
-        if not fast.one_call:
-            return {}
-        views = [t for li in range(len(fast.layers)) for t in _layer_views(cache, li)]
-        width = fast.kv_heads * fast.head_dim
-        if any(t.stride() != (width, fast.head_dim, 1) or t.dtype != torch.float32
-               for t in views):
+        self._see(cache)
+        if not self.fast.one_call or not self._steppable:
             return {}
         positions = pos.tolist()
         candidates = [i for i, (start, end, _, _, _) in enumerate(spans)
