@@ -28,6 +28,15 @@ from pydantic import Field, ValidationInfo, create_model, field_validator
 
 import openweight
 from openweight.options import OPTION_SPECS, GenerationOptions
+from openweight.settings import (
+    DEVICES,
+    DTYPES,
+    QUANTIZE,
+    check_device,
+    check_dtype,
+    check_quantize,
+    keep_alive_seconds,
+)
 
 __all__ = [
     "CONFIG_FILE",
@@ -110,9 +119,6 @@ def _check_url(value: str) -> str:
 @functools.cache
 def options_class() -> type[llm.Options]:
     """The model's ``Options``: every SDK option (bounds from OPTION_SPECS) plus our own."""
-    from openweight.local.loader import DEVICES, DTYPES
-    from openweight.local.quantize import QUANTIZE
-
     class Checks(llm.Options):
         @field_validator("*", check_fields=False)
         @classmethod
@@ -126,26 +132,11 @@ def options_class() -> type[llm.Options]:
                     value = getattr(checked, spec.name)
             return value
 
-        @field_validator("device", check_fields=False)
+        @field_validator("device", "dtype", "quantize", check_fields=False)
         @classmethod
-        def _device(cls, value: str | None) -> str | None:
-            if value is not None and value.split(":")[0].lower() not in DEVICES:
-                raise ValueError(f"use one of {', '.join(DEVICES)} (cuda:N for one GPU)")
-            return value
-
-        @field_validator("dtype", check_fields=False)
-        @classmethod
-        def _dtype(cls, value: str | None) -> str | None:
-            if value is not None and value.lower() not in DTYPES:
-                raise ValueError(f"use one of {', '.join(DTYPES)}")
-            return value.lower() if value else value
-
-        @field_validator("quantize", check_fields=False)
-        @classmethod
-        def _quantize(cls, value: str | None) -> str | None:
-            if value is not None and value.lower() not in QUANTIZE:
-                raise ValueError(f"use one of {', '.join(QUANTIZE)}")
-            return value.lower() if value else value
+        def _local(cls, value: str | None, info: ValidationInfo) -> str | None:
+            check = {"device": check_device, "dtype": check_dtype, "quantize": check_quantize}
+            return check[info.field_name or ""](value)  # an InvalidRequestError: a ValueError
 
         @field_validator("remote", check_fields=False)
         @classmethod
@@ -156,8 +147,6 @@ def options_class() -> type[llm.Options]:
         @classmethod
         def _keep_alive(cls, value: str | float | None) -> str | float | None:
             if value is not None:
-                from openweight.daemon import keep_alive_seconds
-
                 keep_alive_seconds(value)  # an InvalidRequestError: a ValueError
             return value
 
@@ -310,7 +299,7 @@ class _Run:
             from openweight import daemon
 
             with _sdk_errors():  # a bad OPENWEIGHT_KEEP_ALIVE: a clean error too
-                seconds = daemon.keep_alive_seconds(opts.get("keep_alive"))
+                seconds = keep_alive_seconds(opts.get("keep_alive"))
             self.keep_alive = seconds if daemon.SUPPORTED else 0.0
         self.server: str | None = None  # the keep-alive server's URL, once connected
         self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"),

@@ -26,11 +26,11 @@ from openweight import Client, InvalidRequestError, ModelNotFoundError, cli, dae
 from openweight.daemon import (
     ensure_daemon,
     find_daemon,
-    keep_alive_seconds,
     list_daemons,
     start_daemon,
     stop_daemons,
 )
+from openweight.settings import keep_alive_seconds
 
 from conftest import wait_until
 

@@ -21,7 +21,7 @@ from test_plugin import GREEDY, TINY, assert_error, logged, run
 
 import openweight
 from llm_openweight import models as plugin_models
-from openweight import AsyncClient, Client, InvalidRequestError, daemon
+from openweight import AsyncClient, Client, InvalidRequestError, daemon, settings
 from openweight.daemon import list_daemons, stop_daemons
 from openweight.remote import RemoteBackend
 
@@ -75,7 +75,7 @@ async def test_plugin_starts_one_daemon_and_reuses_it(home: Path) -> None:
     first = run("-m", TINY, "hello", *GREEDY)  # on by default: starts the daemon
     assert first.exit_code == 0, first.output
     [info] = list_daemons()
-    assert info.model == "tiny" and info.keep_alive == daemon.DEFAULT_KEEP_ALIVE
+    assert info.model == "tiny" and info.keep_alive == settings.DEFAULT_KEEP_ALIVE
     plugin_models.clear_clients()  # as a new `llm` process would
     second = run("-m", TINY, "hello", *GREEDY, "-o", "keep_alive", "2m")
     assert second.exit_code == 0, second.output

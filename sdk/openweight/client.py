@@ -19,6 +19,14 @@ from typing import Any, Protocol, TypeVar
 
 from .errors import InvalidRequestError, OpenWeightError, RemoteConnectionError
 from .options import GenerationOptions
+from .settings import (
+    KEEP_ALIVE_ENV,
+    check_device,
+    check_dtype,
+    check_quantize,
+    is_path,
+    keep_alive_seconds,
+)
 from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo, to_messages
 
 __all__ = ["AsyncClient", "AsyncStream", "Backend", "Client", "Stream"]
@@ -100,16 +108,11 @@ class AsyncStream(AsyncIterator[Chunk]):
         await self.aclose()
 
 
-def _is_path(model: str | None) -> bool:
-    return model is not None and (
-        model.startswith(("/", ".", "~")) or Path(model).expanduser().exists())
-
-
 def _local_backend(model: str | None, device: str | None, dtype: str | None,
                    quantize: str | None) -> Backend:
     from .local import LocalEngine
 
-    if model is not None and _is_path(model):  # a directory of the caller's: used as it is
+    if model is not None and is_path(model):  # a directory of the caller's: used as it is
         path = Path(model).expanduser()
         return LocalEngine(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
     from .store import ensure_model, packed_cache
@@ -139,25 +142,12 @@ class _Base:
         self._keep_alive: float | None = None
         self._via_daemon = False  # the backend is a keep-alive server (found again if gone)
         if keep_alive is not None:
-            from .daemon import keep_alive_seconds
-
             self._keep_alive = keep_alive_seconds(keep_alive)  # a bad value fails here
         if self._base_url is None:
             # fail early on a bad device/dtype; nothing heavy is imported or loaded here
-            from .local.loader import DEVICES, DTYPES
-            from .local.quantize import QUANTIZE
-
-            if device is not None and device.split(":")[0].lower() not in DEVICES:
-                raise InvalidRequestError(f"device {device!r} is not supported; use one of "
-                                          f"{', '.join(DEVICES)}")
-            if dtype is not None and dtype.lower() not in DTYPES:
-                raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of "
-                                          f"{', '.join(DTYPES)}")
-            if quantize is not None and quantize.lower() not in QUANTIZE:
-                raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one "
-                                          f"of {', '.join(QUANTIZE)}")
-            from .daemon import KEEP_ALIVE_ENV, keep_alive_seconds
-
+            self._device = check_device(device)
+            self._dtype = check_dtype(dtype)
+            self._quantize = check_quantize(quantize)
             if keep_alive is None and os.environ.get(KEEP_ALIVE_ENV, "").strip():
                 self._keep_alive = keep_alive_seconds(None)
 
@@ -207,7 +197,7 @@ class _Base:
                 return None
             url, token = found
         else:
-            if not _is_path(model):
+            if not is_path(model):
                 from .store import ensure_model
 
                 model, _ = ensure_model(model)  # pull in the foreground, with progress
@@ -217,7 +207,7 @@ class _Base:
             from .store import default_model
 
             model = default_model()
-        return url, token, Path(model).name if _is_path(model) else model
+        return url, token, Path(model).name if is_path(model) else model
 
     def _forget_daemon(self) -> bool:
         """After a connection error: True if it was a keep-alive server, forgotten so that

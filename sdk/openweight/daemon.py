@@ -45,6 +45,14 @@ from urllib.parse import parse_qs, urlencode
 
 from . import errors
 from .errors import OpenWeightError
+from .settings import (
+    DEFAULT_KEEP_ALIVE,
+    KEEP_ALIVE_ENV,
+    is_path,
+    keep_alive_from_json,
+    keep_alive_seconds,
+    keep_alive_to_json,
+)
 
 __all__ = [
     "DEFAULT_KEEP_ALIVE",
@@ -60,8 +68,6 @@ __all__ = [
     "stop_daemons",
 ]
 
-DEFAULT_KEEP_ALIVE = 300.0
-KEEP_ALIVE_ENV = "OPENWEIGHT_KEEP_ALIVE"
 SUPPORTED = os.name == "posix"  # detached sessions, signals and /proc-style process checks
 HOST = "127.0.0.1"
 STATUS_PATH = "/_openweight/keepalive"
@@ -71,65 +77,12 @@ LOCK_TIMEOUT = 60.0
 PROBE_TIMEOUT = 5.0
 STOP_GRACE = 10.0
 POLL = 0.05
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-# -- keep-alive values ------------------------------------------------------------------------
-
-def keep_alive_seconds(value: str | float | None = None) -> float:
-    """Seconds a daemon stays loaded after its last request.
-
-    ``value`` is seconds (``300``, ``"300"``) or a duration (``"5m"``, ``"1h30m"``,
-    ``"90s"``); ``None`` reads ``OPENWEIGHT_KEEP_ALIVE``, else 300. ``0`` turns keep-alive
-    off; a negative value keeps the model loaded until ``openweight stop`` (``math.inf``).
-    """
-    source = "keep_alive"
-    if value is None:
-        env = os.environ.get(KEEP_ALIVE_ENV, "").strip()
-        if not env:
-            return DEFAULT_KEEP_ALIVE
-        value, source = env, KEEP_ALIVE_ENV
-    seconds = _parse_duration(value)
-    if seconds is None:
-        raise errors.InvalidRequestError(
-            f"{source} {value!r} is not a duration: use seconds (300), a duration such as 5m, "
-            "90s or 1h30m, 0 to turn keep-alive off, or -1 to keep the model loaded until "
-            "`openweight stop`")
-    return math.inf if seconds < 0 else seconds
-
-
-def _parse_duration(value: str | float) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return None if math.isnan(value) else float(value)
-    text = value.strip().lower().replace(" ", "")
-    if _NUMBER.fullmatch(text):
-        return float(text)
-    sign = -1.0 if text.startswith("-") else 1.0
-    text = text.lstrip("+-")
-    parts = _DURATION.findall(text)
-    if not text or "".join(n + u for n, u in parts) != text:
-        return None
-    return sign * sum(float(n) * _UNITS[u] for n, u in parts)
-
-
-def _keep_alive_json(seconds: float) -> float:
-    return -1.0 if math.isinf(seconds) else seconds
-
-
-def _keep_alive_value(raw: object) -> float:
-    if not isinstance(raw, int | float) or isinstance(raw, bool):
-        return DEFAULT_KEEP_ALIVE
-    return math.inf if raw < 0 else float(raw)
 
 
 # -- settings, files and locks ----------------------------------------------------------------
@@ -156,8 +109,7 @@ class _Settings:
 def _settings(run: Path, model: str | None, device: str | None, dtype: str | None,
               quantize: str | None) -> _Settings:
     """Settings in one spelling: a path made absolute, the default model resolved."""
-    if model is not None and (model.startswith(("/", ".", "~"))
-                              or Path(model).expanduser().exists()):
+    if model and is_path(model):
         model = str(Path(model).expanduser().resolve())
     elif not model:
         from .store import default_model
@@ -354,7 +306,7 @@ def _probe(port: int, token: str, *, touch: bool, keep_alive: float | None = Non
     """The daemon's status (``touch`` counts as a request for the idle timer)."""
     query: dict[str, str] = {"touch": "1"} if touch else {}
     if keep_alive is not None:
-        query["keep_alive"] = str(_keep_alive_json(keep_alive))
+        query["keep_alive"] = str(keep_alive_to_json(keep_alive))
     import http.client
 
     path = STATUS_PATH + (f"?{urlencode(query)}" if query else "")
@@ -409,7 +361,7 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> 
     log = run / f"{key}.log"
     cmd = [sys.executable, "-m", "openweight.daemon", "--key", key, "--model", s.model,
            "--device", s.device, "--dtype", s.dtype, "--quantize", s.quantize,
-           "--keep-alive", str(_keep_alive_json(keep_alive))]
+           "--keep-alive", str(keep_alive_to_json(keep_alive))]
     env = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHT_BASE_URL",)}
     env["OPENWEIGHT_API_KEY"] = token  # not on the command line, which other users can read
     env["OPENWEIGHT_HOME"] = str(home())
@@ -423,7 +375,7 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> 
     _children.append(proc)
     rec = {"version": 1, "key": key, "pid": proc.pid, "state": "starting", "host": HOST,
            "port": None, "model": s.model, "model_name": None, "device": s.device,
-           "dtype": s.dtype, "quantize": s.quantize, "keep_alive": _keep_alive_json(keep_alive),
+           "dtype": s.dtype, "quantize": s.quantize, "keep_alive": keep_alive_to_json(keep_alive),
            "started": time.time(), "log": str(log), "token_file": str(run / TOKEN_FILE)}
     _write_record(_record_path(run, key), rec)
     return rec
@@ -611,7 +563,7 @@ class DaemonInfo:
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["keep_alive"] = _keep_alive_json(self.keep_alive)
+        data["keep_alive"] = keep_alive_to_json(self.keep_alive)
         data["expires_in"] = self.expires_in
         return data
 
@@ -636,7 +588,7 @@ def _info(rec: dict[str, Any], token: str) -> DaemonInfo:
         pid=rec["pid"], state=str(rec.get("state")),
         url=f"http://{HOST}:{port}/v1" if port else None, device=str(rec.get("device")),
         dtype=str(rec.get("dtype")), quantize=str(rec.get("quantize")),
-        keep_alive=_keep_alive_value(keep_alive), started=float(rec.get("started") or 0),
+        keep_alive=keep_alive_from_json(keep_alive), started=float(rec.get("started") or 0),
         idle_seconds=float(idle) if isinstance(idle, int | float) else None,
         in_flight=status.get("in_flight") if isinstance(status.get("in_flight"), int) else None,
         rss_bytes=status.get("rss_bytes") or _rss_of(rec["pid"]),
@@ -723,7 +675,7 @@ class KeepAliveApp:
     def status(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "key": self.key, "model": self.model, "state": "ready",
                 "idle_s": round(self.idle_seconds(), 3), "in_flight": self.in_flight,
-                "keep_alive_s": _keep_alive_json(self.keep_alive), "started": self.started,
+                "keep_alive_s": keep_alive_to_json(self.keep_alive), "started": self.started,
                 "rss_bytes": _own_rss(), "gpu_bytes": _gpu_bytes()}
 
     def _authorized(self, scope: Scope) -> bool:
@@ -749,7 +701,7 @@ class KeepAliveApp:
             query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
             if "keep_alive" in query:
                 with contextlib.suppress(ValueError):
-                    self.keep_alive = _keep_alive_value(float(query["keep_alive"][0]))
+                    self.keep_alive = keep_alive_from_json(float(query["keep_alive"][0]))
             if query.get("touch") == ["1"]:
                 self.last = time.monotonic()
             await _send_json(send, 200, self.status())
@@ -828,7 +780,7 @@ def _serve(argv: list[str] | None = None) -> int:
         return 2
     run = _run_dir()
     key = args.key
-    keep_alive = _keep_alive_value(args.keep_alive)
+    keep_alive = keep_alive_from_json(args.keep_alive)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # until uvicorn takes over
     sock: socket.socket | None = None
     failed = False  # a failed record stays for the caller to read (and remove)

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError, ModelLoadError
+from ..settings import check_device, check_dtype, check_quantize
 from .cpu import BF16_CPU_CAPABILITIES, PACKED_CPU_CAPABILITIES, cpu_capability
 from .prefix_cache import PrefixCache
 
-__all__ = ["BF16_CPU_CAPABILITIES", "DEVICES", "DTYPES", "LoadedModel", "auto_quantize",
+__all__ = ["BF16_CPU_CAPABILITIES", "LoadedModel", "auto_quantize",
            "cpu_capability", "load_model", "quantize_and_reason", "resolve_device", "resolve_dtype",
            "resolve_quantize"]
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -67,11 +66,7 @@ _cache_lock = threading.Lock()
 
 def resolve_device(device: str | None) -> str:
     """``auto`` picks cuda, then mps, then cpu."""
-    device = (device or "auto").lower()
-    if device.split(":")[0] not in DEVICES:
-        raise InvalidRequestError(
-            f"device {device!r} is not supported; use one of {', '.join(DEVICES)}"
-        )
+    device = check_device(device) or "auto"
     import torch
 
     if device == "auto":
@@ -92,10 +87,7 @@ def resolve_device(device: str | None) -> str:
 def resolve_dtype(dtype: str | None, device: str, capability: str | None = None) -> str:
     """``auto``: bfloat16 where the device computes it well, else float32. ``capability``
     stands in for this CPU's (``cpu_capability()``), to decide for another kind of CPU."""
-    dtype = (dtype or "auto").lower()
-    if dtype not in DTYPES:
-        raise InvalidRequestError(f"dtype {dtype!r} is not supported; use one of "
-                                  f"{', '.join(DTYPES)}")
+    dtype = check_dtype(dtype) or "auto"
     if dtype != "auto":
         return dtype
     import torch
@@ -132,12 +124,7 @@ def resolve_quantize(quantize: str | None, device: str, path: Path,
 def quantize_and_reason(quantize: str | None, device: str, path: Path,
                         capability: str | None = None) -> tuple[str, str]:
     """``resolve_quantize``'s choice and why (``auto_quantize``'s reason, or "asked for")."""
-    from .quantize import QUANTIZE
-
-    quant = (quantize or "auto").lower()
-    if quant not in QUANTIZE:
-        raise InvalidRequestError(f"quantize {quantize!r} is not supported; use one of "
-                                  f"{', '.join(QUANTIZE)}", param="quantize")
+    quant = check_quantize(quantize) or "auto"
     return (quant, "asked for") if quant != "auto" else auto_quantize(device, path, capability)
 
 

@@ -12,14 +12,12 @@ import functools
 from typing import Any
 
 from ..errors import InvalidRequestError
+from ..settings import check_quantize
 from .kernels import INT4_GROUP, int4_mm, int8_mm
 
-__all__ = ["EMBEDDING_PARTS", "INT4_GROUP", "QUANTIZE", "int4_embedding_from_codes",
+__all__ = ["EMBEDDING_PARTS", "INT4_GROUP", "int4_embedding_from_codes",
            "int4_linear_from_codes", "pack_linear", "packs_as_int4", "quantize_model",
            "restore_embedding", "restore_linear"]
-
-QUANTIZE = ("auto", "none", "int8", "int4")
-
 
 ROWS_AT_ONCE = 1024  # rows packed at a time: the float32 working copy stays small (a
 # multiple of 64, the packed int4 layout's row block, so packed slices concatenate)
@@ -247,9 +245,8 @@ def quantize_model(model: Any, mode: str, device: str) -> int:
     """Replace every Linear layer in place; returns how many were quantised."""
     if mode == "none":
         return 0
-    if mode not in QUANTIZE or mode == "auto":  # auto is resolved by the loader
-        raise InvalidRequestError(f"quantize {mode!r} is not supported; use one of "
-                                  f"{', '.join(QUANTIZE)}")
+    if check_quantize(mode) == "auto":  # the loader resolves auto before this
+        raise InvalidRequestError("quantize_model takes a resolved mode, not 'auto'")
     if device != "cpu":
         raise InvalidRequestError(f"quantize={mode} runs on the CPU; on {device} use "
                                   "quantize='none' (GPUs have the memory bandwidth for bf16)")
