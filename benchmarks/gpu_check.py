@@ -49,7 +49,8 @@ def batch_speed(device: str, streams: int = 8, tokens: int = 96) -> dict[str, ob
     from openweight.local.engine import LocalEngine, collect
     from openweight.options import GenerationOptions
     from openweight.store import ensure_model
-    from openweight.types import ChatResult, to_messages
+    from openweight.types import ChatResult
+    from openweight.wire import to_messages
 
     engine = LocalEngine(ensure_model(None)[1], device=device)
     options = GenerationOptions.from_kwargs({"temperature": 0, "max_tokens": tokens})

@@ -21,7 +21,8 @@ from openweight.local import LocalEngine, collect, unload_all
 from openweight.local.batching import Batching
 from openweight.local.engine import TokenSource, default_source
 from openweight.options import GenerationOptions
-from openweight.types import ChatResult, to_messages
+from openweight.types import ChatResult
+from openweight.wire import to_messages
 
 from conftest import (
     CHATML,

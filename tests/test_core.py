@@ -62,7 +62,7 @@ def test_messages_as_dataclasses_and_generate(tiny_model: Path) -> None:
 
 def test_max_tokens_gives_length_and_exact_usage(tiny_model: Path) -> None:
     client = Client(str(tiny_model))
-    prompt_ids = client._get_backend().encode(openweight.types.to_messages(HI))  # type: ignore[attr-defined]
+    prompt_ids = client._get_backend().encode(openweight.wire.to_messages(HI))  # type: ignore[attr-defined]
     result = client.chat(HI, max_tokens=7, temperature=0)
     assert result.finish_reason == "length"
     assert result.usage.completion_tokens == 7

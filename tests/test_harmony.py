@@ -15,7 +15,7 @@ from openweight.cli import main
 from openweight.harmony import HarmonyParser, harmony_token_ids
 from openweight.local import loader, memory
 from openweight.options import GenerationOptions
-from openweight.types import to_messages
+from openweight.wire import to_messages
 
 from conftest import scripted_generate
 

@@ -13,7 +13,7 @@ from openweight.local.engine import resolved_settings, sampling_settings
 from openweight.local.thinking import ThinkParser
 from openweight.options import GenerationOptions
 from openweight.store import CATALOG
-from openweight.types import to_messages
+from openweight.wire import to_messages
 
 from conftest import scripted_generate, token_ids
 

@@ -13,7 +13,7 @@ import pytest
 from openweight import Client, InvalidRequestError
 from openweight.local.constrain import closed_objects
 from openweight.options import GenerationOptions
-from openweight.types import to_messages
+from openweight.wire import to_messages
 
 from conftest import WEATHER, scripted_generate, token_ids
 

@@ -27,11 +27,11 @@ from .settings import (
     is_path,
     keep_alive_seconds,
 )
-from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo, to_messages
+from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo
+from .wire import CHAT_ONLY_OPTIONS, to_messages
 
 __all__ = ["AsyncClient", "AsyncStream", "Backend", "Client", "Stream"]
 
-CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
 T = TypeVar("T")
 
 

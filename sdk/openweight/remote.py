@@ -17,13 +17,13 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import EventSource
 
+from . import wire
 from .errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -35,176 +35,13 @@ from .errors import (
     RemoteTimeoutError,
 )
 from .options import GenerationOptions
-from .types import ChatResult, Chunk, FinishReason, Message, ModelInfo, ToolCall, Usage
+from .types import ChatResult, Chunk, Message, ModelInfo
 
-__all__ = ["RemoteBackend", "StreamParser"]
+__all__ = ["RemoteBackend"]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 INVALID_STATUSES = frozenset({400, 413, 422})
 MAX_RETRY_AFTER = 30.0
-_FINISH: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls",
-                                    "function_call": "tool_calls"}
-
-
-def _finish(value: object) -> FinishReason:
-    """Servers say stop, eos, end_turn, content_filter...: all but these two mean "stop"."""
-    return _FINISH.get(value, "stop") if isinstance(value, str) else "stop"
-
-
-def _usage(value: object) -> Usage | None:
-    if not isinstance(value, Mapping):
-        return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    return Usage(prompt_tokens=prompt if isinstance(prompt, int) else 0,
-                 completion_tokens=completion if isinstance(completion, int) else 0)
-
-
-def _arguments(raw: object) -> Mapping[str, Any]:
-    """Tool call arguments arrive as a JSON string (OpenAI) or an object (Ollama)."""
-    if isinstance(raw, Mapping):
-        return dict(raw)
-    if not isinstance(raw, str) or not raw.strip():
-        return {}
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {"_raw": raw}  # the model wrote invalid JSON: keep it rather than lose it
-    return value if isinstance(value, dict) else {"_raw": raw}
-
-
-def _tool_calls(raw: object) -> tuple[ToolCall, ...]:
-    if not isinstance(raw, list):
-        return ()
-    calls = []
-    for i, c in enumerate(raw):
-        fn = c.get("function") if isinstance(c, Mapping) else None
-        if isinstance(fn, Mapping):
-            calls.append(ToolCall(id=str(c.get("id") or f"call_{i}"), name=str(fn.get("name")),
-                                  arguments=_arguments(fn.get("arguments"))))
-    return tuple(calls)
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def error_message(body: object, fallback: str = "") -> str:
-    """The human message in an error body, whatever shape the server uses."""
-    if isinstance(body, Mapping):
-        err = body.get("error", body)
-        if isinstance(err, str):
-            return err
-        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
-            return str(err["message"])
-        detail = body.get("detail")  # FastAPI: a string, or a list of validation errors
-        if isinstance(detail, str):
-            return detail
-        if isinstance(detail, list):
-            return "; ".join(
-                f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg')}"
-                if isinstance(d, Mapping) else str(d) for d in detail)
-    return fallback.strip()[:500]
-
-
-@dataclass
-class _PartialCall:
-    id: str = ""
-    name: str = ""
-    arguments: str = ""
-
-
-@dataclass
-class StreamParser:
-    """Turns the events of one chat completion stream into Chunks.
-
-    Accepts what real servers send: ``reasoning_content`` or ``reasoning`` deltas, usage
-    in a last chunk with no choices, tool calls in fragments, no ``[DONE]`` at the end,
-    and ``{"error": ...}`` events. Text is passed on at once; the finish reason, usage
-    and tool calls go out in one final Chunk from ``finish()``.
-    """
-
-    raise_error: Callable[[Mapping[str, Any]], OpenWeightError]
-    done: bool = False
-    finish_reason: FinishReason | None = None
-    usage: Usage | None = None
-    calls: dict[int, _PartialCall] = field(default_factory=dict)
-    slots: dict[int, int] = field(default_factory=dict)  # a reused index -> its latest call
-
-    def feed(self, event: ServerSentEvent) -> Chunk | None:
-        data = event.data.strip()
-        if not data or self.done:
-            return None
-        if data == "[DONE]":
-            self.done = True
-            return None
-        try:
-            payload = json.loads(data)
-        except ValueError as exc:
-            raise RemoteError(f"the server sent an event that is not JSON: {data[:200]!r}") \
-                from exc
-        if not isinstance(payload, Mapping):
-            return None
-        if event.event == "error" or payload.get("error") is not None:
-            raise self.raise_error(payload)
-        self.usage = _usage(payload.get("usage")) or self.usage
-        choices = payload.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-            return None
-        choice = choices[0]
-        if choice.get("finish_reason") is not None:
-            self.finish_reason = _finish(choice["finish_reason"])
-        delta = choice.get("delta") or choice.get("message") or {}
-        if not isinstance(delta, Mapping):
-            return None
-        for i, raw in enumerate(delta.get("tool_calls") or ()):
-            self._add_call(i, raw)
-        text = _text(delta.get("content")) or _text(choice.get("text"))  # or /completions
-        reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
-        return Chunk(text=text, reasoning=reasoning) if text or reasoning else None
-
-    def _add_call(self, position: int, raw: object) -> None:
-        if not isinstance(raw, Mapping):
-            return
-        wire, call_id = raw.get("index"), _text(raw.get("id"))
-        wire = wire if isinstance(wire, int) else position  # older Ollama sends no index
-        index = self.slots.get(wire, wire)
-        taken = self.calls.get(index)
-        if call_id and taken is not None and taken.id not in ("", call_id):
-            # Ollama gives every call index 0: a new id is a new call, and so are the
-            # fragments after it at that index
-            same = [i for i, p in self.calls.items() if p.id == call_id]
-            index = self.slots[wire] = same[0] if same else max(self.calls) + 1
-        part = self.calls.setdefault(index, _PartialCall())
-        part.id = part.id or call_id
-        fn = raw.get("function")
-        if isinstance(fn, Mapping):
-            name = _text(fn.get("name"))
-            if name != part.name:  # some servers repeat the whole name in every fragment
-                part.name += name
-            args = fn.get("arguments")
-            part.arguments += json.dumps(args) if isinstance(args, Mapping) else _text(args)
-
-    def finish(self, url: str) -> Chunk:
-        """The final chunk; a stream that just stopped, with no sign of an end, is an error."""
-        if not self.done and self.finish_reason is None:
-            raise RemoteConnectionError(f"the stream from {url} ended before the answer was "
-                                        "complete; the server may have crashed or restarted")
-        calls = tuple(ToolCall(id=p.id or f"call_{i}", name=p.name,
-                               arguments=_arguments(p.arguments))
-                      for i, p in sorted(self.calls.items()))
-        finish = self.finish_reason or "stop"
-        return Chunk(tool_calls=calls, finish_reason="tool_calls" if calls else finish,
-                     usage=self.usage or Usage(0, 0))
-
-
-def _result_chunks(result: ChatResult) -> Iterator[Chunk]:
-    """A whole answer as a stream (for servers that answer a stream request with JSON)."""
-    if result.text or result.reasoning:
-        yield Chunk(text=result.text, reasoning=result.reasoning or "")
-    yield Chunk(tool_calls=result.tool_calls, finish_reason=result.finish_reason,
-                usage=result.usage)
-
-
 class _RemoteLogic:
     """Everything about the protocol that does no I/O."""
 
@@ -255,22 +92,6 @@ class _RemoteLogic:
         accept = {"Accept": "text/event-stream"} if stream else None
         return client.build_request(method, path, json=body, headers=accept)
 
-    def _chat_body(self, model: str, messages: list[Message], options: GenerationOptions,
-                   stream: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "messages": [_wire(m) for m in messages]}
-        body.update(options.to_dict())
-        if isinstance(body.get("thinking"), bool):  # how vLLM, SGLang and llama.cpp take it
-            body["chat_template_kwargs"] = {"enable_thinking": body["thinking"]}
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-    @staticmethod
-    def _completion_body(model: str, prompt: str, options: GenerationOptions) -> dict[str, Any]:
-        return {"model": model, "prompt": prompt, **options.to_dict(), "stream": True,
-                "stream_options": {"include_usage": True}}
-
     # -- answers -------------------------------------------------------------------------
 
     def _json(self, response: httpx.Response) -> Any:
@@ -279,28 +100,6 @@ class _RemoteLogic:
         except ValueError as exc:
             raise RemoteError(f"{response.request.url} answered with something that is not "
                               f"JSON: {response.text[:200]!r}") from exc
-
-    def _parse_chat(self, data: Any, model: str) -> ChatResult:
-        try:
-            choice = data["choices"][0]
-            message = choice.get("message")
-            if message is None and isinstance(choice.get("text"), str):  # /completions
-                message = {"content": choice["text"]}
-            if not isinstance(message, Mapping):
-                raise TypeError(type(message).__name__)
-        except (KeyError, IndexError, TypeError) as exc:
-            raise RemoteError(f"the server's answer has no choices[0].message: "
-                              f"{str(data)[:200]}") from exc
-        calls = _tool_calls(message.get("tool_calls"))
-        reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
-        return ChatResult(
-            text=_text(message.get("content")),
-            reasoning=reasoning or None,
-            tool_calls=calls,
-            finish_reason="tool_calls" if calls else _finish(choice.get("finish_reason")),
-            usage=_usage(data.get("usage")) or Usage(0, 0),
-            model=_text(data.get("model")) or model,
-        )
 
     def _parse_models(self, data: Any) -> list[ModelInfo]:
         items = data.get("data") if isinstance(data, Mapping) else data
@@ -318,8 +117,8 @@ class _RemoteLogic:
         self._model = models[0].name
         return self._model
 
-    def _stream_parser(self) -> StreamParser:
-        return StreamParser(raise_error=self._event_error)
+    def _stream_parser(self) -> wire.StreamParser:
+        return wire.StreamParser(raise_error=self._event_error)
 
     # -- failures ------------------------------------------------------------------------
 
@@ -328,7 +127,7 @@ class _RemoteLogic:
             body: object = json.loads(body_text)
         except ValueError:
             body = None
-        message = error_message(body, body_text) or f"HTTP {status}"
+        message = wire.error_message(body, body_text) or f"HTTP {status}"
         err = body.get("error") if isinstance(body, Mapping) else None
         code = err.get("code") if isinstance(err, Mapping) else None
         where = f"{url} answered {status}: {message}"
@@ -381,14 +180,6 @@ class _RemoteLogic:
         except ValueError:
             delay: float = self.retry_base_delay * 2**attempt
             return min(delay * (0.75 + random.random() / 2), MAX_RETRY_AFTER)
-
-
-def _wire(message: Message) -> dict[str, Any]:
-    """A message as OpenAI's API wants it (tool call arguments as a JSON string)."""
-    out = message.to_dict()
-    for call in out.get("tool_calls", ()):
-        call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
-    return out
 
 
 class _SyncChunks(Iterator[Chunk]):
@@ -501,20 +292,20 @@ class RemoteBackend(_RemoteLogic):
     def chat(self, messages: list[Message], options: GenerationOptions) -> ChatResult:
         model = self.name
         data = self._get_json("POST", "chat/completions",
-                              self._chat_body(model, messages, options, stream=False))
-        return self._parse_chat(data, model)
+                              wire.chat_body(model, messages, options, stream=False))
+        return wire.result_from_json(data, model)
 
     def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[Chunk]:
         """Send the request now (so errors raise here); iterate the returned chunks."""
         model = self.name
-        body = self._chat_body(model, messages, options, stream=True)
+        body = wire.chat_body(model, messages, options, stream=True)
         return self._open_stream("chat/completions", body, model)
 
     def complete(self, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
         """Continue raw text through the server's legacy completions API."""
         model = self.name
         try:
-            return self._open_stream("completions", self._completion_body(model, prompt, options),
+            return self._open_stream("completions", wire.completion_body(model, prompt, options),
                                      model)
         except RemoteStatusError as exc:
             if exc.status_code not in (404, 405, 501):
@@ -538,11 +329,11 @@ class RemoteBackend(_RemoteLogic):
         try:
             if not _is_sse(response):
                 response.read()
-                yield from _result_chunks(self._parse_chat(self._json(response), model))
+                yield from wire.result_chunks(wire.result_from_json(self._json(response), model))
                 return
             parser = self._stream_parser()
             for event in EventSource(response).iter_sse():
-                chunk = parser.feed(event)
+                chunk = parser.feed(event.event, event.data)
                 if chunk is not None:
                     yield chunk
                 if parser.done:
@@ -591,25 +382,26 @@ class RemoteBackend(_RemoteLogic):
     async def achat(self, messages: list[Message], options: GenerationOptions) -> ChatResult:
         model = await self._aname()
         data = await self._aget_json("POST", "chat/completions",
-                                     self._chat_body(model, messages, options, stream=False))
-        return self._parse_chat(data, model)
+                                     wire.chat_body(model, messages, options, stream=False))
+        return wire.result_from_json(data, model)
 
     async def astream(self, messages: list[Message],
                       options: GenerationOptions) -> AsyncIterator[Chunk]:
         """An async generator of chunks; ``aclose()`` closes the HTTP response."""
         model = await self._aname()
-        body = self._chat_body(model, messages, options, stream=True)
+        body = wire.chat_body(model, messages, options, stream=True)
         async with httpx.AsyncClient(**self._client_kwargs()) as client:
             response = await self._asend(client, "POST", "chat/completions", body, stream=True)
             try:
                 if not _is_sse(response):
                     await response.aread()
-                    for whole in _result_chunks(self._parse_chat(self._json(response), model)):
+                    result = wire.result_from_json(self._json(response), model)
+                    for whole in wire.result_chunks(result):
                         yield whole
                     return
                 parser = self._stream_parser()
                 async for event in EventSource(response).aiter_sse():
-                    chunk = parser.feed(event)
+                    chunk = parser.feed(event.event, event.data)
                     if chunk is not None:
                         yield chunk
                     if parser.done:

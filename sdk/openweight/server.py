@@ -16,22 +16,20 @@ import re
 import socket
 import sys
 import threading
-import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, suppress
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from . import wire
 from .errors import (
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
     OpenWeightError,
 )
-from .options import OPTION_SPECS, GenerationOptions
-from .types import Chunk, FinishReason, Message, ToolCall, Usage, to_messages
+from .options import GenerationOptions
+from .types import Chunk, Message
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -44,7 +42,6 @@ __all__ = ["ApiError", "add_serve_parser", "cmd_serve", "create_app"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions API
-CHAT_FIELDS = ("tools", "tool_choice", "response_format")  # chat completions only
 GENERATION_THREADS = 64
 log = logging.getLogger("openweight.server")
 
@@ -62,8 +59,7 @@ class ApiError(Exception):
         self.code = code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return wire.error_body(self.message, self.type, self.param, self.code)
 
 
 def api_error(exc: BaseException, param: str | None = None) -> ApiError:
@@ -84,125 +80,6 @@ def api_error(exc: BaseException, param: str | None = None) -> ApiError:
 def _param_of(exc: BaseException, default: str | None) -> str | None:
     """The request field the SDK's error names, else ``default``."""
     return getattr(exc, "param", None) or default
-
-
-# -- parsing requests: plain JSON checked by hand, so every mistake is a clear 400 ---------
-
-def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
-           what: str) -> Any:
-    value = body.get(name)
-    if value is not None and ((isinstance(value, bool) and kind is not bool)
-                              or not isinstance(value, kind)):
-        raise ApiError(400, f"'{name}' must be {what}, got {type(value).__name__}", param=name)
-    return value
-
-
-def parse_options(body: Mapping[str, Any], default_max_tokens: int | None,
-                  chat: bool = False) -> GenerationOptions:
-    """The options of a request, validated where the SDK validates them. ``chat`` adds
-    tools, tool_choice and response_format."""
-    raw: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens")
-    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
-    for name in (*OPTION_SPECS, *(CHAT_FIELDS if chat else ())):
-        value = max_tokens if name == "max_tokens" else body.get(name)
-        if value is not None:
-            raw[name] = value
-    if chat:  # accepted for OpenAI clients that always send it; several calls may still come
-        _field(body, "parallel_tool_calls", bool, "true or false")
-    if body.get("stop") is not None:
-        raw["stop"] = body["stop"]
-    template_kwargs = body.get("chat_template_kwargs")  # vLLM's way to switch thinking
-    if ("thinking" not in raw and isinstance(template_kwargs, Mapping)
-            and template_kwargs.get("enable_thinking") is not None):
-        raw["thinking"] = template_kwargs["enable_thinking"]
-    if "max_tokens" not in raw and default_max_tokens is not None:
-        raw["max_tokens"] = default_max_tokens
-    for name, value in raw.items():  # one at a time, to name the parameter that is wrong
-        try:
-            GenerationOptions.from_kwargs({name: value})
-        except InvalidRequestError as exc:
-            raise ApiError(400, str(exc), param=name) from exc
-    n = _field(body, "n", int, "an integer")
-    if n is not None and n != 1:
-        raise ApiError(400, "only n=1 is supported; send several requests instead", param="n")
-    return GenerationOptions.from_kwargs(raw)
-
-
-def _content(value: object, i: int) -> str:
-    """Message content: a string, or OpenAI's list of text parts."""
-    if value is None or isinstance(value, str):
-        return value or ""
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not (isinstance(part, Mapping) and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)):
-                raise ApiError(400, f"messages[{i}].content has a part that is not text; this "
-                               "server takes text only", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
-                   param="messages")
-
-
-def parse_messages(body: Mapping[str, Any]) -> list[Message]:
-    raw = body.get("messages")
-    if not isinstance(raw, list):
-        raise ApiError(400, "'messages' is required: a list of {role, content} objects",
-                       param="messages")
-    items: list[Message | Mapping[str, Any]] = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, Mapping):
-            raise ApiError(400, f"messages[{i}] must be an object", param="messages")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        item = {**m, "role": role, "content": _content(m.get("content"), i)}
-        calls = _tool_calls(m.get("tool_calls"), i)
-        if calls:  # an assistant turn that called tools, for the chat template to show
-            reasoning = m.get("reasoning_content", m.get("reasoning"))
-            items.append(Message(role=str(role), content=item["content"], tool_calls=calls,
-                                 reasoning=reasoning if isinstance(reasoning, str) else None))
-        else:
-            items.append(item)
-    try:
-        return to_messages(items)
-    except InvalidRequestError as exc:
-        raise ApiError(400, str(exc), param="messages") from exc
-
-
-def _tool_call(call: object) -> ToolCall | None:
-    fn = call.get("function") if isinstance(call, Mapping) else None
-    if not isinstance(call, Mapping) or not isinstance(fn, Mapping):
-        return None
-    args = fn.get("arguments") or "{}"
-    try:
-        args = json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        return None
-    if not isinstance(args, dict) or not isinstance(fn.get("name"), str):
-        return None
-    return ToolCall(id=str(call.get("id") or ""), name=fn["name"], arguments=args)
-
-
-def _tool_calls(raw: object, i: int) -> tuple[ToolCall, ...]:
-    """OpenAI's tool_calls of an assistant message (arguments as a JSON string)."""
-    if raw is None:
-        return ()
-    calls = [_tool_call(c) for c in raw] if isinstance(raw, list) else [None]
-    if None in calls:
-        raise ApiError(400, f"messages[{i}].tool_calls must be a list of {{id, type, function: "
-                       "{name, arguments}}} with arguments a JSON object", param="messages")
-    return tuple(c for c in calls if c is not None)
-
-
-def parse_prompt(body: Mapping[str, Any]) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' is required: a string (or a list of one string)",
-                       param="prompt")
-    return prompt
 
 
 # -- models: the served default, or any installed/catalog model by name -------------------
@@ -279,139 +156,6 @@ class ModelPool:
         return names
 
 
-# -- the answer: OpenAI's chat and completion shapes --------------------------------------
-
-@dataclass
-class Answer:
-    """What the chunks of one request add up to."""
-
-    text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: FinishReason = "stop"
-    usage: Usage = field(default_factory=lambda: Usage(0, 0))
-
-    def add(self, chunk: Chunk) -> None:
-        self.text.append(chunk.text)
-        self.reasoning.append(chunk.reasoning)
-        self.tool_calls.extend(chunk.tool_calls)
-        if chunk.finish_reason is not None:
-            self.finish_reason = chunk.finish_reason
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
-
-
-def _calls(calls: list[ToolCall] | tuple[ToolCall, ...],
-           start: int | None = None) -> list[dict[str, Any]]:
-    """OpenAI's tool_calls; a stream's deltas number them from ``start``."""
-    return [{**({"index": start + i} if start is not None else {}), "id": c.id,
-             "type": "function",
-             "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
-            for i, c in enumerate(calls)]
-
-
-class Shape:
-    """How the chunks of one request are written out (chat completions)."""
-
-    object = "chat.completion"
-    prefix = "chatcmpl"
-
-    def __init__(self, model: str, include_usage: bool = False) -> None:
-        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.model = model
-        self.include_usage = include_usage
-        self.calls_sent = 0  # tool call indexes run on across the chunks of a stream
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-               "choices": choices}
-        if self.include_usage:
-            out["usage"] = None
-        return out
-
-    def first(self) -> dict[str, Any] | None:
-        return self._envelope(self.object + ".chunk", [
-            {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-             "finish_reason": None}])
-
-    def _event(self, delta: dict[str, Any], finish: FinishReason | None) -> dict[str, Any]:
-        return self._envelope(self.object + ".chunk", [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-
-    def events(self, chunk: Chunk) -> list[dict[str, Any]]:
-        """The events of one chunk: its delta, then (as OpenAI does) the finish on its own."""
-        delta: dict[str, Any] = {}
-        if chunk.reasoning:
-            delta["reasoning_content"] = chunk.reasoning
-        if chunk.text:
-            delta["content"] = chunk.text
-        if chunk.tool_calls:  # whole calls, arguments as a JSON string, as OpenAI streams them
-            delta["tool_calls"] = _calls(chunk.tool_calls, start=self.calls_sent)
-            self.calls_sent += len(chunk.tool_calls)
-        out = [self._event(delta, None)] if delta else []
-        if chunk.finish_reason is not None:
-            out.append(self._event({}, chunk.finish_reason))
-        return out
-
-    def usage_event(self, usage: Usage) -> dict[str, Any]:
-        out = self._envelope(self.object + ".chunk", [])
-        out["usage"] = _usage(usage)
-        return out
-
-    def whole(self, answer: Answer) -> dict[str, Any]:
-        text = "".join(answer.text)  # null beside tool calls, as OpenAI answers
-        message: dict[str, Any] = {"role": "assistant",
-                                   "content": None if answer.tool_calls and not text else text}
-        reasoning = "".join(answer.reasoning)
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if answer.tool_calls:
-            message["tool_calls"] = _calls(answer.tool_calls)
-        return {"id": self.id, "object": self.object, "created": self.created,
-                "model": self.model, "choices": [{"index": 0, "message": message,
-                                                  "logprobs": None,
-                                                  "finish_reason": answer.finish_reason}],
-                "usage": _usage(answer.usage)}
-
-
-class CompletionShape(Shape):
-    """The legacy completions API: ``choices[0].text``."""
-
-    object = "text_completion"
-    prefix = "cmpl"
-
-    def first(self) -> dict[str, Any] | None:
-        return None
-
-    def events(self, chunk: Chunk) -> list[dict[str, Any]]:
-        if not chunk.text and chunk.finish_reason is None:
-            return []
-        return [self._envelope(self.object, [{"index": 0, "text": chunk.text, "logprobs": None,
-                                              "finish_reason": chunk.finish_reason}])]
-
-    def usage_event(self, usage: Usage) -> dict[str, Any]:
-        out = self._envelope(self.object, [])
-        out["usage"] = _usage(usage)
-        return out
-
-    def whole(self, answer: Answer) -> dict[str, Any]:
-        return {"id": self.id, "object": self.object, "created": self.created,
-                "model": self.model, "choices": [{"index": 0, "text": "".join(answer.text),
-                                                  "logprobs": None,
-                                                  "finish_reason": answer.finish_reason}],
-                "usage": _usage(answer.usage)}
-
-
-def _sse(data: object) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
 def _stop(it: Iterator[Chunk], idle: threading.Event) -> None:
     """Stop a generation and wait for its thread, even while a token is being awaited."""
     close = getattr(it, "close", lambda: None)
@@ -448,10 +192,8 @@ def _open_chat(client: "Client", messages: list[Message], options: GenerationOpt
 
 def _open_completion(client: "Client", prompt: str, options: GenerationOptions,
                      batch: "Batching | None") -> Iterator[Chunk]:
-    from .client import CHAT_ONLY_OPTIONS
-
     engine = _local_engine(client, batch)
-    chat_only = any(options.to_dict().get(name) is not None for name in CHAT_ONLY_OPTIONS)
+    chat_only = any(options.to_dict().get(name) is not None for name in wire.CHAT_ONLY_OPTIONS)
     if engine is None or batch is None or chat_only:  # the client explains what is wrong
         return client.stream_complete(prompt, **options.to_dict())
     return engine.complete(prompt, options, source=batch.source)
@@ -545,7 +287,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         return body
 
     async def get_client(body: Mapping[str, Any]) -> "Client":
-        name = _field(body, "model", str, "a string")
+        name = wire.model_from_json(body)
         try:
             client: Client = await in_thread(pool.get, name)
         except OpenWeightError as exc:
@@ -584,13 +326,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_stop, it, idle)
 
-    def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
-        stream = _field(body, "stream", bool, "true or false")
-        stream_options = _field(body, "stream_options", dict, "an object") or {}
-        include_usage = _field(stream_options, "include_usage", bool, "true or false")
-        return bool(stream), bool(stream and include_usage)
-
-    async def respond(request: Request, stream: bool, shape: Shape,
+    async def respond(request: Request, stream: bool, shape: wire.ChatShape,
                       open_stream: Callable[[], Iterator[Chunk]], param: str) -> Response:
         try:
             it: Iterator[Chunk] = await in_thread(open_stream)  # validates; may load the model
@@ -599,7 +335,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
         except OpenWeightError as exc:  # a prompt too long for the context window, ...
             raise api_error(exc, param=param) from exc
         if not stream:
-            answer = Answer()
+            answer = wire.Answer()
             async with aclosing(chunks(it, request)) as gen:
                 async for chunk in gen:
                     answer.add(chunk)
@@ -609,20 +345,20 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
             try:
                 first = shape.first()
                 if first is not None:
-                    yield _sse(first)
+                    yield wire.sse(first)
                 usage = None
                 async with aclosing(chunks(it, request)) as gen:
                     async for chunk in gen:
                         usage = chunk.usage or usage
                         for event in shape.events(chunk):
-                            yield _sse(event)
+                            yield wire.sse(event)
                 if shape.include_usage and usage is not None:
-                    yield _sse(shape.usage_event(usage))
+                    yield wire.sse(shape.usage_event(usage))
                 yield "data: [DONE]\n\n"
             except Exception as exc:  # headers are sent: the error goes out as an event
                 if not isinstance(exc, OpenWeightError | ApiError):
                     log.exception("error while streaming an answer")
-                yield _sse(api_error(exc).body())
+                yield wire.sse(api_error(exc).body())
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
@@ -642,11 +378,11 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request)
-        messages = parse_messages(body)
-        options = parse_options(body, None, chat=True)
-        stream, include_usage = stream_flags(body)
+        messages = wire.messages_from_json(body)
+        options = wire.options_from_json(body, None, chat=True)
+        stream, include_usage = wire.stream_flags(body)
         client = await get_client(body)
-        shape = Shape(client.model, include_usage)
+        shape = wire.ChatShape(client.model, include_usage)
         return await respond(request, stream, shape,
                              lambda: _open_chat(client, messages, options, app.state.batching),
                              "messages")
@@ -654,11 +390,11 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     @v1.post("/completions")
     async def completions(request: Request) -> Response:
         body = await read_body(request)
-        prompt = parse_prompt(body)
-        options = parse_options(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        stream, include_usage = stream_flags(body)
+        prompt = wire.prompt_from_json(body)
+        options = wire.options_from_json(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        stream, include_usage = wire.stream_flags(body)
         client = await get_client(body)
-        shape = CompletionShape(client.model, include_usage)
+        shape = wire.CompletionShape(client.model, include_usage)
         return await respond(request, stream, shape,
                              lambda: _open_completion(client, prompt, options,
                                                       app.state.batching),

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from .errors import InvalidRequestError
 
 __all__ = [
     "ChatResult",
@@ -18,7 +15,6 @@ __all__ = [
     "ModelInfo",
     "ToolCall",
     "Usage",
-    "to_messages",
 ]
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -113,68 +109,3 @@ class ModelInfo:
 
 
 MessageInput = Message | Mapping[str, Any]
-
-
-def _tool_calls(value: object, i: int) -> tuple[ToolCall, ...]:
-    """OpenAI-style tool calls of an assistant message (arguments as a JSON string or dict)."""
-    if not value:
-        return ()
-    calls: list[ToolCall] = []
-    for call in value if isinstance(value, (list, tuple)) else [value]:
-        fn = call.get("function", call) if isinstance(call, Mapping) else None
-        args = fn.get("arguments", {}) if isinstance(fn, Mapping) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                args = None
-        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not isinstance(
-            args, Mapping
-        ):
-            raise InvalidRequestError(f"messages[{i}]['tool_calls'] must be a list of "
-                                      "{'id', 'function': {'name', 'arguments'}} objects")
-        call_id = call.get("id") if isinstance(call, Mapping) else None
-        calls.append(ToolCall(id=str(call_id or f"call_{i}_{len(calls)}"),
-                              name=fn["name"], arguments=dict(args)))
-    return tuple(calls)
-
-
-def to_messages(messages: object) -> list[Message]:
-    """Validate and normalise a list of dicts or Message objects."""
-    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
-        raise InvalidRequestError(
-            "messages must be a list of {'role': ..., 'content': ...} dicts or Message objects, "
-            f"not {type(messages).__name__}; use generate(prompt) for a plain string"
-        )
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        if isinstance(m, Message):
-            msg = m
-        elif isinstance(m, Mapping):
-            role, content = m.get("role"), m.get("content")
-            if content is None and m.get("tool_calls"):
-                content = ""
-            if not isinstance(content, str):
-                raise InvalidRequestError(
-                    f"messages[{i}]['content'] must be a string, got {type(content).__name__}"
-                )
-            reasoning = m.get("reasoning_content", m.get("reasoning"))
-            msg = Message(
-                role=str(role),
-                content=content,
-                reasoning=reasoning if isinstance(reasoning, str) else None,
-                tool_calls=_tool_calls(m.get("tool_calls"), i),
-                tool_call_id=m.get("tool_call_id"),
-            )
-        else:
-            raise InvalidRequestError(
-                f"messages[{i}] must be a dict or a Message, not {type(m).__name__}"
-            )
-        if msg.role not in ROLES:
-            raise InvalidRequestError(
-                f"messages[{i}] has role {msg.role!r}; use one of {', '.join(ROLES)}"
-            )
-        out.append(msg)
-    if not out:
-        raise InvalidRequestError("messages is empty; give at least one user message")
-    return out

@@ -1,0 +1,251 @@
+"""OpenAI's request JSON <-> the SDK's messages and options.
+
+The one place that reads and writes a chat request: the Client reads its callers' dicts
+here (``to_messages``), the server reads a request body here, and the remote backend
+writes one here. Every mistake is an ``InvalidRequestError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..errors import InvalidRequestError
+from ..options import OPTION_SPECS, GenerationOptions
+from ..types import ROLES, Message, ToolCall
+
+__all__ = [
+    "CHAT_FIELDS",
+    "CHAT_ONLY_OPTIONS",
+    "arguments_from_json",
+    "chat_body",
+    "completion_body",
+    "message_to_json",
+    "messages_from_json",
+    "model_from_json",
+    "options_from_json",
+    "prompt_from_json",
+    "stream_flags",
+    "to_messages",
+    "tool_calls_from_json",
+    "tool_calls_to_json",
+]
+
+CHAT_FIELDS = ("tools", "tool_choice", "response_format")  # chat completions only
+CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
+
+
+# -- tool calls -----------------------------------------------------------------------------
+
+def arguments_from_json(raw: object, *, lenient: bool = False) -> dict[str, Any] | None:
+    """Tool call arguments: a JSON string (OpenAI) or an object (Ollama). None when they
+    are not a JSON object; ``lenient`` (a model's answer) keeps them as ``{"_raw": ...}``
+    rather than lose what the model wrote."""
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return {}
+    value: object = None
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            value = None
+    if isinstance(value, dict):
+        return value
+    return {"_raw": raw} if lenient and isinstance(raw, str) else None
+
+
+def tool_calls_from_json(raw: object, where: str, *,
+                         lenient: bool = False) -> tuple[ToolCall, ...]:
+    """OpenAI's ``tool_calls`` list. In a request a malformed call raises; in an answer
+    (``lenient``) it is skipped, and arguments that are not JSON are kept raw."""
+    if not raw:
+        return ()
+    calls: list[ToolCall] = []
+    for call in raw if isinstance(raw, list | tuple) else [raw]:
+        fn = call.get("function", call) if isinstance(call, Mapping) else None
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        args = arguments_from_json(fn.get("arguments"), lenient=lenient) if isinstance(
+            fn, Mapping) else None
+        if not isinstance(name, str) or args is None:
+            if lenient:
+                continue
+            raise InvalidRequestError(
+                f"{where}.tool_calls must be a list of {{id, type, function: {{name, "
+                "arguments}}} with arguments a JSON object", param="messages")
+        call_id = call.get("id") if isinstance(call, Mapping) else None
+        calls.append(ToolCall(id=str(call_id or f"call_{len(calls)}"), name=name,
+                              arguments=args))
+    return tuple(calls)
+
+
+def tool_calls_to_json(calls: Iterable[ToolCall], start: int | None = None,
+                       ) -> list[dict[str, Any]]:
+    """OpenAI's ``tool_calls`` (arguments as a JSON string); a stream's deltas number them
+    from ``start``."""
+    return [{**({"index": start + i} if start is not None else {}), "id": c.id,
+             "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(dict(c.arguments))}}
+            for i, c in enumerate(calls)]
+
+
+# -- messages -------------------------------------------------------------------------------
+
+def _content(value: object, where: str) -> str:
+    """Message content: a string, or OpenAI's list of text parts."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(
+            isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in value):
+        return "".join(p["text"] for p in value)
+    if isinstance(value, list):
+        raise InvalidRequestError(f"{where}.content has a part that is not text; text parts "
+                                  "only are taken", param="messages")
+    raise InvalidRequestError(f"{where}.content must be a string or a list of text parts, got "
+                              f"{type(value).__name__}", param="messages")
+
+
+def _message(m: Mapping[str, Any], where: str) -> Message:
+    role = "system" if m.get("role") == "developer" else m.get("role")
+    if role not in ROLES:
+        raise InvalidRequestError(f"{where} has role {role!r}; use one of {', '.join(ROLES)}",
+                                  param="messages")
+    reasoning = m.get("reasoning_content", m.get("reasoning"))
+    call_id = m.get("tool_call_id")
+    return Message(role=str(role), content=_content(m.get("content"), where),
+                   reasoning=reasoning if isinstance(reasoning, str) else None,
+                   tool_calls=tool_calls_from_json(m.get("tool_calls"), where),
+                   tool_call_id=call_id if isinstance(call_id, str) else None)
+
+
+def to_messages(messages: object) -> list[Message]:
+    """Validate and normalise a list of OpenAI-style dicts or Message objects."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
+        raise InvalidRequestError(
+            "messages must be a list of {'role': ..., 'content': ...} dicts or Message objects, "
+            f"not {type(messages).__name__}; use generate(prompt) for a plain string",
+            param="messages")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Message):
+            if m.role not in ROLES:
+                raise InvalidRequestError(f"messages[{i}] has role {m.role!r}; use one of "
+                                          f"{', '.join(ROLES)}", param="messages")
+            out.append(m)
+        elif isinstance(m, Mapping):
+            out.append(_message(m, f"messages[{i}]"))
+        else:
+            raise InvalidRequestError(f"messages[{i}] must be a dict or a Message (an object), "
+                                      f"not {type(m).__name__}", param="messages")
+    if not out:
+        raise InvalidRequestError("messages is empty; give at least one user message",
+                                  param="messages")
+    return out
+
+
+def messages_from_json(body: Mapping[str, Any]) -> list[Message]:
+    """A request body's ``messages``."""
+    raw = body.get("messages")
+    if not isinstance(raw, list):
+        raise InvalidRequestError("'messages' is required: a list of {role, content} objects",
+                                  param="messages")
+    return to_messages(raw)
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    """A message as OpenAI's API takes it (tool call arguments as a JSON string)."""
+    out = message.to_dict()
+    if message.tool_calls:
+        out["tool_calls"] = tool_calls_to_json(message.tool_calls)
+    return out
+
+
+# -- options and prompts ----------------------------------------------------------------------
+
+def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
+           what: str) -> Any:
+    """``body[name]`` if it is of ``kind`` (a bool is not a number here), else a 400."""
+    value = body.get(name)
+    if value is not None and ((isinstance(value, bool) and kind is not bool)
+                              or not isinstance(value, kind)):
+        raise InvalidRequestError(f"'{name}' must be {what}, got {type(value).__name__}",
+                                  param=name)
+    return value
+
+
+def options_from_json(body: Mapping[str, Any], default_max_tokens: int | None,
+                      chat: bool = False) -> GenerationOptions:
+    """The options of a request, validated where the SDK validates them. ``chat`` adds
+    tools, tool_choice and response_format."""
+    raw: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    for name in (*OPTION_SPECS, *(CHAT_FIELDS if chat else ()), "stop"):
+        value = max_tokens if name == "max_tokens" else body.get(name)
+        if value is not None:
+            raw[name] = value
+    if chat:  # accepted for OpenAI clients that always send it; several calls may still come
+        _field(body, "parallel_tool_calls", bool, "true or false")
+    template_kwargs = body.get("chat_template_kwargs")  # vLLM's way to switch thinking
+    if ("thinking" not in raw and isinstance(template_kwargs, Mapping)
+            and template_kwargs.get("enable_thinking") is not None):
+        raw["thinking"] = template_kwargs["enable_thinking"]
+    if "max_tokens" not in raw and default_max_tokens is not None:
+        raw["max_tokens"] = default_max_tokens
+    for name, value in raw.items():  # one at a time, to name the parameter that is wrong
+        try:
+            GenerationOptions.from_kwargs({name: value})
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(str(exc), param=name) from exc
+    n = _field(body, "n", int, "an integer")
+    if n is not None and n != 1:
+        raise InvalidRequestError("only n=1 is supported; send several requests instead",
+                                  param="n")
+    return GenerationOptions.from_kwargs(raw)
+
+
+def prompt_from_json(body: Mapping[str, Any]) -> str:
+    """A completions request's ``prompt``: a string, or a list of one string."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequestError("'prompt' is required: a string (or a list of one string)",
+                                  param="prompt")
+    return prompt
+
+
+def stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    """``(stream, include_usage)`` of a request."""
+    stream = _field(body, "stream", bool, "true or false")
+    stream_options = _field(body, "stream_options", dict, "an object") or {}
+    include_usage = _field(stream_options, "include_usage", bool, "true or false")
+    return bool(stream), bool(stream and include_usage)
+
+
+def model_from_json(body: Mapping[str, Any]) -> str | None:
+    name: str | None = _field(body, "model", str, "a string")
+    return name
+
+
+# -- request bodies the remote backend sends ------------------------------------------------
+
+def chat_body(model: str, messages: list[Message], options: GenerationOptions,
+              stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model,
+                            "messages": [message_to_json(m) for m in messages]}
+    body.update(options.to_dict())
+    if isinstance(body.get("thinking"), bool):  # how vLLM, SGLang and llama.cpp take it
+        body["chat_template_kwargs"] = {"enable_thinking": body["thinking"]}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def completion_body(model: str, prompt: str, options: GenerationOptions) -> dict[str, Any]:
+    return {"model": model, "prompt": prompt, **options.to_dict(), "stream": True,
+            "stream_options": {"include_usage": True}}
