@@ -249,17 +249,16 @@ def test_an_error_in_the_batch_reaches_its_requests(url: str, batching: Batching
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from openweight.local.batch_models import BatchModel
 
-    model_class = BatchModel
-    real_step = model_class._step
+    real_logits = BatchModel.logits
     steps = []
 
-    def failing_step(self: Any, **batch: Any) -> Any:
+    def failing_step(self: Any, rows: Any) -> Any:
         steps.append(1)
         if len(steps) == 5:
             raise RuntimeError("the GPU caught fire")
-        return real_step(self, **batch)
+        return real_logits(self, rows)
 
-    monkeypatch.setattr(model_class, "_step", failing_step)
+    monkeypatch.setattr(BatchModel, "logits", failing_step)
     body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0,
             "max_tokens": 50, "stream": True}
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=HANG) as r:
@@ -357,19 +356,18 @@ def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: 
 
     use_kernels(monkeypatch, "own")
     steps: list[dict[str, int]] = []  # per batch step: rows in our one call, op by op
-    step_class = BatchModel
-    real_logits, real_layers = step_class._logits, step_class._layers
+    real_logits, real_layers = BatchModel.logits, BatchModel._layers
 
-    def logits(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def logits(self: Any, rows: Any) -> Any:
         steps.append({"one": 0, "ops": 0})
-        return real_logits(self, *args, **kwargs)
+        return real_logits(self, rows)
 
-    def layers(self: Any, ids: Any, *args: Any, **kwargs: Any) -> Any:
+    def layers(self: Any, ids: Any, *args: Any) -> Any:
         steps[-1]["ops"] += int(ids.shape[0])
-        return real_layers(self, ids, *args, **kwargs)
+        return real_layers(self, ids, *args)
 
-    monkeypatch.setattr(step_class, "_logits", logits)
-    monkeypatch.setattr(step_class, "_layers", layers)
+    monkeypatch.setattr(BatchModel, "logits", logits)
+    monkeypatch.setattr(BatchModel, "_layers", layers)
     alone_rows: list[int] = []
     real = kernels.DecodeStep.__call__
 
@@ -502,7 +500,7 @@ def _answer(engine: LocalEngine, messages: Any, options: GenerationOptions,
 
 
 def test_models_off_the_fast_path_batch_like_they_decode_alone(off_fast: LocalEngine) -> None:
-    from openweight.local.batch_models import ModelBatch
+    from openweight.local.cb_compat import ManagerBatch
 
     engine, lm = off_fast, off_fast.loaded
     requests = _off_fast_requests(engine)
@@ -519,7 +517,7 @@ def test_models_off_the_fast_path_batch_like_they_decode_alone(off_fast: LocalEn
         stats = batch.stats()
         assert stats["batched"] == 2 * len(requests) and stats["single"] == 0
         assert stats["max_rows"] >= 4, "the requests were not decoded together"
-        assert isinstance(batch._batchers[id(lm)]._manager.model, ModelBatch)
+        assert isinstance(batch._batchers[id(lm)], ManagerBatch)  # transformers' manager
         for (result, tokens), (_, options) in zip(alone, requests, strict=True):
             assert result.usage.completion_tokens == len(tokens) <= options.max_tokens
     finally:
@@ -597,9 +595,9 @@ def test_one_attention_call_over_all_requests_as_on_a_gpu(
     single-stream answer; beside others, the call tiles a row's softmax by where its keys
     lie among theirs, which can move a greedy answer by a rounding step, so this asserts
     what that path does keep: every request batched, ended by its own limit or stop."""
-    from openweight.local import batch_models
+    from openweight.local import cb_compat
 
-    monkeypatch.setattr(batch_models, "per_request_attention", lambda name: name)
+    monkeypatch.setattr(cb_compat, "per_request_attention", lambda name: name)
     engine = off_fast
     requests = _off_fast_requests(engine)
     batch = Batching()
@@ -646,9 +644,9 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
         per_layer = 2 * config.num_key_value_heads * config.head_dim
         assert _bytes_per_token(lm) == config.num_hidden_layers * per_layer * \
             lm.model.dtype.itemsize
-        cache = batch._batcher(lm)._manager.batch_processor.cache  # type: ignore[union-attr]
-        assert cache.dtype == lm.model.dtype
-        assert cache.num_blocks * PAGE_SIZE == batch._capacity(lm)
+        dtype, pages = batch._batcher(lm).cache()  # type: ignore[union-attr]
+        assert dtype == lm.model.dtype
+        assert pages * PAGE_SIZE == batch._capacity(lm)
     finally:
         batch.close()
 
@@ -680,9 +678,10 @@ def test_the_batch_stops_with_the_app(tiny_model: Path, env: None) -> None:
         assert _post(server.url, {"messages": [{"role": "user", "content": "hi"}],
                                   "max_tokens": 3})["usage"]["completion_tokens"] == 3
         batchers = list(app.state.batching._batchers.values())
-        assert len(batchers) == 1 and batchers[0]._manager.is_running()
-    assert not batchers[0]._manager.is_running()
-    assert not batchers[0]._dispatcher.is_alive()
+        assert len(batchers) == 1 and batchers[0].running()
+        kv = batchers[0].model.kv  # our scheduler's (the tiny model is on the fast path)
+    assert not batchers[0].running()
+    assert kv.free == kv.pages
 
 
 # -- the real default model -------------------------------------------------------------------

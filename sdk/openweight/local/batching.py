@@ -1,49 +1,37 @@
 """Continuous batching for the server: concurrent requests share each decode step.
 
-transformers' ``ContinuousBatchingManager`` does the batching: its scheduler admits
-requests, splits long prompts into chunks, gives every request pages of a paged KV cache
-(reusing the pages of a shared prefix), and streams each request's tokens as they come.
-What this module adds is the model it batches over (``batch_models.py``), a thin
-``forward(**paged_attention_args)`` run on the model thread (``worker.py``), one of two:
+``Batching`` keeps one batch per loaded model, started at its first request, of one of two
+kinds:
 
-- ``BatchModel``, for the models the fast CPU path takes, is built from that path's own
-  layers (``fast.py``: fused projections, float32 attention). Each row is computed with
-  the same operations as the single-stream path: the quantised matrix products are
-  row-independent and attention runs per request, so a greedy answer is the same token
-  for token whether it was decoded alone, beside seven others, or on the single-stream
-  path.
-- ``ModelBatch``, for every other model (GPUs, other architectures, sliding-window
-  layers, ``OPENWEIGHT_FAST=0``), runs the transformers model's own forward over the
-  paged cache, in the model's dtype and on its device, with the attention the manager
-  sets up for it; on a CPU that attention runs per request, as generate runs it.
+- for the models the fast CPU path takes, our own scheduler (``scheduler.py``): requests
+  admitted into slots, long prompts read in chunks, a paged float32 KV cache
+  (``paged_kv.py``), each step run through the fast path's layers (``batch_models.py``:
+  generated tokens in one call of ours, prompt chunks one operation at a time, attention
+  per request), so a greedy answer is the same token for token whether it was decoded
+  alone, beside seven others, or on the single-stream path;
+- for every other model (GPUs, other architectures, sliding-window layers,
+  ``OPENWEIGHT_FAST=0``), transformers' ``ContinuousBatchingManager`` over the model's own
+  forward (``cb_compat.py``, the one module that reads transformers' internals, gated on
+  the major version it was checked against).
 
-Sampling stays per request: each request gets the single-stream path's own sampler
-(temperature, top_p, top_k, min_p, repetition penalty and its own seeded generator), picked
-inside the forward, and hands the manager a one-hot row to take the argmax of.
+Sampling stays per request either way: each request gets the single-stream path's own
+sampler (temperature, top_p, top_k, min_p, repetition penalty and its own seeded generator).
 
 ``Batching.source`` is a ``TokenSource`` (see ``engine.py``): requests it cannot batch (a
-json_schema, a model transformers' paged cache cannot hold, a request longer than the
-batch cache) go to the engine's ``default_source`` unchanged.
+json_schema, a model the batch cannot hold, a request longer than the batch cache) go to
+the engine's ``default_source`` unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import os
-import queue
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sized
+from typing import Protocol
 
-from ..errors import GenerationError
 from ..options import GenerationOptions
-from . import worker
 from .loader import LoadedModel
-
-if TYPE_CHECKING:
-    from .batch_models import Request
 
 __all__ = ["BATCH_ENV", "Batching", "batching_enabled"]
 
@@ -53,7 +41,6 @@ DEFAULT_KV_MB = 512  # allocated (and touched) when the batch starts
 PAGE_SIZE = 512  # tokens per cache page: a request in one page is read in place
 MAX_BATCH_TOKENS = 512  # tokens per step: longer prompts are prefilled in chunks
 MAX_REQUESTS = 32  # requests decoded together in one step
-POLL_SECONDS = 0.05
 log = logging.getLogger("openweight.batching")
 
 
@@ -61,8 +48,26 @@ def batching_enabled() -> bool:
     return os.environ.get(BATCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+class _Batch(Protocol):
+    """What ``Batching`` asks of a model's batch (``scheduler.Scheduler`` or
+    ``cb_compat.ManagerBatch``)."""
+
+    steps: list[int]  # steps run, most requests given a token in one step
+
+    @property
+    def requests(self) -> Sized:  # the requests in flight
+        ...
+
+    def tokens(self, prompt: list[int], max_new: int, options: GenerationOptions,
+               cancel: threading.Event) -> Iterator[int]: ...
+
+    def running(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
 class Batching:
-    """The continuous batchers of one server: one per loaded model, started on first use.
+    """The continuous batches of one server: one per loaded model, started on first use.
 
     ``source`` is the ``TokenSource`` a server hands the engine; ``close`` stops them all.
     """
@@ -71,8 +76,8 @@ class Batching:
         if kv_bytes is None:
             kv_bytes = int(float(os.environ.get(KV_ENV, DEFAULT_KV_MB)) * 2**20)
         self.kv_bytes = kv_bytes
-        self._batchers: dict[int, _Batcher] = {}
-        self._broken: dict[int, str] = {}  # models whose batcher failed to start, and why
+        self._batchers: dict[int, _Batch] = {}
+        self._broken: dict[int, str] = {}  # models whose batch failed to start, and why
         self._lock = threading.Lock()
         self._closed = False
         self.batched = 0  # requests the batch took
@@ -117,7 +122,7 @@ class Batching:
                 "max_rows": max((b.steps[1] for b in batchers), default=0)}
 
     def close(self) -> None:
-        """Stop every batcher; their requests in flight fail with a GenerationError."""
+        """Stop every batch; their requests in flight fail with a GenerationError."""
         with self._lock:
             self._closed = True
             batchers, self._batchers = list(self._batchers.values()), {}
@@ -132,8 +137,8 @@ class Batching:
         most = MAX_REQUESTS * -(-lm.context_length // PAGE_SIZE)
         return int(min(max(pages, 4), most) * PAGE_SIZE)
 
-    def _batcher(self, lm: LoadedModel) -> _Batcher | None:
-        """The model's batcher, started now if it has none (or its loop died of an error:
+    def _batcher(self, lm: LoadedModel) -> _Batch | None:
+        """The model's batch, started now if it has none (or its loop died of an error:
         the requests it held got that error, later ones get a new loop)."""
         key = id(lm)
         with self._lock:
@@ -143,7 +148,7 @@ class Batching:
                 batcher = None
             if batcher is None and not self._closed and key not in self._broken:
                 try:
-                    batcher = _Batcher(lm, self._capacity(lm))
+                    batcher = _start(lm, self._capacity(lm))
                 except Exception as exc:  # an unsupported transformers version, memory
                     log.warning("openweight: continuous batching is off for %s: %s",
                                 lm.path.name, exc)
@@ -153,11 +158,25 @@ class Batching:
             return batcher
 
 
+def _start(lm: LoadedModel, capacity: int) -> _Batch:
+    """A new batch for the model: our scheduler over the fast path's layers, else
+    transformers' manager over the model's own forward."""
+    sizes = (PAGE_SIZE, MAX_BATCH_TOKENS, MAX_REQUESTS)
+    if lm.fast is not None:
+        from .scheduler import Scheduler
+
+        return Scheduler(lm, capacity // PAGE_SIZE, *sizes)
+    from .cb_compat import ManagerBatch
+
+    return ManagerBatch(lm, capacity, *sizes)
+
+
 def _model_reason(lm: LoadedModel) -> str | None:
     """Why the batch cannot hold this model (None: it can). The fast path's layers need
     full attention everywhere; transformers' own forward runs over its paged cache, which
     holds full and sliding-window attention layers, under one of the attention kernels
-    continuous batching runs (sdpa, eager, flash)."""
+    continuous batching runs (sdpa, eager, flash), on the transformers version
+    ``cb_compat`` was checked against."""
     config = lm.model.config
     if lm.fast is not None:
         layer_types = getattr(config, "layer_types", None)
@@ -181,22 +200,13 @@ def _model_reason(lm: LoadedModel) -> str | None:
     window = getattr(text, "sliding_window", None)
     if "sliding_attention" in kinds and not (isinstance(window, int) and window > 0):
         return "the model has sliding-window layers but no window size"
-    attention = str(getattr(config, "_attn_implementation", None))
-    from .batch_models import PER_REQUEST
+    from . import cb_compat
 
-    if attention.startswith(PER_REQUEST):  # the batch's own, set while a step runs
-        return None
-    flash = attention.startswith("flash_attention")
-    if attention not in _PAGED_ATTENTION and not flash:
-        return f"continuous batching does not run {attention!r} attention"
-    if getattr(text, "attn_logit_softcapping", None) and not flash:
-        return f"transformers' paged {attention} attention does not soft-cap attention logits"
-    return None
+    return cb_compat.unsupported_reason() or cb_compat.attention_reason(config, text)
 
 
-# what transformers' paged cache and continuous batching take (see _model_reason)
+# what transformers' paged cache takes (see _model_reason)
 _PAGED_LAYER_TYPES = ("full_attention", "sliding_attention")
-_PAGED_ATTENTION = ("sdpa", "eager", "paged|eager")
 
 
 def _bytes_per_token(lm: LoadedModel) -> int:
@@ -207,153 +217,6 @@ def _bytes_per_token(lm: LoadedModel) -> int:
     fast = lm.fast
     if fast is not None:
         return int(len(fast.layers) * 2 * fast.kv_heads * fast.head_dim * 4)
-    from transformers.generation.continuous_batching.utils import (
-        find_head_dim,
-        find_num_key_value_heads,
-    )
+    from .cb_compat import bytes_per_token
 
-    text = lm.model.config.get_text_config()
-    return int(text.num_hidden_layers * 2 * find_num_key_value_heads(text)
-               * find_head_dim(text) * lm.model.dtype.itemsize)
-
-
-class _Batcher:
-    """One ContinuousBatchingManager over one loaded model, and the routing of its outputs
-    to the requests' token streams."""
-
-    def __init__(self, lm: LoadedModel, capacity: int) -> None:
-        self.lm = lm
-        self.requests: dict[int, Request] = {}  # by slot, read by the forward
-        self.steps = [0, 0]  # steps run, most requests picked in one step
-        self._queues: dict[str, queue.SimpleQueue[Any]] = {}
-        self._ids = itertools.count(1)
-        self._closed = threading.Event()
-        self._manager = worker.call(lambda: _start_manager(lm, self.requests, self.steps,
-                                                           capacity))
-        self._dispatcher = threading.Thread(target=self._dispatch, name="openweight-batch-out",
-                                            daemon=True)
-        self._dispatcher.start()
-
-    def tokens(self, prompt: list[int], max_new: int, options: GenerationOptions,
-               cancel: threading.Event) -> Iterator[int]:
-        from .engine import resolved_settings
-
-        slot = next(self._ids) % 2**31
-        request_id = f"openweight-{slot}"
-        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        manager = self._manager
-        submitted = finished = False
-        try:
-            if cancel.is_set():
-                return
-            self._queues[request_id] = box
-            from .batch_models import Request
-
-            self.requests[slot] = Request(resolved_settings(self.lm, options, max_new),
-                                           options.seed, prompt, max_new)
-            eos = sorted(self.lm.eos_ids) or [-1]
-            if manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new,
-                                   streaming=True, eos_token_id=eos,
-                                   openweight_slot=slot) is None:  # the loop is stopping
-                from . import engine
-
-                yield from engine.default_source(self.lm, prompt, max_new, options, cancel)
-                return
-            submitted = True
-            sent = 0
-            while True:
-                try:
-                    out = box.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    if cancel.is_set():
-                        return
-                    if not manager.is_running():
-                        raise GenerationError(f"the batch loop of {self.lm.path.name} stopped "
-                                              "before this answer ended") from None
-                    continue
-                if out.error is not None:
-                    finished = True
-                    raise GenerationError(f"generation failed in {self.lm.path.name}: "
-                                          f"{out.error}")
-                for token in out.generated_tokens[sent:]:
-                    sent += 1
-                    yield int(token)
-                if out.is_finished():
-                    finished = True
-                    return
-                if cancel.is_set():
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            self.requests.pop(slot, None)
-            if submitted and not finished:
-                manager.cancel_request(request_id)  # frees its pages at the next step
-
-    def running(self) -> bool:
-        return not self._closed.is_set() and bool(self._manager.is_running())
-
-    def _dispatch(self) -> None:
-        """Route each output of the manager to its request's queue."""
-        manager = self._manager
-        while not self._closed.is_set():
-            out = manager.get_result(timeout=0.1)
-            if out is None:
-                if not manager.is_running():
-                    self._closed.wait(0.1)
-                continue
-            box = self._queues.get(out.request_id)
-            if box is not None:
-                box.put(out)
-
-    def close(self) -> None:
-        self._closed.set()
-        with contextlib.suppress(Exception):
-            self._manager.stop(block=True, timeout=10, hard_stop=True)
-        self._dispatcher.join(timeout=5)
-
-
-def _start_manager(lm: LoadedModel, requests: dict[int, Request], steps: list[int],
-                   capacity: int) -> Any:
-    """Make and start the manager (on the model thread, so its cache is allocated there and
-    its loop thread is a daemon like the model thread)."""
-    import torch
-    from transformers import GenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    from .batch_models import BatchModel, ModelBatch
-
-    batch_class = BatchModel if lm.fast is not None else ModelBatch
-    model = batch_class(lm, requests, steps)
-    eos = sorted(lm.eos_ids) or [-1]
-    generation = GenerationConfig(do_sample=False, eos_token_id=eos, max_new_tokens=256,
-                                  pad_token_id=eos[0])
-    config = ContinuousBatchingConfig(
-        page_size=PAGE_SIZE, num_blocks=capacity // PAGE_SIZE,
-        max_batch_tokens=MAX_BATCH_TOKENS, max_requests_per_batch=MAX_REQUESTS,
-        max_blocks_per_request=0, use_async_batching=False, use_cuda_graph=False,
-        allow_block_sharing=True, auto_switch_to_flash=False,
-    )
-    manager = model.init_continuous_batching(generation_config=generation,
-                                             continuous_batching_config=config)
-    # transformers counts the argument rows of the processors it converts itself; ours is
-    # already a per-request processor and needs one row (the request's slot)
-    manager.logit_processor.tensors_required = 1
-    manager.warmup()  # makes the paged cache and the step's buffers, here
-    threads = torch.get_num_threads()
-    loop = manager._run_generation_loop
-
-    def run(**kwargs: Any) -> None:
-        # The loop thread only does bookkeeping; the forward runs on the model thread.
-        # One torch thread here keeps it from starting an OpenMP team of its own (a second
-        # team makes GNU OpenMP put the model thread's team to sleep after every operation,
-        # see worker.py); then the process-wide default goes back to what it was. (The
-        # first call settles this thread's lazy OpenMP set-up, which would otherwise apply
-        # the process-wide default at its first large operation.)
-        torch.get_num_threads()
-        torch.set_num_threads(1)
-        worker.call(lambda: torch.set_num_threads(threads))
-        loop(**kwargs)
-
-    manager._run_generation_loop = run
-    manager.start()
-    return manager
+    return bytes_per_token(lm)
