@@ -668,6 +668,189 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
         assert "Apple GPU" in str(reason(device="mps"))
 
 
+# -- our scheduler (models on the fast path), driven without a server -------------------------
+
+GREEDY = GenerationOptions.from_kwargs({"temperature": 0})
+
+
+@pytest.fixture()
+def fast_engine(tiny_model: Path, env: None) -> LocalEngine:
+    engine = LocalEngine(tiny_model)
+    assert engine.loaded.fast is not None
+    return engine
+
+
+def _prompt(engine: LocalEngine, text: str) -> list[int]:
+    return engine.encode(to_messages([{"role": "user", "content": text}]))
+
+
+def _single(engine: LocalEngine, prompt: list[int], max_new: int) -> list[int]:
+    """The single-stream path's greedy tokens."""
+    return list(default_source(engine.loaded, prompt, max_new, GREEDY, threading.Event()))
+
+
+def _steps_seen(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, list[int], bool]]]:
+    """Every step's rows as the model gets them: (start, end, pages, decoding)."""
+    from openweight.local.batch_models import BatchModel
+
+    seen: list[list[tuple[int, int, list[int], bool]]] = []
+    real = BatchModel.logits
+
+    def logits(self: Any, rows: Any) -> Any:
+        seen.append([(r.start, r.end, list(r.held), r.decoding) for r in rows])
+        return real(self, rows)
+
+    monkeypatch.setattr(BatchModel, "logits", logits)
+    return seen
+
+
+def _at_once(scheduler: Any, jobs: list[tuple[list[int], int]]) -> list[Any]:
+    """Each job's tokens (or the exception that ended them), all of them queued before the
+    batch's first step (the model thread held until then)."""
+    from openweight.local import worker
+
+    gate = threading.Event()
+    worker.submit(gate.wait)
+
+    def run(prompt: list[int], max_new: int) -> Any:
+        try:
+            return list(scheduler.tokens(prompt, max_new, GREEDY, threading.Event()))
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(run, *job) for job in jobs]
+        assert wait_until(lambda: len(scheduler.requests) == len(jobs))
+        gate.set()
+        return [f.result(timeout=HANG) for f in futures]
+
+
+def test_a_request_takes_pages_as_it_grows_and_gives_them_back(
+        fast_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openweight.local.scheduler import Scheduler
+
+    seen = _steps_seen(monkeypatch)
+    scheduler = Scheduler(fast_engine.loaded, pages=8, page=16, max_tokens=64,
+                          max_requests=4)
+    kv = scheduler.model.kv
+    prompt = _prompt(fast_engine, "hello")
+    try:
+        want = _single(fast_engine, prompt, 60)
+        assert list(scheduler.tokens(prompt, 60, GREEDY, threading.Event())) == want
+        for (_, end, held, _), in seen:  # one request: a row a step
+            assert len(held) == -(-end // 16), "pages were not taken as the tokens grew"
+        assert seen[-1][0][1] > 32  # it grew into a third page
+        assert kv.free == kv.pages and not scheduler.requests
+        # a request left mid-way gives its pages back at the next step, and steps stop
+        cancel = threading.Event()
+        tokens = scheduler.tokens(prompt, 200, GREEDY, cancel)
+        got = [next(tokens) for _ in range(40)]
+        assert got == want[:40] and kv.free < kv.pages
+        cancel.set()
+        tokens.close()  # type: ignore[attr-defined]
+        assert not scheduler.requests
+        assert wait_until(lambda: kv.free == kv.pages), "the pages of the request that left"
+        steps = scheduler.steps[0]
+        time.sleep(0.3)
+        assert scheduler.steps[0] == steps, "the batch still decodes for nobody"
+    finally:
+        scheduler.close()
+
+
+def test_long_prompts_are_read_in_chunks_across_steps(
+        fast_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts longer than a step's tokens are read a chunk a step, beside the others'
+    decoding; pages taken one by one by requests side by side do not follow each other,
+    so keys are read by their slots (gathered, and in the one-call step): the answers are
+    the single-stream path's all the same."""
+    from openweight.local.scheduler import Scheduler
+
+    seen = _steps_seen(monkeypatch)
+    scheduler = Scheduler(fast_engine.loaded, pages=16, page=16, max_tokens=12,
+                          max_requests=4)
+    prompts = [_prompt(fast_engine, p) for p in ("hello", "what is this", "tell me a story")]
+    try:
+        want = [_single(fast_engine, p, 50) for p in prompts]
+        assert _at_once(scheduler, [(p, 50) for p in prompts]) == want
+    finally:
+        scheduler.close()
+    assert all(sum(e - s for s, e, _, _ in step) <= 12 for step in seen)
+    assert any(not d for s, e, _, d in seen[0]), "the first step reads no prompt"
+    chunks = [(s, e) for step in seen for s, e, _, d in step if not d]
+    assert len(chunks) >= sum(-(-len(p) // 12) for p in prompts)
+    assert any({d for *_, d in step} == {True, False} for step in seen), \
+        "no step mixed prompts and decoding"
+    scattered = [held for step in seen for _, _, held, _ in step
+                 if held != list(range(held[0], held[0] + len(held)))]
+    assert scattered, "no request's pages were apart"
+
+
+def test_a_full_page_pool_makes_requests_wait_not_fail(
+        fast_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four pages, three requests that each need all four by their end: they start
+    together, then take turns (the youngest steps out, its keys copied aside, and comes
+    back when pages free up): each gets its single-stream answer."""
+    from openweight.local.scheduler import Scheduler
+
+    seen = _steps_seen(monkeypatch)
+    stepped_out = []
+    real_step_out = Scheduler._step_out
+    monkeypatch.setattr(Scheduler, "_step_out", lambda self, seq: (
+        stepped_out.append(seq.done), real_step_out(self, seq)))
+    scheduler = Scheduler(fast_engine.loaded, pages=4, page=16, max_tokens=64,
+                          max_requests=4)
+    kv = scheduler.model.kv
+    prompts = [_prompt(fast_engine, p) for p in ("hello", "what is this", "tell me a story")]
+    jobs = [(p, 64 - len(p)) for p in prompts]  # the whole pool each, by the last token
+    try:
+        want = [_single(fast_engine, p, n) for p, n in jobs]
+        assert all(len(w) == n for w, (_, n) in zip(want, jobs, strict=True)), "an early end"
+        got = _at_once(scheduler, jobs)
+        assert got == want
+        assert kv.free == kv.pages
+    finally:
+        scheduler.close()
+    assert max(len(step) for step in seen) >= 2, "the requests never ran together"
+    assert any(stepped_out), "no request stepped out with its keys"
+    assert all(len({p for _, _, held, _ in step for p in held}) <= 4 for step in seen)
+
+
+def test_a_failing_step_fails_every_request_in_flight(
+        fast_engine: LocalEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from openweight.errors import GenerationError
+    from openweight.local.batch_models import BatchModel
+    from openweight.local.scheduler import Scheduler
+
+    lm = fast_engine.loaded
+    scheduler = Scheduler(lm, pages=8, page=16, max_tokens=64, max_requests=4)
+    real = BatchModel.logits
+    calls = []
+
+    def logits(self: Any, rows: Any) -> Any:
+        calls.append(len(rows))
+        if len(calls) == 4:
+            raise RuntimeError("the cache caught fire")
+        return real(self, rows)
+
+    monkeypatch.setattr(BatchModel, "logits", logits)
+    prompts = [_prompt(fast_engine, p) for p in ("hello", "what is this")]
+    try:
+        got = _at_once(scheduler, [(p, 50) for p in prompts])
+        assert calls[:4] == [2, 2, 2, 2]  # both in flight when it failed
+        for error in got:
+            assert isinstance(error, GenerationError)
+            assert "the cache caught fire" in str(error)
+            assert isinstance(error.__cause__, RuntimeError)
+        assert not scheduler.running()
+        assert scheduler.model.kv.free == scheduler.model.kv.pages
+        monkeypatch.undo()
+        # a request handed to a stopped batch runs on the single-stream path
+        assert list(scheduler.tokens(prompts[0], 5, GREEDY, threading.Event())) == \
+            _single(fast_engine, prompts[0], 5)
+    finally:
+        scheduler.close()
+
+
 # -- lifespan ---------------------------------------------------------------------------------
 
 def test_the_batch_stops_with_the_app(tiny_model: Path, env: None) -> None:
