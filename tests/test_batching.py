@@ -636,7 +636,7 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
         assert "json_schema" in str(batch.fallback_reason(lm, 10, 10, schema))
         assert "longer" in str(Batching(kv_bytes=1).fallback_reason(lm, 10, 100_000, greedy))
         with monkeypatch.context() as mp:
-            mp.setattr(lm.model, "generate", lambda **kwargs: None)
+            mp.setitem(vars(lm.model), "generate", lambda **kwargs: None)  # undone whole
             assert "generate is replaced" in str(batch.fallback_reason(lm, 10, 10, greedy))
         # the KV cache the capacity is counted in is the one the batch allocates: the
         # model's dtype, every layer's keys and values
@@ -664,6 +664,17 @@ def test_fallback_reasons_off_the_fast_path(env: None, tiny_gpt_oss: Path,
     assert "flex_attention" in str(reason(_attn_implementation="flex_attention"))
     assert "soft-cap" in str(reason(attn_logit_softcapping=50.0))
     assert reason(device="cuda") is None
+    # transformers' internals the manager's batch reads are those of the tested major
+    # version: under another, these models run on the single-stream path, saying why
+    import transformers
+
+    from openweight.local.cb_compat import TESTED_MAJOR
+
+    assert transformers.__version__.startswith(f"{TESTED_MAJOR}.")
+    with monkeypatch.context() as mp:
+        mp.setattr(transformers, "__version__", f"{TESTED_MAJOR + 1}.0.0")
+        assert f"transformers {TESTED_MAJOR}.x only" in str(reason())
+        assert "transformers" in str(Batching().fallback_reason(lm, 10, 10, greedy))
     if not is_torch_greater_or_equal("2.14", accept_dev=True):
         assert "Apple GPU" in str(reason(device="mps"))
 
