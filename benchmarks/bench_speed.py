@@ -64,7 +64,7 @@ client = Client(quantize=sys.argv[1], dtype=os.environ.get("BENCH_DTYPE") or Non
                 keep_alive=0)  # in this process, not a server
 client.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 load = time.perf_counter() - t0
-client._get_backend().loaded.prefix_cache.max_entries = 0  # one-shot prompts, like llama.cpp
+client.backend.loaded.prefix_cache.max_entries = 0  # one-shot prompts, like llama.cpp
 def run(prompt, n):
     start = time.perf_counter(); first = None; count = 0
     for chunk in client.stream([{"role": "user", "content": prompt}], max_tokens=n, temperature=0):
@@ -81,7 +81,7 @@ decode = (n - 1) / (e - f) if n > 1 else 0.0
 peak = peak_mb()
 # quality: perplexity of a fixed English text through the (quantised) model
 import torch
-lm = client._get_backend().loaded
+lm = client.backend.loaded
 ids = torch.tensor([lm.tokenizer(TEXT)["input_ids"]])
 with torch.inference_mode():
     ppl = float(torch.exp(lm.model(ids, labels=ids).loss))
@@ -125,7 +125,7 @@ TURNS_CHILD = r"""
 import json, sys, time
 from openweight import Client
 client = Client(keep_alive=0)
-lm = client._get_backend().loaded
+lm = client.backend.loaded
 if sys.argv[1] == "off":
     lm.prefix_cache.max_entries = 0
 # a long system prompt, so turn 10 carries over a thousand tokens of history

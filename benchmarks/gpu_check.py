@@ -46,7 +46,8 @@ def batch_speed(device: str, streams: int = 8, tokens: int = 96) -> dict[str, ob
     import threading
 
     from openweight.local.batching import Batching
-    from openweight.local.engine import LocalEngine, collect
+    from openweight.backends import collect
+    from openweight.local.engine import LocalEngine
     from openweight.options import GenerationOptions
     from openweight.store import ensure_model
     from openweight.types import ChatResult
@@ -110,7 +111,7 @@ def main() -> int:
         client = Client(str(path))
         result = client.chat([{"role": "user", "content": "hi"}], max_tokens=16,
                              reasoning_effort="low")
-        lm = client._get_backend().loaded  # type: ignore[attr-defined]
+        lm = client.backend.loaded  # type: ignore[attr-defined]
         report.update(tiny_gpt_oss_device=str(next(lm.model.parameters()).device),
                       tiny_gpt_oss_tokens=result.usage.completion_tokens)
     report["smollm2_gpu_tok_s"] = round(decode_speed(Client()), 1)

@@ -62,7 +62,7 @@ def test_messages_as_dataclasses_and_generate(tiny_model: Path) -> None:
 
 def test_max_tokens_gives_length_and_exact_usage(tiny_model: Path) -> None:
     client = Client(str(tiny_model))
-    prompt_ids = client._get_backend().encode(openweight.wire.to_messages(HI))  # type: ignore[attr-defined]
+    prompt_ids = client.backend.encode(openweight.wire.to_messages(HI))  # type: ignore[attr-defined]
     result = client.chat(HI, max_tokens=7, temperature=0)
     assert result.finish_reason == "length"
     assert result.usage.completion_tokens == 7
@@ -201,15 +201,15 @@ def test_model_cached_per_process(tiny_model: Path) -> None:
     b = Client(str(tiny_model))
     a.chat(HI, max_tokens=1)
     b.chat(HI, max_tokens=1)
-    assert a._get_backend().loaded is b._get_backend().loaded  # type: ignore[attr-defined]
+    assert a.backend.loaded is b.backend.loaded  # type: ignore[attr-defined]
     # auto resolves by the CPU (bfloat16 on AVX-512, float32 elsewhere): ask for the other one
-    auto = a._get_backend().loaded.dtype  # type: ignore[attr-defined]
+    auto = a.backend.loaded.dtype  # type: ignore[attr-defined]
     assert auto == loader.resolve_dtype("auto", "cpu")
     dtype = "bfloat16" if auto == "float32" else "float32"
     other = Client(str(tiny_model), dtype=dtype)
     other.chat(HI, max_tokens=1)
-    assert other._get_backend().loaded is not a._get_backend().loaded  # type: ignore[attr-defined]
-    assert other._get_backend().loaded.dtype == dtype  # type: ignore[attr-defined]
+    assert other.backend.loaded is not a.backend.loaded  # type: ignore[attr-defined]
+    assert other.backend.loaded.dtype == dtype  # type: ignore[attr-defined]
 
 
 def test_threads_match_sequential(tiny_model: Path) -> None:
@@ -239,7 +239,7 @@ def either_path(request: pytest.FixtureRequest, tiny_model: Path,
         monkeypatch.setenv("OPENWEIGHT_FAST", "0")
     unload_all()
     client = Client(str(tiny_model))
-    assert (client._get_backend().loaded.fast is None) == (request.param == "generate")  # type: ignore[attr-defined]
+    assert (client.backend.loaded.fast is None) == (request.param == "generate")  # type: ignore[attr-defined]
     yield client
     unload_all()
 
@@ -279,7 +279,7 @@ def test_worker_exception_surfaces_as_generation_error(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = Client(str(tiny_model))
-    model = client._get_backend().loaded.model  # type: ignore[attr-defined]
+    model = client.backend.loaded.model  # type: ignore[attr-defined]
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated CUDA failure")

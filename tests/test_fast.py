@@ -264,7 +264,7 @@ def test_sampling_settings_are_honoured(tiny_model: Path) -> None:
 
 def test_prefix_cache_holds_fast_caches(tiny_model: Path) -> None:
     client = Client(str(tiny_model))
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     lm.prefix_cache.clear()
     first = client.chat(HI, max_tokens=24, temperature=0)
     history = [*HI, {"role": "assistant", "content": first.text},
@@ -279,7 +279,7 @@ def test_prefix_cache_holds_fast_caches(tiny_model: Path) -> None:
 
 def test_closing_mid_stream_returns_the_cache(tiny_model: Path) -> None:
     client = Client(str(tiny_model))
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     lm.prefix_cache.clear()
     stream = client.stream(HI * 3, max_tokens=200, temperature=0)
     next(iter(stream))
@@ -326,7 +326,7 @@ def test_an_error_in_a_step_reaches_the_consumer(tiny_model: Path,
     from openweight.local import worker
 
     client = Client(str(tiny_model))
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     real = FastModel.decode
     calls: list[int] = []
 

@@ -236,7 +236,7 @@ def test_gguf_model_answers_through_the_client(gguf_model: tuple[Path, dict[str,
     path, _ = gguf_model
     loader.unload_all()
     result = Client(str(path)).chat(HI, max_tokens=4, temperature=0)
-    lm = Client(str(path))._get_backend().loaded  # type: ignore[attr-defined]
+    lm = Client(str(path)).backend.loaded  # type: ignore[attr-defined]
     assert lm.quantize == loader.resolve_quantize("auto", "cpu", path) and lm.fast is not None
     assert loader.resolve_quantize("auto", "cpu", path, "AVX2") == "int4"
     assert result.usage.completion_tokens >= 1

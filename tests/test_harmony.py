@@ -54,19 +54,19 @@ def gpt_client(tiny_gpt_oss: Path) -> Client:
 
 
 def _script(client: Client, monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:
-    model = client._get_backend().loaded.model  # type: ignore[attr-defined]
+    model = client.backend.loaded.model  # type: ignore[attr-defined]
     monkeypatch.setattr(model, "generate", scripted_generate(tokens))
 
 
 def _tok(client: Client) -> Any:
-    return client._get_backend().loaded.tokenizer  # type: ignore[attr-defined]
+    return client.backend.loaded.tokenizer  # type: ignore[attr-defined]
 
 
 def test_token_ids_come_from_the_tokenizer(gpt_client: Client, tiny_model: Path) -> None:
     ids = harmony_token_ids(_tok(gpt_client))
     assert ids is not None and ids["<|message|>"] == _tok(gpt_client).convert_tokens_to_ids(
         "<|message|>")
-    assert harmony_token_ids(Client(str(tiny_model))._get_backend().loaded.tokenizer) is None  # type: ignore[attr-defined]
+    assert harmony_token_ids(Client(str(tiny_model)).backend.loaded.tokenizer) is None  # type: ignore[attr-defined]
 
 
 def test_analysis_then_final(gpt_client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +134,7 @@ def test_commentary_preamble_is_text(gpt_client: Client) -> None:
 
 
 def test_reasoning_effort_reaches_the_template(gpt_client: Client) -> None:
-    engine = gpt_client._get_backend()
+    engine = gpt_client.backend
     tok = _tok(gpt_client)
     for effort in ("low", "medium", "high"):
         ids = engine.encode(to_messages(HI), GenerationOptions(reasoning_effort=effort))  # type: ignore[attr-defined]
@@ -149,7 +149,7 @@ def test_reasoning_effort_validation(gpt_client: Client, tiny_model: Path) -> No
 
 
 def test_history_drops_earlier_analysis(gpt_client: Client) -> None:
-    engine = gpt_client._get_backend()
+    engine = gpt_client.backend
     tok = _tok(gpt_client)
     finished = to_messages([
         {"role": "user", "content": "q1"},

@@ -23,7 +23,7 @@ import openweight
 from llm_openweight import models as plugin_models
 from openweight import AsyncClient, Client, InvalidRequestError, daemon, settings
 from openweight.daemon import list_daemons, stop_daemons
-from openweight.remote import RemoteBackend
+from openweight.remote import AsyncRemoteBackend, RemoteBackend
 
 pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
 HI = [{"role": "user", "content": "hello"}]
@@ -60,8 +60,9 @@ def _logged() -> list[dict[str, Any]]:
 
 
 def _url_of(client: Client | AsyncClient) -> str | None:
-    backend = client._get_backend()
-    return backend.base_url if isinstance(backend, RemoteBackend) else None
+    """The server a client talks to (a keep-alive or remote one), None: in this process."""
+    backend = client.backend
+    return backend.base_url if isinstance(backend, RemoteBackend | AsyncRemoteBackend) else None
 
 
 # -- the plugin -------------------------------------------------------------------------------
@@ -221,12 +222,17 @@ def test_client_remote_wins(home: Path) -> None:
     assert list_daemons() == []
 
 
-def test_serve_never_uses_keep_alive(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`openweight serve` runs its models itself, even with OPENWEIGHT_KEEP_ALIVE set."""
-    from openweight.cli import build_parser
-    from openweight.server import cmd_serve
+def test_serve_never_uses_keep_alive(monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> None:
+    """`openweight serve` runs its models itself whatever the environment says: its pool
+    holds local engines (never a Client), so it cannot forward to a keep-alive server or to
+    OPENWEIGHT_BASE_URL, and nothing sets an environment variable to keep it so."""
+    from openweight.local import LocalEngine
+    from openweight.server import ModelPool
 
     monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "5m")
-    args = build_parser().parse_args(["serve", "--host", "256.0.0.1", "--port", "1"])
-    assert cmd_serve(args) == 1  # cannot listen there: it stops before loading anything
-    assert os.environ["OPENWEIGHT_KEEP_ALIVE"] == "0"
+    monkeypatch.setenv("OPENWEIGHT_BASE_URL", "http://127.0.0.1:1/v1")
+    pool = ModelPool(str(tiny_model))
+    assert isinstance(pool.default, LocalEngine) and pool.get(None) is pool.default
+    pool.warm()  # answers in this process: the base URL above would refuse a connection
+    assert list_daemons() == []
+    assert os.environ["OPENWEIGHT_KEEP_ALIVE"] == "5m"

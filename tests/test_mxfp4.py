@@ -191,7 +191,7 @@ def test_load_model_on_cpu_answers(mxfp4_gpt_oss: Path, capsys: pytest.CaptureFi
     client = Client(str(mxfp4_gpt_oss), device="cpu")
     result = client.chat(HI, max_tokens=8, temperature=0)
     assert result.usage.completion_tokens >= 1
-    loaded = client._get_backend().loaded  # type: ignore[attr-defined]
+    loaded = client.backend.loaded  # type: ignore[attr-defined]
     assert type(loaded.model.model.layers[1].mlp.experts).__name__ == "PackedGptOssExperts"
     assert loaded.harmony_ids is not None
     assert "repacking" in capsys.readouterr().err

@@ -84,7 +84,7 @@ _ids = token_ids
 def script(monkeypatch: pytest.MonkeyPatch, name: str, *turns: list[str]) -> list[str]:
     """Make the installed model ``name`` answer request i with ``turns[i]`` (the last one
     repeats); returns the list the prompt of every request is appended to, as text."""
-    lm = openweight.Client(name)._get_backend().loaded  # type: ignore[attr-defined]
+    lm = openweight.Client(name).backend.loaded  # type: ignore[attr-defined]
     tok = lm.tokenizer
     scripts = [_ids(tok, parts) for parts in turns]
     prompts: list[str] = []

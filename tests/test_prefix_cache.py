@@ -36,7 +36,7 @@ def test_greedy_identical_on_the_default_model(smollm2_home: Path,
 
 
 def _check_identical(client: Client) -> None:
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     lm.prefix_cache.clear()
     hits_before = lm.prefix_cache.hits
     with_cache = _conversation(client, 4)
@@ -67,7 +67,7 @@ def test_stream_and_cancel_leave_a_usable_cache(tiny_model: Path) -> None:
 def test_sliding_window_model_still_correct(tiny_gpt_oss: Path) -> None:
     client = Client(str(tiny_gpt_oss), dtype="float32")
     first = _conversation(client, 3)
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     saved = lm.prefix_cache.max_entries
     lm.prefix_cache.max_entries = 0
     lm.prefix_cache.clear()

@@ -20,27 +20,27 @@ def test_quantized_tiny_model_generates(tiny_model: Path, mode: str) -> None:
     assert result.usage.completion_tokens == 10 or result.finish_reason == "stop"
     streamed = "".join(c.text for c in client.stream(HI, max_tokens=10, temperature=0))
     assert streamed == result.text
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     assert lm.quantize == mode
     kinds = {type(m).__name__ for m in lm.model.modules()}
     assert "Linear" not in kinds
     assert "Int8Linear" in kinds  # the output layer (and int4's fallback) is int8
     if mode == "int4":
         assert "Int4Linear" in kinds
-    plain = Client(str(tiny_model), quantize="none")._get_backend().loaded  # type: ignore[attr-defined]
+    plain = Client(str(tiny_model), quantize="none").backend.loaded  # type: ignore[attr-defined]
     assert plain is not lm and plain.quantize == "none"
 
 
 def test_quantized_logits_stay_close(tiny_model: Path) -> None:
     import torch
 
-    plain = Client(str(tiny_model), dtype="float32")._get_backend().loaded  # type: ignore[attr-defined]
+    plain = Client(str(tiny_model), dtype="float32").backend.loaded  # type: ignore[attr-defined]
     ids = torch.tensor([[5, 80, 90, 100, 33, 44]])
     with torch.inference_mode():
         ref = plain.model(ids).logits.float()
         for mode, tolerance in (("int8", 0.05), ("int4", 0.5)):
             quant = Client(str(tiny_model), dtype="float32", quantize=mode)
-            got = quant._get_backend().loaded.model(ids).logits.float()  # type: ignore[attr-defined]
+            got = quant.backend.loaded.model(ids).logits.float()  # type: ignore[attr-defined]
             rel = (got - ref).norm() / ref.norm()
             assert rel < tolerance, (mode, float(rel))
 
@@ -79,7 +79,7 @@ def test_auto_resolves_by_device_family_and_source(tiny_model: Path, tiny_gpt_os
     (four_bit / "config.json").write_text(json.dumps(config))
     assert source_bits(four_bit) == 4 and source_bits(tiny_model) is None
     assert resolve_quantize(None, "cpu", four_bit, "AVX2") == "int4"
-    lm = Client(str(four_bit))._get_backend().loaded  # type: ignore[attr-defined]
+    lm = Client(str(four_bit)).backend.loaded  # type: ignore[attr-defined]
     assert lm.quantize == resolve_quantize(None, "cpu", four_bit)  # this CPU's choice
     with pytest.raises(InvalidRequestError, match="quantize 'int3'") as info:
         resolve_quantize("int3", "cpu", tiny_model)

@@ -29,7 +29,7 @@ from openweight import (
     Usage,
 )
 from openweight import remote as remote_mod
-from openweight.remote import RemoteBackend
+from openweight.remote import AsyncRemoteBackend, RemoteBackend
 
 MSGS = [Message(role="user", content="What is the capital of France?")]
 OPTS = GenerationOptions()
@@ -121,6 +121,9 @@ class FakeServer:
     def backend(self, model: str | None = "m", **kw: Any) -> RemoteBackend:
         return RemoteBackend(URL, model=model, transport=httpx.MockTransport(self), **kw)
 
+    def abackend(self, model: str | None = "m", **kw: Any) -> AsyncRemoteBackend:
+        return AsyncRemoteBackend(URL, model=model, transport=httpx.MockTransport(self), **kw)
+
 
 def resp(status: int, body: Any = None, headers: dict[str, str] | None = None,
          content: bytes | None = None) -> httpx.Response:
@@ -151,8 +154,8 @@ def test_stream_variants(server: str) -> None:
 @pytest.mark.parametrize("server", sorted(STREAMS))
 async def test_async_stream_variants(server: str) -> None:
     status, headers, body = STREAMS[server]
-    backend = FakeServer(resp(status, headers=headers, content=body)).backend()
-    chunks = [c async for c in backend.astream(MSGS, OPTS)]
+    backend = FakeServer(resp(status, headers=headers, content=body)).abackend()
+    chunks = [c async for c in backend.stream(MSGS, OPTS)]
     assert "".join(c.text for c in chunks) == "Paris."
     assert "".join(c.reasoning for c in chunks) == "Hmm."
     assert chunks[-1] == Chunk(finish_reason="stop", usage=Usage(12, 8))
@@ -165,7 +168,8 @@ async def test_chat_variants(server: str) -> None:
     want = openweight.ChatResult(text="Paris.", reasoning="Hmm.", finish_reason="stop",
                                  usage=Usage(12, 8), model="m")
     assert backend.chat(MSGS, OPTS) == want
-    assert await backend.achat(MSGS, OPTS) == want
+    assert await FakeServer(resp(200, content=ANSWERS[server], headers={
+        "content-type": "application/json"})).abackend().chat(MSGS, OPTS) == want
 
 
 def test_stream_answered_with_json() -> None:
@@ -281,9 +285,9 @@ async def test_async_default_model() -> None:
     fake = FakeServer(resp(200, content=ANSWERS["vllm"],
                            headers={"content-type": "application/json"}),
                       models=["big", "small"])
-    backend = fake.backend(model=None)
-    assert [m.name for m in await backend.amodels()] == ["big", "small"]
-    await backend.achat(MSGS, OPTS)
+    backend = fake.abackend(model=None)
+    assert [m.name for m in await backend.models()] == ["big", "small"]
+    await backend.chat(MSGS, OPTS)
     assert fake.bodies[-1]["model"] == "big"
 
 
@@ -322,9 +326,9 @@ async def test_status_errors(response: httpx.Response, error: type[Exception],
     with pytest.raises(error, match=match):
         fake.backend().stream(MSGS, OPTS)
     with pytest.raises(error, match=match):
-        await fake.backend().achat(MSGS, OPTS)
+        await fake.abackend().chat(MSGS, OPTS)
     with pytest.raises(error, match=match):
-        [c async for c in fake.backend().astream(MSGS, OPTS)]
+        [c async for c in fake.abackend().stream(MSGS, OPTS)]
     assert len(fake.requests) == 4  # nothing retried
 
 
@@ -344,7 +348,7 @@ async def test_retries_exhausted() -> None:
     assert info.value.status_code == 500 and "CUDA" in info.value.body
     assert len(fake.requests) == 3
     with pytest.raises(RemoteStatusError):
-        [c async for c in fake.backend(max_retries=1).astream(MSGS, OPTS)]
+        [c async for c in fake.abackend(max_retries=1).stream(MSGS, OPTS)]
     assert len(fake.requests) == 5
     with pytest.raises(RemoteStatusError):
         fake.backend(max_retries=0).stream(MSGS, OPTS)
@@ -380,7 +384,7 @@ async def test_error_event_mid_stream(event: dict[str, Any]) -> None:
         next(stream)
     assert info.value.status_code == 500
     with pytest.raises(RemoteError, match="out of memory"):
-        [c async for c in fake.backend().astream(MSGS, OPTS)]
+        [c async for c in fake.abackend().stream(MSGS, OPTS)]
 
 
 def test_stream_cut_short_raises() -> None:
@@ -436,7 +440,7 @@ async def test_transport_failures_mid_stream(fail: Exception, error: type[Except
     assert body.closed
     body.closed = False
     with pytest.raises(error):
-        [c async for c in fake.backend().astream(MSGS, OPTS)]
+        [c async for c in fake.abackend().stream(MSGS, OPTS)]
     assert body.closed
 
 
@@ -451,7 +455,7 @@ async def test_close_closes_the_response() -> None:
     fake.backend().stream(MSGS, OPTS).close()  # type: ignore[attr-defined]
     assert body.closed  # closed even if never iterated
     body.closed = False
-    astream = fake.backend().astream(MSGS, OPTS)
+    astream = fake.abackend().stream(MSGS, OPTS)
     assert (await astream.__anext__()).text == "a"
     await astream.aclose()  # type: ignore[attr-defined]
     assert body.closed
@@ -547,8 +551,9 @@ def mocked(monkeypatch: pytest.MonkeyPatch) -> FakeServer:
         return resp(200, content=ANSWERS["vllm"], headers={"content-type": "application/json"})
 
     fake = FakeServer(answer, models=["qwen3-8b"])
-    monkeypatch.setattr(remote_mod, "RemoteBackend", functools.partial(
-        RemoteBackend, transport=httpx.MockTransport(fake)))
+    for name in ("RemoteBackend", "AsyncRemoteBackend"):
+        monkeypatch.setattr(remote_mod, name, functools.partial(
+            getattr(remote_mod, name), transport=httpx.MockTransport(fake)))
     return fake
 
 

@@ -200,15 +200,13 @@ def test_reasoning_goes_out_as_reasoning_content(served: ServerThread,
     class Thinker:
         name = "thinker"
 
-        def stream(self, messages: Any, options: Any) -> Iterator[Chunk]:
+        def stream(self, messages: Any, options: Any, **_: Any) -> Iterator[Chunk]:
             yield Chunk(reasoning="let me think")
             yield Chunk(text="42")
             yield Chunk(finish_reason="stop", usage=Usage(3, 2))
 
     server, pool = served.url, served.app.state.pool
-    client = openweight.Client(model="thinker")
-    client._backend = Thinker()  # type: ignore[assignment]
-    monkeypatch.setitem(pool._clients, "thinker", client)
+    monkeypatch.setitem(pool.engines, "thinker", Thinker())
     raw = _chat(server, {"model": "thinker", "messages": HI}).json()
     assert raw["choices"][0]["message"] == {"role": "assistant", "content": "42",
                                             "reasoning_content": "let me think"}
@@ -248,12 +246,10 @@ def test_tool_calls_round_trip(served: ServerThread, monkeypatch: pytest.MonkeyP
     class Caller:
         name = "caller"
 
-        def stream(self, messages: Any, options: Any) -> Iterator[Chunk]:
+        def stream(self, messages: Any, options: Any, **_: Any) -> Iterator[Chunk]:
             yield Chunk(tool_calls=(call,), finish_reason="tool_calls", usage=Usage(5, 9))
 
-    client = openweight.Client(model="caller")
-    client._backend = Caller()  # type: ignore[assignment]
-    monkeypatch.setitem(served.app.state.pool._clients, "caller", client)
+    monkeypatch.setitem(served.app.state.pool.engines, "caller", Caller())
     remote = openweight.Client(base_url=served.url, model="caller")
     result = remote.chat(HI)
     assert (result.tool_calls, result.finish_reason, result.usage) == (
@@ -601,7 +597,7 @@ def test_the_warm_up_leaves_no_cached_prompt(tiny_model: Path, env: None) -> Non
     from openweight.server import create_app
 
     app = create_app(str(tiny_model), batching=False)
-    backend = app.state.pool.default._get_backend()
+    backend = app.state.pool.default
     assert isinstance(backend, LocalEngine)
     cache = backend.loaded.prefix_cache
     assert len(cache) == 0

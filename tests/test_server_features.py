@@ -24,7 +24,6 @@ from test_remote import SSE_HEADERS, Body, FakeServer, chunk, resp, sse
 import openweight
 from openweight import GenerationOptions, InvalidRequestError, Message, ToolCall
 from openweight import remote as remote_mod
-from openweight.remote import RemoteBackend
 
 from conftest import WEATHER, ServerThread, scripted_generate, token_ids
 
@@ -109,7 +108,7 @@ _ids = token_ids
 def script(served: ServerThread, monkeypatch: pytest.MonkeyPatch, model: str | None,
            parts: list[str]) -> list[str]:
     """Make the served ``model`` answer ``parts``; returns the prompts it is given."""
-    lm = served.app.state.pool.get(model)._get_backend().loaded
+    lm = served.app.state.pool.get(model).loaded
     generate = scripted_generate(_ids(lm.tokenizer, parts))
     prompts: list[str] = []
 
@@ -122,7 +121,7 @@ def script(served: ServerThread, monkeypatch: pytest.MonkeyPatch, model: str | N
 
 
 def n_tokens(served: ServerThread, model: str, parts: list[str]) -> int:
-    return len(_ids(served.app.state.pool.get(model)._get_backend().loaded.tokenizer, parts))
+    return len(_ids(served.app.state.pool.get(model).loaded.tokenizer, parts))
 
 
 def post(url: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> httpx.Response:
@@ -560,8 +559,9 @@ async def test_async_stream_aclose_closes_the_response(monkeypatch: pytest.Monke
     """AsyncClient's stream: aclose() reaches the HTTP response at once, not at GC time."""
     body = Body([sse(chunk({"content": w}), done=False) for w in "abcd"])
     fake = FakeServer(lambda r: httpx.Response(200, headers=SSE_HEADERS, stream=body))
-    monkeypatch.setattr(remote_mod, "RemoteBackend", functools.partial(
-        RemoteBackend, transport=httpx.MockTransport(fake)))
+    for name in ("RemoteBackend", "AsyncRemoteBackend"):
+        monkeypatch.setattr(remote_mod, name, functools.partial(
+            getattr(remote_mod, name), transport=httpx.MockTransport(fake)))
     client = openweight.AsyncClient(base_url="http://gpu-box:8000/v1", model="m")
     stream = client.stream([{"role": "user", "content": "hi"}])
     assert (await stream.__anext__()).text == "a"

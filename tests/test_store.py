@@ -324,7 +324,7 @@ def test_embedded_default_from_wheel_answers_paris(
     assert result.finish_reason == "stop"
     assert result.model == "smollm2-135m"
     # the Q4_1 source is recorded, so the default on a CPU packs it back to 4 bits
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     assert source_bits(lm.path) == 4
     assert lm.quantize == resolve_quantize("auto", "cpu", lm.path) and lm.fast is not None
     assert resolve_quantize("auto", "cpu", lm.path, "AVX2") == "int4"

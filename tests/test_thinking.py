@@ -27,14 +27,14 @@ def _client(family_model: Callable[[str], Path], family: str) -> Client:
 
 
 def _tok(client: Client) -> Any:
-    return client._get_backend().loaded.tokenizer  # type: ignore[attr-defined]
+    return client.backend.loaded.tokenizer  # type: ignore[attr-defined]
 
 
 _ids = token_ids
 
 
 def _script(client: Client, monkeypatch: pytest.MonkeyPatch, tokens: list[int]) -> None:
-    model = client._get_backend().loaded.model  # type: ignore[attr-defined]
+    model = client.backend.loaded.model  # type: ignore[attr-defined]
     monkeypatch.setattr(model, "generate", scripted_generate(tokens))
 
 
@@ -63,7 +63,7 @@ def test_r1_template_opens_think_in_the_prompt(family_model: Callable[[str], Pat
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     client = _client(family_model, "r1")
     tok = _tok(client)
-    assert client._get_backend().format(to_messages(HI)).endswith("<think>\n")  # type: ignore[attr-defined]
+    assert client.backend.format(to_messages(HI)).endswith("<think>\n")  # type: ignore[attr-defined]
     script = _ids(tok, [REASON, "</think>", "\n\n" + ANSWER, "<｜end▁of▁sentence｜>"])
     _script(client, monkeypatch, script)
     result = client.chat(HI)
@@ -73,7 +73,7 @@ def test_r1_template_opens_think_in_the_prompt(family_model: Callable[[str], Pat
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 7])
 def test_tags_split_across_tokens(tiny_model: Path, step: int) -> None:
     """A tokenizer without think tokens: the tags arrive in pieces, at every boundary."""
-    tok = Client(str(tiny_model))._get_backend().loaded.tokenizer  # type: ignore[attr-defined]
+    tok = Client(str(tiny_model)).backend.loaded.tokenizer  # type: ignore[attr-defined]
     text = f"<think>{REASON}</think>{ANSWER}"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     for start in range(step):
@@ -89,7 +89,7 @@ def test_tags_split_across_tokens(tiny_model: Path, step: int) -> None:
 
 
 def test_thinking_switch(family_model: Callable[[str], Path], tiny_gpt_oss: Path) -> None:
-    qwen = _client(family_model, "qwen3")._get_backend()
+    qwen = _client(family_model, "qwen3").backend
     off = qwen.format(to_messages(HI), GenerationOptions(thinking=False))  # type: ignore[attr-defined]
     on = qwen.format(to_messages(HI), GenerationOptions(thinking=True))  # type: ignore[attr-defined]
     assert off.endswith("<think>\n\n</think>\n\n") and not on.endswith("</think>\n\n")
@@ -112,7 +112,7 @@ def test_thinking_off_output_is_all_text(family_model: Callable[[str], Path],
 
 
 def test_history_drops_earlier_reasoning(family_model: Callable[[str], Path]) -> None:
-    engine = _client(family_model, "qwen3")._get_backend()
+    engine = _client(family_model, "qwen3").backend
     prompt = engine.format(to_messages([  # type: ignore[attr-defined]
         {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1", "reasoning_content": "OLD-REASONING"},
@@ -128,7 +128,7 @@ def test_llama3_end_of_turn_tokens(family_model: Callable[[str], Path],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     client = _client(family_model, "llama3")
     tok = _tok(client)
-    eos = client._get_backend().loaded.eos_ids  # type: ignore[attr-defined]
+    eos = client.backend.loaded.eos_ids  # type: ignore[attr-defined]
     vocab = tok.get_vocab()
     assert {vocab["<|eot_id|>"], vocab["<|eom_id|>"], vocab["<|end_of_text|>"]} <= eos
     for end in ("<|eot_id|>", "<|eom_id|>"):
@@ -140,7 +140,7 @@ def test_llama3_end_of_turn_tokens(family_model: Callable[[str], Path],
 
 def test_llama3_generation_defaults_respected(family_model: Callable[[str], Path]) -> None:
     client = _client(family_model, "llama3")
-    engine = client._get_backend()
+    engine = client.backend
     lm = engine.loaded  # type: ignore[attr-defined]
     unset = sampling_settings(lm, GenerationOptions(), 8)
     assert unset["do_sample"] is True and "temperature" not in unset  # the config's 0.6 applies

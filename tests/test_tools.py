@@ -42,7 +42,7 @@ _ids = token_ids
 
 def _scripted(path: Path, monkeypatch: pytest.MonkeyPatch, parts: list[str]) -> Client:
     client = Client(str(path))
-    lm = client._get_backend().loaded  # type: ignore[attr-defined]
+    lm = client.backend.loaded  # type: ignore[attr-defined]
     monkeypatch.setattr(lm.model, "generate", scripted_generate(_ids(lm.tokenizer, parts)))
     return client
 
@@ -106,14 +106,14 @@ def test_harmony_tool_call_with_tools(tiny_gpt_oss: Path,
     client = _scripted(tiny_gpt_oss, monkeypatch, [
         "<|channel|>", "commentary to=functions.get_weather ", "<|constrain|>", "json",
         "<|message|>", '{"city": "Paris"}', "<|call|>"])
-    engine = client._get_backend()
+    engine = client.backend
     prompt = engine.format(to_messages(ASK), GenerationOptions(tools=(WEATHER,)))  # type: ignore[attr-defined]
     assert "# Tools get_weather" in prompt
     _check_call(client.chat(ASK, tools=[WEATHER]))
 
 
 def test_tool_results_go_back_into_the_template(family_model: Callable[[str], Path]) -> None:
-    engine = Client(str(family_model("qwen3")))._get_backend()
+    engine = Client(str(family_model("qwen3"))).backend
     history = to_messages([
         *ASK,
         {"role": "assistant", "content": "", "tool_calls": [
@@ -207,7 +207,7 @@ def test_unsupported_schema_is_rejected_before_generation(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch, schema: dict[str, Any], needle: str
 ) -> None:
     client = Client(str(tiny_model))
-    model = client._get_backend().loaded.model  # type: ignore[attr-defined]
+    model = client.backend.loaded.model  # type: ignore[attr-defined]
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("generation must not start")

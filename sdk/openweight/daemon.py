@@ -362,10 +362,9 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> 
     cmd = [sys.executable, "-m", "openweight.daemon", "--key", key, "--model", s.model,
            "--device", s.device, "--dtype", s.dtype, "--quantize", s.quantize,
            "--keep-alive", str(keep_alive_to_json(keep_alive))]
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENWEIGHT_BASE_URL",)}
+    env = dict(os.environ)
     env["OPENWEIGHT_API_KEY"] = token  # not on the command line, which other users can read
     env["OPENWEIGHT_HOME"] = str(home())
-    env[KEEP_ALIVE_ENV] = "0"  # it runs the model itself: never through another daemon
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         proc = _Daemon(cmd, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, env=env, cwd=run,
@@ -773,7 +772,6 @@ def _serve(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE)
     args = p.parse_args(argv)
     token = os.environ.pop("OPENWEIGHT_API_KEY", "")
-    os.environ.pop("OPENWEIGHT_BASE_URL", None)
     if not token:
         print("Error: no API key in the environment; start it with ensure_daemon()",
               file=sys.stderr)

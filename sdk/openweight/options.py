@@ -12,9 +12,11 @@ from typing import Any
 
 from .errors import InvalidRequestError
 
-__all__ = ["DEFAULT_MAX_TOKENS", "OPTION_SPECS", "GenerationOptions", "OptionSpec"]
+__all__ = [
+    "CHAT_ONLY_OPTIONS", "DEFAULT_MAX_TOKENS", "OPTION_SPECS", "GenerationOptions", "OptionSpec"]
 
 DEFAULT_MAX_TOKENS = 1024
+CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
 MAX_STOP_STRINGS = 16
 
 
@@ -254,3 +256,13 @@ class GenerationOptions:
             if v is not None and v != ():
                 out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
+
+    def for_completion(self) -> GenerationOptions:
+        """These options, checked for raw text completion: the chat-only ones (tools,
+        tool_choice, thinking, reasoning_effort) are refused."""
+        chat_only = [name for name in CHAT_ONLY_OPTIONS if getattr(self, name) not in (None, ())]
+        if chat_only:
+            raise InvalidRequestError(f"option {chat_only[0]} applies to chat only; raw text "
+                                      "completion takes sampling options (use chat() instead)",
+                                      param=chat_only[0])
+        return self

@@ -1,13 +1,14 @@
-"""The httpx backend: talk to any OpenAI-compatible server (openweight serve, vLLM, Ollama, ...).
+"""The httpx backends: talk to any OpenAI-compatible server (openweight serve, vLLM, Ollama, ...).
 
 Pure logic (building requests, parsing answers and stream events, mapping failures
-to the SDK's errors) lives in ``_RemoteLogic``; ``RemoteBackend`` adds the few lines
-of sync and async I/O around it, as httpx does.
+to the SDK's errors) lives in ``_RemoteLogic`` and ``wire``; ``RemoteBackend`` and
+``AsyncRemoteBackend`` add the few lines of sync and async I/O around it, as httpx does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -16,7 +17,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ import httpx
 from httpx_sse import EventSource
 
 from . import wire
+from .backends import AsyncBackend, ChunkStream, SyncBackend
 from .errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -37,7 +39,7 @@ from .errors import (
 from .options import GenerationOptions
 from .types import ChatResult, Chunk, Message, ModelInfo
 
-__all__ = ["RemoteBackend"]
+__all__ = ["AsyncRemoteBackend", "RemoteBackend"]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 INVALID_STATUSES = frozenset({400, 413, 422})
@@ -117,6 +119,18 @@ class _RemoteLogic:
         self._model = models[0].name
         return self._model
 
+    @contextlib.contextmanager
+    def _no_completions(self) -> Iterator[None]:
+        """A server without the legacy completions API: say so, and what to do."""
+        try:
+            yield
+        except RemoteStatusError as exc:
+            if exc.status_code not in (404, 405, 501):
+                raise
+            raise InvalidRequestError(f"{self.base_url} has no completions API ({exc}); "
+                                      "continue raw text with a local model, or use chat()"
+                                      ) from exc
+
     def _stream_parser(self) -> wire.StreamParser:
         return wire.StreamParser(raise_error=self._event_error)
 
@@ -182,27 +196,6 @@ class _RemoteLogic:
             return min(delay * (0.75 + random.random() / 2), MAX_RETRY_AFTER)
 
 
-class _SyncChunks(Iterator[Chunk]):
-    """Chunks of a sync stream; close() closes the HTTP response at any point."""
-
-    def __init__(self, gen: Iterator[Chunk], closers: list[Callable[[], None]]) -> None:
-        self._gen = gen
-        self._closers = closers
-
-    def __next__(self) -> Chunk:
-        return next(self._gen)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._gen, "close", None)
-            if close is not None:
-                close()
-        finally:
-            for closer in self._closers:
-                closer()
-
-
-
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -243,23 +236,17 @@ def _import_httpcore() -> None:
             and importlib.util.find_spec("trio") is not None):
         setattr(sync, "trio", _LazyTrio())  # noqa: B010  (a module httpcore does not export)
 
-class RemoteBackend(_RemoteLogic):
-    """A model on an OpenAI-compatible server, with the local engine's interface.
+class RemoteBackend(_RemoteLogic, SyncBackend):
+    """A model on an OpenAI-compatible server (a ``SyncBackend``).
 
     ``transport`` is the test seam (``httpx.MockTransport``); each request gets a
     short-lived httpx client, so nothing is left open between calls.
     """
 
     @property
-    def name(self) -> str:
+    def name(self) -> str:  # type: ignore[override]
         """The model's name: the one given, else the first the server lists."""
         return self._model or self._first_model(self.models())
-
-    @name.setter
-    def name(self, value: str) -> None:
-        self._model = value
-
-    # -- sync I/O ------------------------------------------------------------------------
 
     def _send(self, client: httpx.Client, method: str, path: str,
               body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
@@ -289,43 +276,41 @@ class RemoteBackend(_RemoteLogic):
     def models(self) -> list[ModelInfo]:
         return self._parse_models(self._get_json("GET", "models"))
 
-    def chat(self, messages: list[Message], options: GenerationOptions) -> ChatResult:
+    def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         model = self.name
         data = self._get_json("POST", "chat/completions",
-                              wire.chat_body(model, messages, options, stream=False))
+                              wire.chat_body(model, list(messages), options, stream=False))
         return wire.result_from_json(data, model)
 
-    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[Chunk]:
+    def stream(self, messages: Sequence[Message], options: GenerationOptions) -> ChunkStream:
         """Send the request now (so errors raise here); iterate the returned chunks."""
         model = self.name
-        body = wire.chat_body(model, messages, options, stream=True)
+        body = wire.chat_body(model, list(messages), options, stream=True)
         return self._open_stream("chat/completions", body, model)
 
-    def complete(self, prompt: str, options: GenerationOptions) -> Iterator[Chunk]:
+    def complete(self, prompt: str, options: GenerationOptions) -> ChunkStream:
         """Continue raw text through the server's legacy completions API."""
         model = self.name
-        try:
+        with self._no_completions():
             return self._open_stream("completions", wire.completion_body(model, prompt, options),
                                      model)
-        except RemoteStatusError as exc:
-            if exc.status_code not in (404, 405, 501):
-                raise
-            raise InvalidRequestError(f"{self.base_url} has no completions API ({exc}); "
-                                      "continue raw text with a local model, or use chat()"
-                                      ) from exc
 
-    def _open_stream(self, path: str, body: dict[str, Any], model: str) -> Iterator[Chunk]:
+    def _open_stream(self, path: str, body: dict[str, Any], model: str) -> ChunkStream:
         client = httpx.Client(**self._client_kwargs())
         try:
             response = self._send(client, "POST", path, body, stream=True)
         except BaseException:
             client.close()
             raise
-        return _SyncChunks(self._iter_chunks(client, response, model),
-                           [response.close, client.close])
 
-    def _iter_chunks(self, client: httpx.Client, response: httpx.Response,
-                     model: str) -> Iterator[Chunk]:
+        def close() -> None:
+            response.close()
+            client.close()
+
+        return ChunkStream(self._iter_chunks(response, model, close), on_close=close)
+
+    def _iter_chunks(self, response: httpx.Response, model: str,
+                     close: Callable[[], None]) -> Iterator[Chunk]:
         try:
             if not _is_sse(response):
                 response.read()
@@ -342,13 +327,14 @@ class RemoteBackend(_RemoteLogic):
         except (httpx.HTTPError, httpx.StreamError) as exc:
             raise self._transport_error(exc) from exc
         finally:
-            response.close()
-            client.close()
+            close()
 
-    # -- async I/O -----------------------------------------------------------------------
 
-    async def _asend(self, client: httpx.AsyncClient, method: str, path: str,
-                     body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
+class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
+    """The async twin of RemoteBackend (an ``AsyncBackend``); the same logic, awaited I/O."""
+
+    async def _send(self, client: httpx.AsyncClient, method: str, path: str,
+                    body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
         for attempt in range(self._max_retries + 1):
             try:
                 response = await client.send(self._build(client, method, path, body, stream),
@@ -367,31 +353,55 @@ class RemoteBackend(_RemoteLogic):
             await asyncio.sleep(delay)
         raise self._status_error(response.status_code, response.text, response.request.url)
 
-    async def _aget_json(self, method: str, path: str,
-                         body: dict[str, Any] | None = None) -> Any:
+    async def _get_json(self, method: str, path: str,
+                        body: dict[str, Any] | None = None) -> Any:
         async with httpx.AsyncClient(**self._client_kwargs()) as client:
-            response = await self._asend(client, method, path, body)
+            response = await self._send(client, method, path, body)
             return self._json(response)
 
-    async def _aname(self) -> str:
-        return self._model or self._first_model(await self.amodels())
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """The model's name; blocking when the server must be asked (use resolve_name)."""
+        if self._model:
+            return self._model
+        sync = RemoteBackend(self.base_url, api_key=self._api_key, timeout=self._timeout.read
+                             or 600.0, max_retries=self._max_retries, transport=self._transport)
+        return self._first_model(sync.models())
 
-    async def amodels(self) -> list[ModelInfo]:
-        return self._parse_models(await self._aget_json("GET", "models"))
+    async def resolve_name(self) -> str:
+        return self._model or self._first_model(await self.models())
 
-    async def achat(self, messages: list[Message], options: GenerationOptions) -> ChatResult:
-        model = await self._aname()
-        data = await self._aget_json("POST", "chat/completions",
-                                     wire.chat_body(model, messages, options, stream=False))
+    async def models(self) -> list[ModelInfo]:
+        return self._parse_models(await self._get_json("GET", "models"))
+
+    async def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
+        model = await self.resolve_name()
+        data = await self._get_json("POST", "chat/completions",
+                                    wire.chat_body(model, list(messages), options, stream=False))
         return wire.result_from_json(data, model)
 
-    async def astream(self, messages: list[Message],
-                      options: GenerationOptions) -> AsyncIterator[Chunk]:
+    async def stream(self, messages: Sequence[Message],
+                     options: GenerationOptions) -> AsyncGenerator[Chunk, None]:
         """An async generator of chunks; ``aclose()`` closes the HTTP response."""
-        model = await self._aname()
-        body = wire.chat_body(model, messages, options, stream=True)
+        model = await self.resolve_name()
+        body = wire.chat_body(model, list(messages), options, stream=True)
+        async with contextlib.aclosing(self._stream("chat/completions", body, model)) as chunks:
+            async for chunk in chunks:  # aclosing: our aclose() reaches the response at once
+                yield chunk
+
+    async def complete(self, prompt: str,
+                       options: GenerationOptions) -> AsyncGenerator[Chunk, None]:
+        model = await self.resolve_name()
+        body = wire.completion_body(model, prompt, options)
+        with self._no_completions():
+            async with contextlib.aclosing(self._stream("completions", body, model)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+
+    async def _stream(self, path: str, body: dict[str, Any],
+                      model: str) -> AsyncGenerator[Chunk, None]:
         async with httpx.AsyncClient(**self._client_kwargs()) as client:
-            response = await self._asend(client, "POST", "chat/completions", body, stream=True)
+            response = await self._send(client, "POST", path, body, stream=True)
             try:
                 if not _is_sse(response):
                     await response.aread()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .engine import LocalEngine, collect
+from ..backends import collect  # the one join of a stream, for callers of the engine
+from .engine import LocalEngine
 from .loader import load_model, unload_all
 
 __all__ = ["LocalEngine", "collect", "load_model", "unload_all"]

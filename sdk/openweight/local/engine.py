@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..backends import ChunkStream, SyncBackend
 from ..errors import GenerationError, InvalidRequestError, OpenWeightError
 from ..options import DEFAULT_MAX_TOKENS, GenerationOptions
-from ..types import ChatResult, Chunk, FinishReason, Message, ToolCall, Usage
+from ..types import Chunk, FinishReason, Message, ModelInfo, Usage
 from . import worker
 from .decode import StopMatcher
 from .loader import LoadedModel, load_model
@@ -25,7 +26,7 @@ from .thinking import (
     think_token_ids,
 )
 
-__all__ = ["LocalEngine", "TokenSource", "collect", "default_source", "generate_source",
+__all__ = ["LocalEngine", "TokenSource", "default_source", "generate_source",
            "resolved_settings", "sampling_settings"]
 
 _DONE = object()
@@ -72,8 +73,8 @@ class _Cancelled:
                           device=input_ids.device)
 
 
-class LocalEngine:
-    """Runs one model directory in this process."""
+class LocalEngine(SyncBackend):
+    """Runs one model directory in this process (a ``SyncBackend``)."""
 
     def __init__(self, path: str | Path, *, name: str | None = None, device: str | None = None,
                  dtype: str | None = None, quantize: str | None = None,
@@ -169,12 +170,12 @@ class LocalEngine:
         """Token ids of the conversation formatted by the model's chat template."""
         return self.tokenize(self.format(messages, options))
 
-    def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
-        return collect(self.stream(messages, options), self.name)
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=self.name, installed=True, path=str(self.path))]
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions, *,
-               source: TokenSource | None = None) -> Iterator[Chunk]:
-        """Validate now, then return a generator of chunks (close it to stop generating).
+               source: TokenSource | None = None) -> ChunkStream:
+        """Validate now, then return a stream of chunks (close it to stop generating).
         ``source`` replaces how tokens are generated (see ``TokenSource``)."""
         lm = self.loaded
         text = self.format(messages, options)
@@ -182,7 +183,7 @@ class LocalEngine:
                            source=source)
 
     def complete(self, prompt: str, options: GenerationOptions, *,
-                 source: TokenSource | None = None) -> Iterator[Chunk]:
+                 source: TokenSource | None = None) -> ChunkStream:
         """Continue raw text, with no chat template (the legacy completions API)."""
         ids = list(self.loaded.tokenizer(prompt)["input_ids"])
         if not prompt or not ids:
@@ -192,7 +193,7 @@ class LocalEngine:
                            source=source)
 
     def _start(self, prompt: list[int], options: GenerationOptions, parser: OutputParser,
-               field: str = "messages", source: TokenSource | None = None) -> Iterator[Chunk]:
+               field: str = "messages", source: TokenSource | None = None) -> ChunkStream:
         lm = self.loaded
         room = lm.context_length - len(prompt)
         if room <= 0:
@@ -223,7 +224,7 @@ class LocalEngine:
 
     def _generate(self, lm: LoadedModel, prompt: list[int], max_new: int,
                   options: GenerationOptions, parser: OutputParser | None = None,
-                  source: TokenSource | None = None) -> Iterator[Chunk]:
+                  source: TokenSource | None = None) -> ChunkStream:
         cancel = threading.Event()
         if options.json_schema is not None:  # validate now, not at the first token
             from .constrain import compile_schema
@@ -275,7 +276,7 @@ class LocalEngine:
                 if close is not None:
                     close()
 
-        return _LocalStream(chunks(), cancel)
+        return ChunkStream(chunks(), on_close=cancel.set)
 
 
 def sampling_settings(lm: LoadedModel, options: GenerationOptions,
@@ -437,49 +438,3 @@ def _to_chunk(deltas: list[Delta], stops: StopMatcher) -> Chunk | None:
                    if kind == "text" and not stops.stopped)
     reasoning = "".join(piece for kind, piece in deltas if kind == "reasoning")
     return Chunk(text=text, reasoning=reasoning) if text or reasoning else None
-
-
-class _LocalStream(Iterator[Chunk]):
-    """A chunk iterator whose close() is safe from any thread, even mid-``next``."""
-
-    def __init__(self, gen: Iterator[Chunk], cancel: threading.Event) -> None:
-        self._gen = gen
-        self._cancel = cancel
-
-    def __next__(self) -> Chunk:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._cancel.set()  # the worker stops at its next token
-        close = getattr(self._gen, "close", None)
-        if close is not None:
-            # ValueError: being iterated in another thread; the cancel ends it
-            with contextlib.suppress(ValueError):
-                close()
-
-
-def collect(chunks: Iterator[Chunk], model: str) -> ChatResult:
-    """Join a stream into one ChatResult (so stream and non-stream can never differ)."""
-    text: list[str] = []
-    reasoning: list[str] = []
-    calls: list[ToolCall] = []
-    finish: FinishReason = "stop"
-    usage = Usage(0, 0)
-    for chunk in chunks:
-        text.append(chunk.text)
-        reasoning.append(chunk.reasoning)
-        calls.extend(chunk.tool_calls)
-        if chunk.finish_reason is not None:
-            finish = chunk.finish_reason
-        if chunk.usage is not None:
-            usage = chunk.usage
-    return ChatResult(
-        text="".join(text),
-        reasoning="".join(reasoning) or None,
-        tool_calls=tuple(calls),
-        finish_reason=finish,
-        usage=usage,
-        model=model,
-    )
-
-

@@ -11,9 +11,10 @@ import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
+from ..settings import is_path
 from ..types import ModelInfo
 from .catalog import CATALOG, DEFAULT_MODEL, CatalogEntry
 from .registry import home, locked, read_registry, update_registry
@@ -29,6 +30,9 @@ from .sources import (
     sha256_file,
 )
 
+if TYPE_CHECKING:
+    from ..local import LocalEngine
+
 __all__ = [
     "CATALOG",
     "DEFAULT_MODEL",
@@ -37,6 +41,7 @@ __all__ = [
     "home",
     "list_models",
     "model_info",
+    "open_engine",
     "packed_cache",
     "pull",
     "remove_model",
@@ -266,3 +271,18 @@ def set_default(name: str) -> None:
         raise ModelNotFoundError(_unknown(name))
     with update_registry() as data:
         data["default"] = name
+
+
+def open_engine(model: str | None = None, *, device: str | None = None,
+                dtype: str | None = None, quantize: str | None = None) -> LocalEngine:
+    """The local engine for a store name (pulled first if it is a catalog model; None: the
+    default model) or a model directory of the caller's, used as it is. The weights load
+    on first use."""
+    from ..local import LocalEngine
+
+    if model and is_path(model):
+        path = Path(model).expanduser()
+        return LocalEngine(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
+    name, path = ensure_model(model)  # a store model: its packed form is kept in the store
+    return LocalEngine(path, name=name, device=device, dtype=dtype, quantize=quantize,
+                       packed_cache=packed_cache())

@@ -18,7 +18,6 @@ from .answers import (
 )
 from .requests import (
     CHAT_FIELDS,
-    CHAT_ONLY_OPTIONS,
     arguments_from_json,
     chat_body,
     completion_body,
@@ -35,7 +34,6 @@ from .requests import (
 
 __all__ = [
     "CHAT_FIELDS",
-    "CHAT_ONLY_OPTIONS",
     "Answer",
     "ChatShape",
     "CompletionShape",

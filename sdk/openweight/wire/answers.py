@@ -230,6 +230,11 @@ class Answer:
         if chunk.usage is not None:
             self.usage = chunk.usage
 
+    def result(self, model: str) -> ChatResult:
+        return ChatResult(text="".join(self.text), reasoning="".join(self.reasoning) or None,
+                          tool_calls=tuple(self.tool_calls), finish_reason=self.finish_reason,
+                          usage=self.usage, model=model)
+
 
 class ChatShape:
     """How the chunks of one request are written out (chat completions)."""

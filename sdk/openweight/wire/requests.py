@@ -17,7 +17,6 @@ from ..types import ROLES, Message, ToolCall
 
 __all__ = [
     "CHAT_FIELDS",
-    "CHAT_ONLY_OPTIONS",
     "arguments_from_json",
     "chat_body",
     "completion_body",
@@ -33,7 +32,6 @@ __all__ = [
 ]
 
 CHAT_FIELDS = ("tools", "tool_choice", "response_format")  # chat completions only
-CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
 
 
 # -- tool calls -----------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""`openweight serve`'s command: bind, build the app, run uvicorn until Ctrl-C."""
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+from contextlib import suppress
+from types import FrameType
+from typing import Any
+
+__all__ = ["add_serve_parser", "cmd_serve"]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket: connections queue from here on, so the printed URL works at once."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = info[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    if os.environ.get("OPENWEIGHT_BASE_URL"):  # the server runs models itself: say so
+        print("openweight: ignoring OPENWEIGHT_BASE_URL (the server runs models locally)",
+              file=sys.stderr)
+    api_key = args.api_key or os.environ.get("OPENWEIGHT_API_KEY") or None
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        print(f"Error: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); "
+              "choose another --port or --host", file=sys.stderr)
+        return 1
+    try:
+        print(f"openweight: loading {args.model or 'the default model'}...", file=sys.stderr,
+              flush=True)
+        app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype,
+                         quantize=args.quantize)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
+              f"({'API key required' if api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
+        if not api_key and not _is_loopback(args.host):
+            print(f"openweight: warning: listening on {args.host} without --api-key; anyone who "
+                  "can reach this machine can use it", file=sys.stderr, flush=True)
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                app.state.stopping.set()  # end streams now rather than wait for them
+                super().handle_exit(sig, frame)
+
+        config = uvicorn.Config(app, log_level="warning", ws="none", lifespan="on",
+                                timeout_graceful_shutdown=5)
+        with suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled
+            Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    print("openweight: server stopped", file=sys.stderr)
+    return 0
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to the ``openweight`` command's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve local models over the OpenAI API (/v1/chat/completions, "
+                    "/v1/completions, /v1/models, /health). Requests may name any installed "
+                    "model; --model is the one loaded at start and used when none is named.")
+    p.add_argument("--model", "-m", metavar="NAME_OR_PATH",
+                   help="model name or directory (default: the default model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks one)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: "
+                        "$OPENWEIGHT_API_KEY, else none)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (default: auto)")
+    p.add_argument("--quantize", help="auto, none, int8 or int4 weight-only quantisation of "
+                   "the Linear layers (default: auto, see docs/performance.md)")
+    p.set_defaults(func=cmd_serve)
+    return p

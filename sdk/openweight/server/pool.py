@@ -1,0 +1,84 @@
+"""The models one server serves: local engines, made on first use and kept.
+
+The server pools engines, never Clients: a request can never be sent on to a keep-alive
+server or a remote URL by accident, whatever the environment says.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import TYPE_CHECKING
+
+from ..errors import ModelNotFoundError
+
+if TYPE_CHECKING:
+    from ..local import LocalEngine
+
+__all__ = ["NAME_RE", "ModelPool"]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+class ModelPool:
+    """One local engine per model name: the one served by default (``--model``), and any
+    installed or catalog model a request names."""
+
+    def __init__(self, model: str | None, *, device: str | None = None,
+                 dtype: str | None = None, quantize: str | None = None) -> None:
+        self._device, self._dtype, self._quantize = device, dtype, quantize  # for every model
+        self._lock = threading.Lock()
+        self.default = self._engine(model)  # resolves the name (pulling the model if needed)
+        self.name = self.default.name
+        # the engines served, by name: a test (or a tool) may add a scripted one here
+        self.engines: dict[str, LocalEngine] = {self.name: self.default}
+        if model:
+            self.engines[model] = self.default
+
+    def _engine(self, model: str | None) -> LocalEngine:
+        from ..store import open_engine
+
+        return open_engine(model, device=self._device, dtype=self._dtype,
+                           quantize=self._quantize)
+
+    def warm(self) -> None:
+        """Load the default model and run one token, so that the first request is fast and
+        a broken model fails here; then forget that token's prompt (the local model's
+        prefix cache), so the first request is computed as in a fresh process. A prompt
+        whose start was cached computes its rest apart, which can move a knife-edge greedy
+        answer: the warm-up's chat preamble once turned SmolLM2's "Paris" into "L'Etoile"
+        on every server's first request."""
+        from ..options import GenerationOptions
+        from ..types import Message
+
+        self.default.chat([Message(role="user", content="Hi")], GenerationOptions(max_tokens=1))
+        self.default.loaded.prefix_cache.clear()
+
+    def loaded(self) -> dict[str, str] | None:
+        """What the default model runs with, resolved (``LoadedModel.summary``), loading it
+        if it is not loaded yet."""
+        return self.default.loaded.summary()
+
+    def get(self, name: str | None) -> LocalEngine:
+        """The engine for a request's ``model`` field (blocking: may pull the model)."""
+        if not name:
+            return self.default
+        engine = self.engines.get(name)
+        if engine is not None:
+            return engine
+        with self._lock:
+            engine = self.engines.get(name)
+            if engine is not None:
+                return engine
+            if not NAME_RE.match(name):  # never let a request name a path on this machine
+                raise ModelNotFoundError(f"unknown model {name!r}; GET /v1/models lists the "
+                                         "models served here")
+            engine = self.engines[name] = self._engine(name)
+            return engine
+
+    def names(self) -> list[str]:
+        from ..store import list_models
+
+        names = [self.name]
+        names += [m.name for m in list_models() if m.installed and m.name != self.name]
+        return names
