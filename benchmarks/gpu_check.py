@@ -45,8 +45,8 @@ def batch_speed(device: str, streams: int = 8, tokens: int = 96) -> dict[str, ob
     batch (in process, no HTTP), on ``device``."""
     import threading
 
-    from openweight.local.batching import Batching
     from openweight.backends import collect
+    from openweight.local.batching import Batching
     from openweight.local.engine import LocalEngine
     from openweight.options import GenerationOptions
     from openweight.store import ensure_model

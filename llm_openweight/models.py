@@ -209,10 +209,11 @@ def write_config(data: dict[str, Any]) -> None:
 
 # -- clients, cached for the life of the process -------------------------------------------
 
-ClientKey = tuple[str | None, str | None, str | None, str | None, str | None, str | None]
+# (model, device, dtype, quantize, remote URL, API key, keep-alive seconds)
+ClientKey = tuple[str | None, str | None, str | None, str | None, str | None, str | None, float]
 _clients: dict[ClientKey, openweight.Client] = {}
 _async_clients: dict[ClientKey, openweight.AsyncClient] = {}
-# a remote AsyncClient's connections belong to one event loop: cache those per loop
+# an AsyncClient that talks HTTP is used from one event loop: cache those per loop
 _loop_clients: weakref.WeakKeyDictionary[Any, dict[ClientKey, openweight.AsyncClient]] = (
     weakref.WeakKeyDictionary())
 _lock = threading.Lock()
@@ -227,12 +228,12 @@ def clear_clients() -> None:
 
 
 def _cached(cache: dict[ClientKey, Any], key: ClientKey, make: Callable[..., Any]) -> Any:
+    """One SDK client per key: it holds all policy (keep-alive, retries, validation)."""
     with _lock:
         client = cache.get(key)
         if client is None:
-            model, device, dtype, quantize, base_url, api_key = key
-            # in this process: keep_alive=0, so the client never looks for a keep-alive server
-            local = {"keep_alive": 0} if base_url is None else {}
+            model, device, dtype, quantize, base_url, api_key, keep_alive = key
+            local = {} if base_url else {"keep_alive": keep_alive}  # 0: in this process
             with _sdk_errors():
                 client = make(model, base_url=base_url, api_key=api_key, device=device,
                               dtype=dtype, quantize=quantize, **local)
@@ -293,18 +294,15 @@ class _Run:
         if name is None and self.remote is None:
             with _sdk_errors():
                 name = openweight.default_model()  # `openweight` follows the store's default
-        # a local model is served by a keep-alive server unless keep_alive is 0 (see connect)
-        self.keep_alive = 0.0
+        # a local model is served by a keep-alive server unless keep_alive is 0: the
+        # Client finds or starts it (the plugin's default: OPENWEIGHT_KEEP_ALIVE, else 5m)
+        keep_alive = 0.0
         if self.remote is None:
-            from openweight import daemon
-
             with _sdk_errors():  # a bad OPENWEIGHT_KEEP_ALIVE: a clean error too
-                seconds = keep_alive_seconds(opts.get("keep_alive"))
-            self.keep_alive = seconds if daemon.SUPPORTED else 0.0
-        self.server: str | None = None  # the keep-alive server's URL, once connected
+                keep_alive = keep_alive_seconds(opts.get("keep_alive"))
         self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"),
                                opts.get("quantize"), self.remote,
-                               (key or None) if self.remote else None)
+                               (key or None) if self.remote else None, keep_alive)
         self.messages = _messages(prompt)
         self.options = {k: v for k, v in opts.items() if k not in CLIENT_ONLY}
         if prompt.tools:
@@ -318,73 +316,24 @@ class _Run:
         self.usage: openweight.Usage | None = None
         self.tool_calls: list[openweight.ToolCall] = []
 
-    def connect(self) -> None:
-        """With keep-alive on, send the request to the model's keep-alive server.
-
-        The model is pulled here first if it is not installed (its progress shows on this
-        process's stderr), then its server is found, or started and waited for. Blocking:
-        the async model runs it in a thread.
-        """
-        if not self.keep_alive:
-            return
-        from openweight import daemon
-        from openweight.store import ensure_model
-
-        name, device, dtype, quantize = self.key[:4]
-        name, _ = ensure_model(name)
-        url, token = daemon.ensure_daemon(name, device=device, dtype=dtype, quantize=quantize,
-                                          keep_alive=self.keep_alive)
-        self.server = url
-        self.key = (name, device, dtype, quantize, url, token)
-
     def sync_client(self) -> openweight.Client:
         client: openweight.Client = _cached(_clients, self.key, openweight.Client)
         return client
 
     def async_client(self) -> openweight.AsyncClient:
         cache = _async_clients
-        if self.key[4] is not None:  # a remote or keep-alive server
+        if self.key[4] is not None or self.key[6]:  # a remote or keep-alive server
             cache = _loop_clients.setdefault(asyncio.get_running_loop(), {})
         client: openweight.AsyncClient = _cached(cache, self.key, openweight.AsyncClient)
         return client
 
-    def open_stream(self) -> tuple[openweight.Client, openweight.Stream,
-                                   openweight.Chunk | None]:
-        """The client, its stream and the stream's first chunk (None: it is empty).
+    def open_stream(self) -> tuple[openweight.Client, openweight.Stream]:
+        client = self.sync_client()
+        return client, client.stream(self.messages, **self.options)
 
-        A keep-alive server that stopped just before the request (its idle timeout, or
-        `openweight stop`) is found or started again, once.
-        """
-        for again in (False, True):
-            self.connect()
-            client = self.sync_client()
-            stream: openweight.Stream | None = None
-            try:
-                stream = client.stream(self.messages, **self.options)
-                return client, stream, next(stream, None)
-            except BaseException as exc:
-                if stream is not None:
-                    stream.close()
-                if (again or self.server is None
-                        or not isinstance(exc, openweight.RemoteConnectionError)):
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def aopen_stream(self) -> tuple[openweight.AsyncClient, openweight.AsyncStream,
-                                          openweight.Chunk | None]:
-        """``open_stream`` for the async model."""
-        for again in (False, True):
-            await asyncio.to_thread(self.connect)
-            client = self.async_client()
-            stream = client.stream(self.messages, **self.options)
-            try:
-                return client, stream, await anext(stream, None)
-            except BaseException as exc:
-                await stream.aclose()
-                if (again or self.server is None
-                        or not isinstance(exc, openweight.RemoteConnectionError)):
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+    def aopen_stream(self) -> tuple[openweight.AsyncClient, openweight.AsyncStream]:
+        client = self.async_client()  # cheap: it pulls or starts a server in a thread
+        return client, client.stream(self.messages, **self.options)
 
     def events(self, chunk: openweight.Chunk) -> list[StreamEvent]:
         """llm stream events for one SDK chunk; remembers the finish reason and usage."""
@@ -406,18 +355,20 @@ class _Run:
             self.usage = chunk.usage
         return out
 
-    def done(self, response: llm.Response | llm.AsyncResponse, model_name: str) -> None:
+    def done(self, response: llm.Response | llm.AsyncResponse,
+             client: openweight.Client | openweight.AsyncClient) -> None:
         """Record tool calls, usage, speed and the model that answered on the llm response."""
         for call in self.tool_calls:  # what tool_calls() returns and llm's chains run
             response.add_tool_call(llm.ToolCall(name=call.name, arguments=dict(call.arguments),
                                                 tool_call_id=call.id))
         end = time.monotonic()
         usage = self.usage
+        model_name = client.model
         info: dict[str, Any] = {
             "model": model_name,
             "finish_reason": self.finish_reason,
             "remote": self.remote,
-            "keep_alive_server": self.server,
+            "keep_alive_server": client.keep_alive_url,
             "duration_s": round(end - self.started, 4),
         }
         if self.first is not None:
@@ -477,13 +428,11 @@ class OpenWeight(_OpenWeightMixin, llm.KeyModel):  # type: ignore[misc]
                 key: str | None = None) -> Iterator[StreamEvent]:
         run = _Run(self, prompt, key)
         with _sdk_errors():
-            client, chunks, first = run.open_stream()
+            client, chunks = run.open_stream()
             with chunks:
-                if first is not None:
-                    yield from run.events(first)
                 for chunk in chunks:
                     yield from run.events(chunk)
-            run.done(response, client.model)
+            run.done(response, client)
 
 
 class AsyncOpenWeight(_OpenWeightMixin, llm.AsyncKeyModel):  # type: ignore[misc]
@@ -492,14 +441,12 @@ class AsyncOpenWeight(_OpenWeightMixin, llm.AsyncKeyModel):  # type: ignore[misc
                       key: str | None = None) -> AsyncGenerator[StreamEvent, None]:
         run = _Run(self, prompt, key)
         with _sdk_errors():
-            client, chunks, first = await run.aopen_stream()
+            client, chunks = run.aopen_stream()
             async with chunks:
-                for event in run.events(first) if first is not None else ():
-                    yield event
                 async for chunk in chunks:
                     for event in run.events(chunk):
                         yield event
-            run.done(response, client.model)
+            run.done(response, client)
 
 
 # -- registration ----------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from openweight.daemon import (
     start_daemon,
     stop_daemons,
 )
+from openweight.daemon import process as daemon_process
 from openweight.settings import keep_alive_seconds
 
 from conftest import wait_until
@@ -67,7 +68,7 @@ def _daemon_pids(key: str | None = None) -> list[int]:
 
 
 def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    return wait_until(check, timeout, poll=0.05, between=daemon._reap)
+    return wait_until(check, timeout, poll=0.05, between=daemon_process._reap)
 
 
 def _home_of(pid: int) -> str | None:
@@ -273,7 +274,7 @@ def test_stop(ow_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == "no keep-alive server is running for other\n"
     assert cli.main(["stop", "tiny"]) == 0
     assert capsys.readouterr().out == "stopped 1 keep-alive server (tiny)\n"
-    daemon._reap()
+    daemon_process._reap()
     assert pid not in _daemon_pids()
     assert list(ow_home.joinpath("run").glob("*.json")) == []
     assert cli.main(["ps"]) == 0

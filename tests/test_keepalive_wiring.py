@@ -159,6 +159,7 @@ def test_plugin_retries_once_when_the_daemon_has_just_exited(
     # a daemon that cannot be reached twice in a row: one clean error, no traceback
     monkeypatch.setattr(daemon, "ensure_daemon",
                         lambda *a, **k: (_dead_url(), real(*a, **k)[1]))
+    plugin_models.clear_clients()  # as a new `llm` process would
     assert_error(run("-m", TINY, "hello", *GREEDY, *mode), "cannot connect")
 
 

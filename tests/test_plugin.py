@@ -411,6 +411,7 @@ class FakeClient:
     made: ClassVar[list[dict[str, Any]]] = []
     sent: ClassVar[list[list[dict[str, Any]]]] = []
     options: ClassVar[list[dict[str, Any]]] = []
+    keep_alive_url = None
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.made.append({"model": model, **kwargs})

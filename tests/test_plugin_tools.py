@@ -250,6 +250,7 @@ def test_parallel_calls_each_get_a_result(env: Path,  # noqa: F811
     class Scripted:
         def __init__(self, model: str | None = None, **kwargs: Any) -> None:
             self.model = model or "server-default"
+            self.keep_alive_url = None
 
         def stream(self, messages: Any, **options: Any) -> openweight.Stream:
             sent.append((list(messages), options))
