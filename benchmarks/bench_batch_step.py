@@ -18,6 +18,12 @@ From those it prints the aggregate tokens/s of N requests and its ratio to one r
 whatever the scheduling around it: the figure to hold `bench_concurrency.py`'s
 "8 streams / 1 stream" against.
 
+Then (``--batch-tokens``, 0 to skip) the same N requests through the server's batch itself
+(``Batching.source``, in process: scheduler, paged cache, per-request samplers, token
+streams, no HTTP), each a PAST-token prompt decoding up to that many tokens greedily:
+``batch ms`` is the wall time per step once every request has its first token, beside
+``one call ms``, so their difference is what the scheduling around a step costs.
+
     python benchmarks/bench_batch_step.py [--past 100] [--steps 60] [--rows 1 2 4 8 16]
 
 Run it alone (2 shared cores); the report ends with how long tasks waited for a CPU.
@@ -39,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per row count")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--quantize", default="auto", help="auto, none, int8 or int4")
+    parser.add_argument("--batch-tokens", type=int, default=64,
+                        help="tokens each request decodes through the batch (0: skip)")
     args = parser.parse_args(argv)
 
     from openweight.local import worker
@@ -55,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[int, tuple[float, float, float | None]] = {}
     for n in args.rows:
         rows[n] = worker.call(lambda n=n: _time_steps(fast, n, args.past, args.steps))
+    batch = {n: _time_batch(lm, n, args.past, args.batch_tokens)
+             for n in args.rows} if args.batch_tokens else {}
     wall = time.perf_counter() - started
 
     import torch
@@ -73,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{n * first_call / args.rows[0] / call:>8.2f}")
         print(f"{n:>8} {step * 1e3:>8.2f} {n / step:>7.0f} {n * one / step:>8.2f} "
               f"{products * 1e3:>12.2f} {(step - products) * 1e3:>13.2f} {calls}")
+    if batch:
+        print(f"through the batch (Batching.source, {args.batch_tokens} tokens a request):")
+        print(f"{'requests':>8} {'batch ms':>9} {'tok/s':>7} {'x 1 req':>8}")
+        for n, per_step in batch.items():
+            print(f"{n:>8} {per_step * 1e3:>9.2f} {n / per_step:>7.0f} "
+                  f"{n * batch[args.rows[0]] / args.rows[0] / per_step:>8.2f}")
     if stall is not None:
         waited = (cpu_stall() or stall) - stall
         print(f"tasks waited for a CPU {waited:.1f} s over {wall:.1f} s of run "
@@ -147,6 +163,40 @@ def _time_steps(fast: Any, n: int, past: int, steps: int
         full = statistics.median(step(True) for _ in range(steps))
         call = statistics.median(one_call() for _ in range(steps)) if fast.one_call else None
     return full, products, call
+
+
+def _time_batch(lm: Any, n: int, past: int, tokens: int) -> float:
+    """Seconds per step of ``n`` requests decoding together through the server's batch:
+    the wall time from the moment the last of them has its first token to the moment the
+    first of them ends, over the steps in between (a token each per step)."""
+    import threading
+
+    from openweight.local.batching import Batching
+    from openweight.options import GenerationOptions
+
+    batch = Batching()
+    greedy = GenerationOptions.from_kwargs({"temperature": 0})
+    times: list[list[float]] = [[] for _ in range(n)]  # each request's token times
+    start = threading.Barrier(n)
+
+    def run(r: int) -> None:
+        prompt = [(7 * r + j) % 1000 + 100 for j in range(past)]
+        start.wait()
+        for _ in batch.source(lm, prompt, tokens, greedy, threading.Event()):
+            times[r].append(time.perf_counter())
+
+    try:
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        batch.close()
+    began = max(t[0] for t in times)
+    ended = min(t[-1] for t in times)
+    steps = max(sum(began < x <= ended for x in t) for t in times)
+    return (ended - began) / max(steps, 1)
 
 
 if __name__ == "__main__":
