@@ -75,7 +75,8 @@ def register(cli: click.Group) -> None:
         The server's API key, if it needs one: `llm keys set openweight` or
         OPENWEIGHT_API_KEY. `-o remote URL` overrides this for one prompt.
         """
-        from .models import CONFIG_FILE, _check_url, read_config, write_config
+        from .config import CONFIG_FILE, read_config, write_config
+        from .options import check_url
 
         if url and off:
             raise click.UsageError("give a URL or --off, not both")
@@ -86,7 +87,7 @@ def register(cli: click.Group) -> None:
             click.echo("openweight models now run on this machine")
         elif url:
             try:
-                config["remote"] = _check_url(url)
+                config["remote"] = check_url(url)
             except ValueError as exc:
                 raise click.ClickException(str(exc)) from exc
             write_config(config)

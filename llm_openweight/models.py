@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import json
 import os
@@ -18,25 +17,19 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 import llm
 from llm.parts import ReasoningPart, StreamEvent, TextPart, ToolCallPart, ToolResultPart
-from pydantic import Field, ValidationInfo, create_model, field_validator
 
 import openweight
-from openweight.options import OPTION_SPECS, GenerationOptions
 from openweight.settings import (
-    DEVICES,
-    DTYPES,
-    QUANTIZE,
-    check_device,
-    check_dtype,
-    check_quantize,
     keep_alive_seconds,
 )
+
+from .config import CONFIG_FILE, read_config, write_config
+from .options import CLIENT_ONLY, LazyOptions, options_class
 
 __all__ = [
     "CONFIG_FILE",
@@ -52,7 +45,6 @@ __all__ = [
 ]
 
 PREFIX = "openweight"
-CONFIG_FILE = "openweight.json"
 KEY_ALIAS = "openweight"
 KEY_ENV_VAR = "OPENWEIGHT_API_KEY"
 
@@ -88,123 +80,6 @@ def _sdk_errors() -> Iterator[None]:
                                    ) from exc
     except openweight.OpenWeightError as exc:
         raise OpenWeightModelError(str(exc)) from exc
-
-
-# -- options -------------------------------------------------------------------------------
-# Built on first use, not at import: `llm models` and every other model's prompt run
-# register_models, and none of them needs this pydantic class.
-
-
-def _spec_field(name: str) -> tuple[Any, Any]:
-    """A pydantic field for one of the SDK's options, with its bounds and help text."""
-    spec = OPTION_SPECS[name]
-    if spec.kind is bool:
-        return bool | None, Field(None, description=f"{spec.description} (true or false)")
-    description = f"{spec.description} ({spec.bounds_text()})"
-    if spec.choices:
-        return str | None, Field(None, description=description)
-    kind: Any = int | None if spec.kind is int else float | None
-    return kind, Field(None, ge=spec.ge, gt=spec.gt, le=spec.le,
-                       allow_inf_nan=None if spec.kind is int else False,
-                       description=description)
-
-
-def _check_url(value: str) -> str:
-    value = value.strip()
-    if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
-        raise ValueError(f"{value!r} is not a base URL; give one like http://HOST:8000/v1")
-    return value.rstrip("/")
-
-
-@functools.cache
-def options_class() -> type[llm.Options]:
-    """The model's ``Options``: every SDK option (bounds from OPTION_SPECS) plus our own."""
-    class Checks(llm.Options):
-        @field_validator("*", check_fields=False)
-        @classmethod
-        def _sdk_checks(cls, value: Any, info: ValidationInfo) -> Any:
-            """Choices and stop strings: the SDK's own check (a ValueError), normalised."""
-            name = info.field_name or ""
-            spec = OPTION_SPECS.get(name)
-            if value is not None and (name == "stop" or (spec and spec.choices)):
-                checked = GenerationOptions.from_kwargs({name: value})
-                if spec is not None:
-                    value = getattr(checked, spec.name)
-            return value
-
-        @field_validator("device", "dtype", "quantize", check_fields=False)
-        @classmethod
-        def _local(cls, value: str | None, info: ValidationInfo) -> str | None:
-            check = {"device": check_device, "dtype": check_dtype, "quantize": check_quantize}
-            return check[info.field_name or ""](value)  # an InvalidRequestError: a ValueError
-
-        @field_validator("remote", check_fields=False)
-        @classmethod
-        def _remote(cls, value: str | None) -> str | None:
-            return _check_url(value) if value is not None else None
-
-        @field_validator("keep_alive", check_fields=False)
-        @classmethod
-        def _keep_alive(cls, value: str | float | None) -> str | float | None:
-            if value is not None:
-                keep_alive_seconds(value)  # an InvalidRequestError: a ValueError
-            return value
-
-    options: type[llm.Options] = create_model(  # type: ignore[call-overload]
-        "OpenWeightOptions",
-        __base__=Checks,
-        **{name: _spec_field(name) for name in OPTION_SPECS},
-        stop=(str | list[str] | None, Field(
-            None, description="Stop when the output contains this string (or any of a list)")),
-        device=(str | None, Field(
-            None, description=f"Where to run a local model: {', '.join(DEVICES)} or cuda:N")),
-        dtype=(str | None, Field(
-            None, description=f"Weight dtype of a local model: {', '.join(DTYPES)}")),
-        quantize=(str | None, Field(
-            None, description="Weight-only quantisation of a local model on the CPU: "
-            f"{', '.join(QUANTIZE)} (default auto: int4 for 4-bit GGUF sources, else int8 "
-            "on a CPU, none on a GPU)")),
-        remote=(str | None, Field(
-            None, description="Base URL of an OpenAI-compatible server to use instead of this "
-            "machine, e.g. http://HOST:8000/v1 (default: `llm openweight remote`)")),
-        keep_alive=(str | float | None, Field(
-            None, description="Keep a local model loaded in a background server for this long "
-            "after the call, for the next calls: seconds or a duration (300, 5m, 1h30m); 0: off, "
-            "load it in this process; -1: until `llm openweight stop` (default: "
-            "OPENWEIGHT_KEEP_ALIVE, else 5m)")),
-    )
-    return options
-
-
-class _LazyOptions:
-    """``Model.Options`` as llm reads it (on the class or an instance), built on first use."""
-
-    def __get__(self, obj: object, owner: type | None = None) -> type[llm.Options]:
-        return options_class()
-
-
-CLIENT_ONLY = ("device", "dtype", "quantize", "remote", "keep_alive")
-
-
-# -- the default remote, kept in llm's user dir --------------------------------------------
-
-
-def _config_path() -> Path:
-    user_dir: Path = llm.user_dir()  # type: ignore[no-untyped-call]
-    return user_dir / CONFIG_FILE
-
-
-def read_config() -> dict[str, Any]:
-    """The plugin's settings (``{"remote": URL}``); an absent or broken file is empty."""
-    try:
-        data = json.loads(_config_path().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def write_config(data: dict[str, Any]) -> None:
-    _config_path().write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 # -- clients, cached for the life of the process -------------------------------------------
@@ -400,7 +275,7 @@ class _OpenWeightMixin:
     supports_schema = True
     needs_key: str | None = KEY_ALIAS
     key_env_var: str | None = KEY_ENV_VAR
-    Options = _LazyOptions()
+    Options = LazyOptions()
     model_id: str
 
     def __init__(self, name: str | None, *, installed: bool = False,

@@ -19,7 +19,7 @@ import pytest
 import openweight
 from openweight.local import LocalEngine, collect, unload_all
 from openweight.local.batching import Batching
-from openweight.local.engine import TokenSource, default_source
+from openweight.local.generation import TokenSource, default_source
 from openweight.options import GenerationOptions
 from openweight.types import ChatResult
 from openweight.wire import to_messages

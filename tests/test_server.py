@@ -28,6 +28,7 @@ from openweight import (
 )
 from openweight.cli import build_parser
 from openweight.local import engine as engine_mod
+from openweight.local import generation
 
 from conftest import ServerThread
 
@@ -414,7 +415,7 @@ def slow_tokens(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[f
     single-stream generate path: the batch's own disconnect tests are in test_batching)."""
     monkeypatch.setattr(served.app.state, "batching", None)
     monkeypatch.setattr(engine_mod, "default_source", engine_mod.generate_source)
-    real_put = engine_mod._QueueStreamer.put
+    real_put = generation._QueueStreamer.put
     made: list[float] = []
 
     def slow_put(self: Any, value: Any) -> None:
@@ -422,7 +423,7 @@ def slow_tokens(served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> list[f
         made.append(time.monotonic())
         real_put(self, value)
 
-    monkeypatch.setattr(engine_mod._QueueStreamer, "put", slow_put)
+    monkeypatch.setattr(generation._QueueStreamer, "put", slow_put)
     return made
 
 
@@ -513,12 +514,12 @@ def test_importing_openweight_stays_light() -> None:
 SLOW_SERVER = """
 import os, sys, time
 os.environ.update(OPENWEIGHT_FAST="0", OPENWEIGHT_BATCH="0")  # tokens through generate()
-from openweight.local import engine
-put = engine._QueueStreamer.put
+from openweight.local import generation
+put = generation._QueueStreamer.put
 def slow(self, value):
     time.sleep(0.02)
     put(self, value)
-engine._QueueStreamer.put = slow
+generation._QueueStreamer.put = slow
 from openweight.cli import main
 sys.exit(main(sys.argv[1:]))
 """

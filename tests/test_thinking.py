@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from openweight import Client, InvalidRequestError
-from openweight.local.engine import resolved_settings, sampling_settings
+from openweight.local.generation import resolved_settings, sampling_settings
 from openweight.local.thinking import ThinkParser
 from openweight.options import GenerationOptions
 from openweight.store import CATALOG

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import json
 import random
 import ssl
-import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
@@ -37,6 +34,7 @@ from .errors import (
     RemoteTimeoutError,
 )
 from .options import GenerationOptions
+from .remote_http import import_httpcore, is_loopback_http, is_sse
 from .types import ChatResult, Chunk, Message, ModelInfo
 
 __all__ = ["AsyncRemoteBackend", "RemoteBackend"]
@@ -73,11 +71,11 @@ class _RemoteLogic:
         headers = {"User-Agent": "openweight", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        local = _is_loopback_http(self.base_url)
+        local = is_loopback_http(self.base_url)
         with self._lock:  # building an SSL context costs ~10 ms: once per backend
             if self._ssl is None and self._transport is None and not local:
                 self._ssl = httpx.create_ssl_context()
-        _import_httpcore()
+        import_httpcore()
         # plain HTTP on this machine (a keep-alive or local server) never uses TLS: no
         # certificates to load, and no redirects to follow off the machine unverified
         kwargs: dict[str, Any] = {"base_url": self.base_url + "/", "headers": headers,
@@ -196,46 +194,6 @@ class _RemoteLogic:
             return min(delay * (0.75 + random.random() / 2), MAX_RETRY_AFTER)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def _is_loopback_http(base_url: str) -> bool:
-    parts = urlsplit(base_url)
-    return parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
-
-
-class _LazyTrio:
-    """Stands for the ``trio`` module in httpcore until something uses it."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(importlib.import_module("trio"), name)
-
-
-def _import_httpcore() -> None:
-    """Import httpcore (httpx imports it at its first client) without importing trio.
-
-    httpcore imports trio whenever it is installed, only to tell a trio event loop from
-    asyncio's in its async locks: ~95 ms, a tenth of a warm ``llm -m openweight`` call.
-    A process that has not imported trio yet is not in a trio loop, so httpcore is
-    imported with trio hidden and then given a stand-in that imports trio on first use:
-    an httpx client run later under trio still finds it. (Only ``httpcore.TrioBackend``,
-    which nothing uses unless named, stays the stub httpcore keeps for a missing trio.)
-    """
-    if "httpcore" in sys.modules or "trio" in sys.modules:
-        return
-    sys.modules["trio"] = None  # type: ignore[assignment]  # then `import trio` fails
-    sync: Any
-    try:
-        sync = importlib.import_module("httpcore._synchronization")
-    except ImportError:  # httpcore moved: import it as it wants
-        sync = None
-    finally:
-        if "trio" in sys.modules and sys.modules["trio"] is None:
-            del sys.modules["trio"]
-    if (sync is not None and getattr(sync, "trio", "") is None
-            and importlib.util.find_spec("trio") is not None):
-        setattr(sync, "trio", _LazyTrio())  # noqa: B010  (a module httpcore does not export)
-
 class RemoteBackend(_RemoteLogic, SyncBackend):
     """A model on an OpenAI-compatible server (a ``SyncBackend``).
 
@@ -312,7 +270,7 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
     def _iter_chunks(self, response: httpx.Response, model: str,
                      close: Callable[[], None]) -> Iterator[Chunk]:
         try:
-            if not _is_sse(response):
+            if not is_sse(response):
                 response.read()
                 yield from wire.result_chunks(wire.result_from_json(self._json(response), model))
                 return
@@ -403,7 +361,7 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
         async with httpx.AsyncClient(**self._client_kwargs()) as client:
             response = await self._send(client, "POST", path, body, stream=True)
             try:
-                if not _is_sse(response):
+                if not is_sse(response):
                     await response.aread()
                     result = wire.result_from_json(self._json(response), model)
                     for whole in wire.result_chunks(result):
@@ -421,7 +379,3 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
                 raise self._transport_error(exc) from exc
             finally:
                 await response.aclose()
-
-
-def _is_sse(response: httpx.Response) -> bool:
-    return "text/event-stream" in response.headers.get("content-type", "")
