@@ -451,7 +451,7 @@ def off_fast(request: pytest.FixtureRequest, env: None, nofast_model: Path,
     takes: a tiny gpt-oss (sliding-window and full-attention layers, attention sinks,
     mixture of experts, eager attention; bfloat16, unquantised) or a Mistral with a
     sliding window everywhere (int8). Unquantised, a CPU's product of one row can round
-    differently from one of several (see README, Concurrent requests): at these sizes in
+    differently from one of several (see docs/server.md, Concurrent requests): at these sizes in
     bfloat16 it does not, which is what lets the gpt-oss answers be compared exactly."""
     if request.param == "llama-fast-off":
         monkeypatch.setenv("OPENWEIGHT_FAST", "0")

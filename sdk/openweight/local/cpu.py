@@ -25,7 +25,7 @@ OWN_KERNEL_CPU_CAPABILITIES = frozenset({"AVX2"})
 # Where a decode step's layers run in one call of ours (kernels.decode_step) by default:
 # where our products run, and on AVX-512, where the step (its products ours, in float32)
 # replaces ~30 PyTorch operations a layer for single tokens while prompts keep PyTorch's
-# products. Measured, bench_speed.py, SmolLM2-135M, 2 threads: see the README.
+# products. Measured, bench_speed.py, SmolLM2-135M, 2 threads: see docs/performance.md.
 OWN_STEP_CPU_CAPABILITIES = frozenset({"AVX2", "AVX512"})
 
 

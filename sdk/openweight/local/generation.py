@@ -8,6 +8,7 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Any
 
 from ..errors import GenerationError
@@ -135,69 +136,79 @@ def _fast_source(lm: LoadedModel, prompt: list[int], max_new: int,
                        _constraints(lm, options), options.seed, cancel)
 
 
-def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
-                    options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
-    """transformers' ``generate`` on the model thread, streaming through a queue."""
+def _run_generate(lm: LoadedModel, prompt: list[int], options: GenerationOptions,
+                  cancel: threading.Event, tokens: queue.Queue[object],
+                  kwargs: dict[str, Any]) -> None:
+    """The model-thread job: ``generate`` with the prefix cache, tokens into ``tokens``."""
     import torch
     from transformers import Cache
 
+    try:
+        with lm.lock, torch.inference_mode():
+            if cancel.is_set():
+                return
+            if options.seed is not None:
+                torch.manual_seed(options.seed)
+            cache, _reused = lm.prefix_cache.take(prompt, kind=Cache)
+            if cache is None:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=lm.model.config)
+            ids = torch.tensor([prompt], device=lm.device)
+            streamer = _QueueStreamer(tokens)
+            lm.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                streamer=streamer,
+                stopping_criteria=[_Cancelled(cancel)],
+                cache=cache,
+                **kwargs,
+            )
+            # the cache now holds the prompt and all but the last generated token
+            held = (prompt + streamer.generated)[: cache.get_seq_length()]
+            lm.prefix_cache.put(held, cache)
+    except BaseException as exc:  # handed to the consumer, never lost
+        tokens.put(exc)
+    finally:
+        tokens.put(_DONE)
+
+
+def _drain(lm: LoadedModel, tokens: queue.Queue[object], job: Future[None],
+           cancel: threading.Event) -> Iterator[int]:
+    """The consumer's side: tokens as the job makes them; closing stops the job."""
+    try:
+        while True:
+            try:
+                item = tokens.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if job.done() and tokens.empty():
+                    raise GenerationError("the generation job ended without a "
+                                          "result") from None
+                continue
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise GenerationError(f"generation failed in {lm.path.name}: "
+                                      f"{item}") from item
+            assert isinstance(item, int)
+            yield item
+    finally:
+        cancel.set()  # generate() stops at its next token
+        with contextlib.suppress(Exception):
+            job.result(timeout=30)
+
+
+def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
+                    options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
+    """transformers' ``generate`` on the model thread, streaming through a queue."""
     tokens: queue.Queue[object] = queue.Queue()
     kwargs = sampling_settings(lm, options, max_new)
     processors = _constraints(lm, options)
     if processors:
         kwargs["logits_processor"] = processors
 
-    def work() -> None:
-        try:
-            with lm.lock, torch.inference_mode():
-                if cancel.is_set():
-                    return
-                if options.seed is not None:
-                    torch.manual_seed(options.seed)
-                cache, _reused = lm.prefix_cache.take(prompt, kind=Cache)
-                if cache is None:
-                    from transformers import DynamicCache
-
-                    cache = DynamicCache(config=lm.model.config)
-                ids = torch.tensor([prompt], device=lm.device)
-                streamer = _QueueStreamer(tokens)
-                lm.model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    streamer=streamer,
-                    stopping_criteria=[_Cancelled(cancel)],
-                    cache=cache,
-                    **kwargs,
-                )
-                # the cache now holds the prompt and all but the last generated token
-                held = (prompt + streamer.generated)[: cache.get_seq_length()]
-                lm.prefix_cache.put(held, cache)
-        except BaseException as exc:  # handed to the consumer, never lost
-            tokens.put(exc)
-        finally:
-            tokens.put(_DONE)
-
     def generated() -> Iterator[int]:
-        job = worker.submit(work)
-        try:
-            while True:
-                try:
-                    item = tokens.get(timeout=POLL_SECONDS)
-                except queue.Empty:
-                    if job.done() and tokens.empty():
-                        raise GenerationError("the generation job ended without a "
-                                              "result") from None
-                    continue
-                if item is _DONE:
-                    return
-                if isinstance(item, BaseException):
-                    raise GenerationError(f"generation failed in {lm.path.name}: "
-                                          f"{item}") from item
-                assert isinstance(item, int)
-                yield item
-        finally:
-            cancel.set()  # generate() stops at its next token
-            with contextlib.suppress(Exception):
-                job.result(timeout=30)
+        job = worker.submit(lambda: _run_generate(lm, prompt, options, cancel, tokens, kwargs))
+        yield from _drain(lm, tokens, job, cancel)
 
     return generated()

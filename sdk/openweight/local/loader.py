@@ -282,6 +282,29 @@ def _harmony_ids(config: Any, tokenizer: Any) -> dict[str, int] | None:
     return ids
 
 
+def _mxfp4_plan(config: dict[str, Any], path: Path, dev: str,
+                dt: str) -> tuple[bool, dict[str, Any]]:
+    """How an MXFP4 checkpoint (gpt-oss) is read here: kept packed (True), repacked to int4
+    as it is read (the CPU), or dequantised (the extra ``from_pretrained`` arguments)."""
+    from .mxfp4 import cpu_packed_mxfp4
+
+    extra: dict[str, Any] = {}
+    if _quant_method(config) != "mxfp4":
+        return False, extra
+    keep_mxfp4, why = mxfp4_supported(dev)
+    if cpu_packed_mxfp4(config, dev):  # repacked to int4 as they are read
+        _notify_once(f"openweight: {why}; repacking {path.name}'s MXFP4 experts to "
+                     "int4 for the CPU (5 bits a weight, a small rounding error: "
+                     "see docs/sdk.md, gpt-oss on a CPU)")
+    elif not keep_mxfp4:
+        from transformers import Mxfp4Config
+
+        extra["quantization_config"] = Mxfp4Config(dequantize=True)
+        _notify_once(f"openweight: {why}; dequantising {path.name}'s MXFP4 weights to "
+                     f"{dt} (about 4x the memory of MXFP4)")
+    return keep_mxfp4, extra
+
+
 def load_model(
     path: str | Path, device: str | None = None, dtype: str | None = None,
     quantize: str | None = None, packed_cache: Path | None = None,
@@ -290,7 +313,6 @@ def load_model(
     (``packed_cache``: a directory where a quantised model's packed form is kept between
     loads, see ``packed_load``)."""
     from .fast import FastModel, unsupported_reason
-    from .mxfp4 import cpu_packed_mxfp4
     from .packed_load import allocator_returns_memory
 
     path = Path(path).expanduser().resolve()
@@ -308,22 +330,8 @@ def load_model(
         from .memory import check_fits, estimate_memory
 
         hf_logging.disable_progress_bar()
-        extra: dict[str, Any] = {}
         config = _config(path)
-        keep_mxfp4 = False
-        packed_experts = cpu_packed_mxfp4(config, dev)  # repacked to int4 as they are read
-        if _quant_method(config) == "mxfp4":
-            keep_mxfp4, why = mxfp4_supported(dev)
-            if packed_experts:
-                _notify_once(f"openweight: {why}; repacking {path.name}'s MXFP4 experts to "
-                             "int4 for the CPU (5 bits a weight, a small rounding error: "
-                             "see the README's gpt-oss section)")
-            elif not keep_mxfp4:
-                from transformers import Mxfp4Config
-
-                extra["quantization_config"] = Mxfp4Config(dequantize=True)
-                _notify_once(f"openweight: {why}; dequantising {path.name}'s MXFP4 weights to "
-                             f"{dt} (about 4x the memory of MXFP4)")
+        keep_mxfp4, extra = _mxfp4_plan(config, path, dev, dt)
         check_fits(estimate_memory(path, dev, dt, keep_mxfp4=keep_mxfp4, quantize=quant),
                    path.name)
         try:

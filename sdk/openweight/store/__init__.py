@@ -172,28 +172,63 @@ def ensure_model(name: str | None = None, *, notify: Notify = _stderr) -> tuple[
     return name, Path(info.path or "")
 
 
-def pull(source: str, *, name: str | None = None, progress: bool = True,
-         notify: Notify = _stderr) -> ModelInfo:
-    """Install a model from a catalog name, a hub repo id, a model directory or a .gguf file."""
+def _classify(source: str, name: str | None) -> tuple[str, str, CatalogEntry | None]:
+    """What kind of source this is (dir, gguf, catalog, hub) and the store name it gets."""
     path = Path(source).expanduser()
-    entry: CatalogEntry | None = None
     if path.exists():
         kind = "dir" if path.is_dir() else "gguf"
         if kind == "gguf":
             check_gguf(path)
-        target = _check_name(name or _derive_name(path.stem if kind == "gguf" else path.name))
-    elif source in CATALOG:
-        kind, entry = "catalog", CATALOG[source]
-        target = _check_name(name or source)
-    elif source.endswith(".gguf") or source.startswith((".", "/", "~")):
+        return kind, _check_name(name or _derive_name(
+            path.stem if kind == "gguf" else path.name)), None
+    if source in CATALOG:
+        return "catalog", _check_name(name or source), CATALOG[source]
+    if source.endswith(".gguf") or source.startswith((".", "/", "~")):
         raise InvalidRequestError(f"{source} does not exist; give an existing model directory "
                                   "or .gguf file")
-    elif HUB_ID_RE.match(source):
-        kind = "hub"
-        target = _check_name(name or _derive_name(source.split("/", 1)[1]))
-    else:
-        raise ModelNotFoundError(_unknown(source))
+    if HUB_ID_RE.match(source):
+        return "hub", _check_name(name or _derive_name(source.split("/", 1)[1])), None
+    raise ModelNotFoundError(_unknown(source))
 
+
+def _install(kind: str, source: str, entry: CatalogEntry | None, target: str, work: Path,
+             notify: Notify, progress: bool) -> dict[str, Any]:
+    """Fetch or convert the model into ``work``, move it into the store; its registry record."""
+    path = Path(source).expanduser()
+    record: dict[str, Any] = {"origin": source}
+    if kind == "dir":
+        from ..local.loader import check_model_dir
+
+        check_model_dir(path.resolve())
+        record.update(source=f"dir:{path.resolve()}", format="safetensors",
+                      in_place=True, path=str(path.resolve()), size_bytes=dir_size(path))
+        return record
+    built = work / "model"
+    if kind == "gguf":
+        convert_gguf(path, built, progress=progress)
+        record.update(source=f"gguf:{path.resolve()}", format="gguf",
+                      sha256=sha256_file(path))
+    elif kind == "hub":
+        revision = fetch_hub(source, built, progress=progress)
+        record.update(source=f"hub:{source}", format="safetensors", revision=revision)
+    else:
+        assert entry is not None
+        record.update(fetch_catalog(entry, work, notify, progress=progress))
+        record["family"] = entry.family
+    final = home() / "models" / target
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():  # left by a pull killed between rename and registry write
+        shutil.rmtree(final)
+    os.replace(built, final)
+    record.update(path=str(final.relative_to(home())), size_bytes=dir_size(final),
+                  in_place=False)
+    return record
+
+
+def pull(source: str, *, name: str | None = None, progress: bool = True,
+         notify: Notify = _stderr) -> ModelInfo:
+    """Install a model from a catalog name, a hub repo id, a model directory or a .gguf file."""
+    kind, target, entry = _classify(source, name)
     with locked(f"model-{target}"):
         reg = read_registry()
         existing = reg["models"].get(target)
@@ -203,37 +238,9 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
             raise InvalidRequestError(f"the name {target!r} is already taken by "
                                       f"{existing.get('origin')}; choose another with --name or "
                                       f"`openweight rm {target}` first")
-        record: dict[str, Any] = {"origin": source}
         work = new_tmp_dir()
         try:
-            if kind == "dir":
-                from ..local.loader import check_model_dir
-
-                check_model_dir(path.resolve())
-                record.update(source=f"dir:{path.resolve()}", format="safetensors",
-                              in_place=True, path=str(path.resolve()),
-                              size_bytes=dir_size(path))
-            else:
-                built = work / "model"
-                if kind == "gguf":
-                    convert_gguf(path, built, progress=progress)
-                    record.update(source=f"gguf:{path.resolve()}", format="gguf",
-                                  sha256=sha256_file(path))
-                elif kind == "hub":
-                    revision = fetch_hub(source, built, progress=progress)
-                    record.update(source=f"hub:{source}", format="safetensors",
-                                  revision=revision)
-                else:
-                    assert entry is not None
-                    record.update(fetch_catalog(entry, work, notify, progress=progress))
-                    record["family"] = entry.family
-                final = home() / "models" / target
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if final.exists():  # left by a pull killed between rename and registry write
-                    shutil.rmtree(final)
-                os.replace(built, final)
-                record.update(path=str(final.relative_to(home())), size_bytes=dir_size(final),
-                              in_place=False)
+            record = _install(kind, source, entry, target, work, notify, progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         record["installed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
