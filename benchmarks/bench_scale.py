@@ -539,7 +539,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--llama-python", default=sys.executable,
                         help="the Python whose llama-cpp-python is the peer (e.g. a venv's, "
-                        "built for AVX2: see the README's Development section)")
+                        "built for AVX2: see docs/development.md)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "openweight-bench")
     args = parser.parse_args()
     LLAMA_PYTHON[0] = args.llama_python

@@ -186,7 +186,7 @@ def main() -> None:
                         help="openweight's dtype (default: what auto picks on this CPU)")
     parser.add_argument("--llama-python", default=sys.executable,
                         help="the Python whose llama-cpp-python is the peer (e.g. a venv's, "
-                        "built for AVX2: see the README's Development section)")
+                        "built for AVX2: see docs/development.md)")
     args = parser.parse_args()
     where = (f"CPU: {cpu_description(os.cpu_count() or 1)}; llama.cpp built for "
              f"{llama_cpp_build(args.llama_python)}")
