@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 E, TOP_K, HIDDEN, INTER = 32, 4, 2880, 2880
@@ -100,50 +101,72 @@ def timed(fn: Any, repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--tokens", type=int, default=64, help="prefill length")
-    args = parser.parse_args()
+SHAPES = {"gate_up_proj": (2 * INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
+
+
+@dataclass
+class Layer:
+    """One layer's experts: MXFP4 (blocks, scales) per expert, biases, exact bf16 weights."""
+
+    mx: dict[str, list[tuple[Any, Any]]]
+    bias: dict[str, Any]
+    exact: dict[str, Any]
+
+
+def build_layer() -> Layer:
+    """Gaussian weights quantised to MXFP4, and their exact dequantisation (the reference)."""
     import torch
 
-    from openweight.local.mxfp4 import decode_mxfp4, int4_codes, packed_experts_class
+    from openweight.local.mxfp4 import decode_mxfp4
 
-    torch.manual_seed(0)
-    print(f"cpu: {cpu_model()}; torch {torch.__version__}, capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
-          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(unset)')}")
-    print("building one layer's experts (Gaussian weights -> MXFP4) ...", flush=True)
-    shapes = {"gate_up_proj": (2 * INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
-    mx: dict[str, list[tuple[Any, Any]]] = {p: [] for p in shapes}
-    for proj, (rows, cols) in shapes.items():
+    mx: dict[str, list[tuple[Any, Any]]] = {p: [] for p in SHAPES}
+    for proj, (rows, cols) in SHAPES.items():
         for _ in range(E):
             mx[proj].append(to_mxfp4(torch.randn(rows, cols) * 0.02))
     bias = {"gate_up_proj": torch.randn(E, 2 * INTER).bfloat16() * 0.02,
             "down_proj": torch.randn(E, HIDDEN).bfloat16() * 0.02}
+    exact = {p: torch.stack([decode_mxfp4(b, s) for b, s in mx[p]]) for p in SHAPES}
+    return Layer(mx, bias, exact)
 
-    # exact bf16 weights (the reference), the int4 refit, and the int4 module
-    exact = {p: torch.stack([decode_mxfp4(b, s) for b, s in mx[p]]) for p in shapes}
+
+def int4_module(layer: Layer) -> tuple[Any, float]:
+    """Our int4 experts module for the layer, and the seconds its repacking took."""
+    import torch
+
+    from openweight.local.mxfp4 import packed_experts_class
+
     module = packed_experts_class()(E, HIDDEN, INTER, ALPHA, LIMIT, torch.bfloat16)
     start = time.perf_counter()
-    for proj in shapes:
-        for e, (b, s) in enumerate(mx[proj]):
+    for proj in SHAPES:
+        for e, (b, s) in enumerate(layer.mx[proj]):
             module.set_expert(proj, e, b, s)
-        getattr(module, f"{proj}_bias").data = bias[proj]
-    repack_s = time.perf_counter() - start
+        getattr(module, f"{proj}_bias").data = layer.bias[proj]
+    return module, time.perf_counter() - start
+
+
+def int4_error(layer: Layer) -> float:
+    """The int4 weights' relative RMS error against exact dequantisation, on a few experts."""
+    from openweight.local.mxfp4 import int4_codes
+
     err_num = err_den = 0.0
-    for proj in shapes:
-        for e in range(4):  # the weights' error, on a few experts
-            q, step, off = int4_codes(*mx[proj][e])
+    for proj in SHAPES:
+        for e in range(4):
+            q, step, off = int4_codes(*layer.mx[proj][e])
             rows = q.shape[0]
             w = ((q.float() - 8).reshape(rows, -1, 32) * step.float()[..., None]
                  + off.float()[..., None]).reshape(rows, -1)
-            ref = exact[proj][e].float()
+            ref = layer.exact[proj][e].float()
             err_num += float((w - ref).pow(2).sum())
             err_den += float(ref.pow(2).sum())
-    print(f"int4 repack: {repack_s:.1f} s for the layer ({repack_s / E:.2f} s an expert)")
+    return float((err_num / err_den) ** 0.5)
+
+
+def routes(layer: Layer, module: Any) -> dict[str, Any]:
+    """Each way of computing the layer's experts: (x, indices, weights) -> output."""
+    import torch
 
     table = lut_table()
+    mx, bias, exact = layer.mx, layer.bias, layer.exact
 
     def lut_weight(proj: str, e: int) -> Any:
         b, s = mx[proj][e]
@@ -162,26 +185,47 @@ def main() -> None:
         return torch.nn.functional.linear(h, lut_weight("down_proj", e), bias["down_proj"][e])
 
     assert torch.equal(lut_weight("down_proj", 3), exact["down_proj"][3])  # exact, bit for bit
-
-    def inputs(n: int) -> tuple[Any, Any, Any]:
-        x = torch.randn(n, HIDDEN).bfloat16()
-        logits = torch.randn(n, E)
-        top, idx = torch.topk(logits, TOP_K, dim=-1)
-        return x, idx, torch.softmax(top, dim=1).bfloat16()
-
-    routes = {
+    return {
         "bf16": lambda x, i, w: moe(x, i, w, bf16_expert),
         "lut-exact": lambda x, i, w: moe(x, i, w, lut_expert),
         "int4": lambda x, i, w: module(x, i, w),
     }
-    print(f"\nint4 weights: relative RMS error vs exact dequantisation "
-          f"{(err_num / err_den) ** 0.5:.4f}")
+
+
+def inputs(n: int) -> tuple[Any, Any, Any]:
+    """``n`` tokens' hidden states, their top-k experts and routing weights."""
+    import torch
+
+    x = torch.randn(n, HIDDEN).bfloat16()
+    logits = torch.randn(n, E)
+    top, idx = torch.topk(logits, TOP_K, dim=-1)
+    return x, idx, torch.softmax(top, dim=1).bfloat16()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=64, help="prefill length")
+    args = parser.parse_args()
+    import torch
+
+    torch.manual_seed(0)
+    print(f"cpu: {cpu_model()}; torch {torch.__version__}, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(unset)')}")
+    print("building one layer's experts (Gaussian weights -> MXFP4) ...", flush=True)
+    layer = build_layer()
+    module, repack_s = int4_module(layer)
+    error = int4_error(layer)
+    print(f"int4 repack: {repack_s:.1f} s for the layer ({repack_s / E:.2f} s an expert)")
+    ways = routes(layer, module)
+    print(f"\nint4 weights: relative RMS error vs exact dequantisation {error:.4f}")
     for label, n in (("decode, 1 token", 1), (f"prefill, {args.tokens} tokens", args.tokens)):
         x, idx, wts = inputs(n)
         with torch.inference_mode():
-            ref = routes["bf16"](x, idx, wts).float()
+            ref = ways["bf16"](x, idx, wts).float()
             print(f"\n{label}:  route        ms/layer   ms/layer/token   output rel. RMS error")
-            for name, fn in routes.items():
+            for name, fn in ways.items():
                 ms = timed(functools.partial(fn, x, idx, wts), args.repeat)
                 out = fn(x, idx, wts).float()
                 err = float((out - ref).norm() / ref.norm())
