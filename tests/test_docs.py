@@ -97,32 +97,26 @@ def copy_of_the_docs(tmp_path: Path) -> Path:
     return root
 
 
-def test_strict_build_fails_on_a_broken_link(tmp_path: Path) -> None:
-    """The guard guards: a link to a page that does not exist fails the build."""
+def test_the_copy_builds(tmp_path: Path) -> None:
+    """The breakage tests below start from a copy that builds."""
+    assert build_site(tmp_path / "site", copy_of_the_docs(tmp_path)).returncode == 0
+
+
+@pytest.mark.parametrize(("page", "text", "named"), [
+    ("troubleshooting.md", "\nSee [nowhere](no-such-page.md).\n", "no-such-page.md"),
+    ("troubleshooting.md", "\nSee [the options](plugin.md#no-such-heading).\n",
+     "no-such-heading"),
+    ("stray.md", "# Stray\n\nIn no nav.\n", "stray.md"),
+], ids=["broken-link", "broken-anchor", "page-left-out-of-the-nav"])
+def test_strict_build_fails_on(tmp_path: Path, page: str, text: str, named: str) -> None:
+    """The guard guards: a link to a missing page or heading, or a page in no nav, fails
+    the build and the error names it."""
     root = copy_of_the_docs(tmp_path)
-    assert build_site(tmp_path / "site", root).returncode == 0
-    with (root / "docs" / "troubleshooting.md").open("a", encoding="utf-8") as f:
-        f.write("\nSee [nowhere](no-such-page.md).\n")
+    with (root / "docs" / page).open("a", encoding="utf-8") as f:
+        f.write(text)
     proc = build_site(tmp_path / "site", root)
     assert proc.returncode != 0
-    assert "no-such-page.md" in proc.stderr
-
-
-def test_strict_build_fails_on_a_broken_anchor(tmp_path: Path) -> None:
-    root = copy_of_the_docs(tmp_path)
-    with (root / "docs" / "troubleshooting.md").open("a", encoding="utf-8") as f:
-        f.write("\nSee [the options](plugin.md#no-such-heading).\n")
-    proc = build_site(tmp_path / "site", root)
-    assert proc.returncode != 0
-    assert "no-such-heading" in proc.stderr
-
-
-def test_strict_build_fails_on_a_page_left_out_of_the_nav(tmp_path: Path) -> None:
-    root = copy_of_the_docs(tmp_path)
-    (root / "docs" / "stray.md").write_text("# Stray\n\nIn no nav.\n", encoding="utf-8")
-    proc = build_site(tmp_path / "site", root)
-    assert proc.returncode != 0
-    assert "stray.md" in proc.stderr
+    assert named in proc.stderr
 
 
 def test_every_docs_page_is_in_the_nav() -> None:
