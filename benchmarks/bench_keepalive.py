@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import cpu_stall
@@ -86,24 +87,57 @@ def fetch_peer(tmp: Path) -> tuple[Path, Path]:
     return plugin, gguf
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5, help="rounds (each way once a round)")
-    parser.add_argument("--home", help="an openweight store holding smollm2-135m (default: "
-                        "a temp store, converted from the wheel's GGUF first)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    args = parser.parse_args(argv)
+@dataclass
+class Measured:
+    """Each way's call times, its first answer, the daemon's memory, the CPU contention."""
 
+    times: dict[str, list[float]] = field(default_factory=lambda: {w: [] for w in WAYS})
+    answers: dict[str, str] = field(default_factory=dict)
+    rss: list[int] = field(default_factory=list)
+    stall_share: float | None = None
+
+    def record(self, way: str, cmd: list[str], env: dict[str, str]) -> None:
+        elapsed, out = timed(cmd, env)
+        self.times[way].append(elapsed)
+        self.answers.setdefault(way, out)
+
+
+def _rounds(runs: int, llm: list[str], base: dict[str, str], cold_env: dict[str, str],
+            peer_env: dict[str, str], m: Measured) -> None:
+    """``runs`` rounds, each way once a round (first, warm, warm by env, llama.cpp, cold)."""
+    from openweight import daemon
+
+    timed([*llm, *PEER_ARGS], peer_env)  # warm the OS file cache for both
+    timed([*llm, *OW_ARGS], cold_env)
+    for i in range(runs):
+        print(f"round {i + 1}/{runs}", file=sys.stderr, flush=True)
+        daemon.stop_daemons()
+        m.record("first", [*llm, *OW_ARGS], base)
+        for _ in range(2):
+            m.record("warm", [*llm, *OW_ARGS], base)
+        m.record("warm, 1 token", [*llm, *OW_ARGS[:-1], "1"], base)
+        url, key = daemon.ensure_daemon(None)
+        m.record("warm (env)", [*llm, *OW_ARGS],
+                 {**base, "OPENWEIGHT_BASE_URL": url, "OPENWEIGHT_API_KEY": key})
+        m.rss += [d.rss_bytes for d in daemon.list_daemons() if d.rss_bytes]
+        m.record("llama.cpp", [*llm, *PEER_ARGS], peer_env)
+        daemon.stop_daemons()
+        m.record("cold", [*llm, *OW_ARGS], cold_env)
+
+
+def measure(runs: int, home_arg: str | None) -> Measured:
+    """Set up a store, llm's user dir and the peer plugin in a temp dir; time every way."""
+    m = Measured()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        home = Path(args.home) if args.home else tmp / "store"
+        home = Path(home_arg) if home_arg else tmp / "store"
         os.environ["OPENWEIGHT_HOME"] = str(home)  # for the daemon calls made from here
         os.environ.pop("OPENWEIGHT_KEEP_ALIVE", None)
         from openweight import daemon
         from openweight.store import list_models, pull
 
         plugin, gguf = fetch_peer(tmp)
-        if not any(m.name == "smollm2-135m" and m.installed for m in list_models()):
+        if not any(i.name == "smollm2-135m" and i.installed for i in list_models()):
             print("converting the GGUF into the store (once)...", file=sys.stderr)
             pull(str(gguf), name="smollm2-135m", progress=False)
         (tmp / "llm").mkdir()
@@ -111,55 +145,35 @@ def main(argv: list[str] | None = None) -> int:
                 if k not in ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "PYTHONPATH")}
         base.update(OPENWEIGHT_HOME=str(home), OPENWEIGHT_OFFLINE="1",
                     LLM_USER_PATH=str(tmp / "llm"))
-        llm = llm_command()
         cold_env = {**base, "OPENWEIGHT_KEEP_ALIVE": "0"}
         peer_env = {**base, "PYTHONPATH": str(plugin)}
-
-        times: dict[str, list[float]] = {w: [] for w in WAYS}
-        answers: dict[str, str] = {}
-        rss: list[int] = []
-
-        def record(way: str, cmd: list[str], env: dict[str, str]) -> None:
-            elapsed, out = timed(cmd, env)
-            times[way].append(elapsed)
-            answers.setdefault(way, out)
-
         stall = cpu_stall()
         started = time.perf_counter()
         try:
-            timed([*llm, *PEER_ARGS], peer_env)  # warm the OS file cache for both
-            timed([*llm, *OW_ARGS], cold_env)
-            for i in range(args.runs):
-                print(f"round {i + 1}/{args.runs}", file=sys.stderr, flush=True)
-                daemon.stop_daemons()
-                record("first", [*llm, *OW_ARGS], base)
-                for _ in range(2):
-                    record("warm", [*llm, *OW_ARGS], base)
-                record("warm, 1 token", [*llm, *OW_ARGS[:-1], "1"], base)
-                url, key = daemon.ensure_daemon(None)
-                record("warm (env)", [*llm, *OW_ARGS],
-                       {**base, "OPENWEIGHT_BASE_URL": url, "OPENWEIGHT_API_KEY": key})
-                rss += [d.rss_bytes for d in daemon.list_daemons() if d.rss_bytes]
-                record("llama.cpp", [*llm, *PEER_ARGS], peer_env)
-                daemon.stop_daemons()
-                record("cold", [*llm, *OW_ARGS], cold_env)
+            _rounds(runs, llm_command(), base, cold_env, peer_env, m)
         finally:
             daemon.stop_daemons()
         wall = time.perf_counter() - started
         end_stall = cpu_stall()
+    if stall is not None and end_stall is not None:
+        m.stall_share = (end_stall - stall) / wall
+    return m
 
-    med = {w: statistics.median(t) for w, t in times.items() if t}
-    print(f"\n{args.runs} rounds, medians of wall time per call (s); prompt: {PROMPT!r}")
+
+def report(runs: int, m: Measured) -> bool:
+    """Print the table and the ratios; True if a target was missed."""
+    med = {w: statistics.median(t) for w, t in m.times.items() if t}
+    print(f"\n{runs} rounds, medians of wall time per call (s); prompt: {PROMPT!r}")
     print(f"{'way':<26} {'median':>7} {'min':>7} {'max':>7}  answer")
     for way in WAYS:
         if way in med:
-            t = times[way]
+            t = m.times[way]
             print(f"{way:<26} {med[way]:>7.3f} {min(t):>7.3f} {max(t):>7.3f}  "
-                  f"{answers[way][:40]!r}")
-    if rss:
-        print(f"daemon memory (RSS): {statistics.median(rss) / 1e6:.0f} MB")
-    if stall is not None and end_stall is not None:
-        share = (end_stall - stall) / wall
+                  f"{m.answers[way][:40]!r}")
+    if m.rss:
+        print(f"daemon memory (RSS): {statistics.median(m.rss) / 1e6:.0f} MB")
+    if m.stall_share is not None:
+        share = m.stall_share
         print(f"CPU contention: tasks waited for a CPU {share:.0%} of the run's wall time"
               + ("  (the machine was busy: rerun when it is quiet)" if share > 0.25 else ""))
     print("\nratios (target <= 1.00):")
@@ -171,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {way + ' / ' + base_way:<32} {ratio:6.3f}  {'ok' if ratio <= 1 else 'over'}")
     print(f"  {'warm, 1 token / llama.cpp':<32} "
           f"{med['warm, 1 token'] / med['llama.cpp']:6.3f}  (start-up only, no target)")
+    return missed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="rounds (each way once a round)")
+    parser.add_argument("--home", help="an openweight store holding smollm2-135m (default: "
+                        "a temp store, converted from the wheel's GGUF first)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    args = parser.parse_args(argv)
+    missed = report(args.runs, measure(args.runs, args.home))
     return 1 if args.check and missed else 0
 
 
