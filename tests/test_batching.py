@@ -351,7 +351,7 @@ def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: 
     cache, the call a request alone takes for its tokens; prompt chunks in the same step
     run the layers one operation at a time, as alone. So answers are the same alone and
     together, also for requests that arrive while others decode."""
-    from openweight.local import kernels
+    from openweight.local import kernels, step_kernel
     from openweight.local.batch_models import BatchModel
 
     use_kernels(monkeypatch, "own")
@@ -369,7 +369,7 @@ def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: 
     monkeypatch.setattr(BatchModel, "logits", logits)
     monkeypatch.setattr(BatchModel, "_layers", layers)
     alone_rows: list[int] = []
-    real = kernels.DecodeStep.__call__
+    real = step_kernel.DecodeStep.__call__
 
     def counted(self: Any, x: Any, *args: Any, **kwargs: Any) -> bool:
         if steps and threading.current_thread() is worker_thread[0]:
@@ -377,7 +377,7 @@ def test_decode_steps_run_in_one_call_of_ours(family: str, env: None, tmp_path: 
         alone_rows.append(int(x.shape[0]))
         return real(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(kernels.DecodeStep, "__call__", counted)
+    monkeypatch.setattr(step_kernel.DecodeStep, "__call__", counted)
     path = build_family_model(tmp_path / family, family, wide=True)
     # int4 where ours read PyTorch's int4 layout on this CPU kind (x86), else int8
     engine = LocalEngine(path, dtype="float32",

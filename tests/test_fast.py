@@ -66,7 +66,7 @@ def test_forward_matches_transformers(arch: str, mode: str,
 def test_one_call_decode_step_matches_the_layers(arch: str, mode: str, dtype: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A model with packed layers on our kernels decodes a token in one call of ours
-    (kernels.decode_step), in float32 whatever the model's dtype: the same logits and KV
+    (step_kernel.decode_step), in float32 whatever the model's dtype: the same logits and KV
     cache as a float32 copy's layers one operation at a time, step after step (GQA, q/k/v
     biases, Qwen3's q/k norms); a bfloat16 model's within its own rounding."""
     import torch

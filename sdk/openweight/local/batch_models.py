@@ -4,7 +4,7 @@ rows of several requests through the fast path's layers over the batch's paged K
 
 Each row is computed with the same operations as on the single-stream path
 (``fast.FastModel``): a generated token runs every layer in one call of ours
-(``FastModel.step``, ``kernels.DecodeStep``) where that step runs, its keys read by their
+(``FastModel.step``, ``step_kernel.DecodeStep``) where that step runs, its keys read by their
 slots; prompt tokens run the layers one operation at a time, attention per request. The
 quantised matrix products are row-independent and attention reads only the request's own
 keys, so a greedy answer is the same token for token whether it was decoded alone, beside
@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
-from .fast import FastModel, Sampler, offset_mask
+from .fast import FastModel, offset_mask
 from .loader import LoadedModel
 from .paged_kv import PagedKV
+from .sampler import Sampler
 
 __all__ = ["BatchModel", "Request", "Row"]
 

@@ -22,7 +22,7 @@ PACKED_CPU_CAPABILITIES = frozenset({"AVX512", "AVX2"})
 # 654 vs 1,958 us) and 1.4-1.7x for 64. On AVX-512 the two are even for one token (0.86-1.08x)
 # and PyTorch's (bf16 dot products) 1.3-1.5x faster for 64, so PyTorch's stay there.
 OWN_KERNEL_CPU_CAPABILITIES = frozenset({"AVX2"})
-# Where a decode step's layers run in one call of ours (kernels.decode_step) by default:
+# Where a decode step's layers run in one call of ours (step_kernel.decode_step) by default:
 # where our products run, and on AVX-512, where the step (its products ours, in float32)
 # replaces ~30 PyTorch operations a layer for single tokens while prompts keep PyTorch's
 # products. Measured, bench_speed.py, SmolLM2-135M, 2 threads: see docs/performance.md.

@@ -130,7 +130,7 @@ def resolved_settings(lm: LoadedModel, options: GenerationOptions,
 
 def _fast_source(lm: LoadedModel, prompt: list[int], max_new: int,
                  options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
-    from .fast import fast_tokens
+    from .fast_stream import fast_tokens
 
     return fast_tokens(lm, prompt, max_new, resolved_settings(lm, options, max_new),
                        _constraints(lm, options), options.seed, cancel)

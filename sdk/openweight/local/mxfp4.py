@@ -219,7 +219,8 @@ def load_gpt_oss_packed(path: Path, dtype: str, quantize: str = "none",
     minutes for gpt-oss-20b."""
     import torch
 
-    from .packed_load import _keep, _restore, allocator_returns_memory, cache_file
+    from .packed_cache import cache_file, keep_packed, restore_packed
+    from .packed_load import allocator_returns_memory
 
     torch_dtype = getattr(torch, dtype)
     model = _gpt_oss_model(path, torch_dtype)
@@ -228,12 +229,12 @@ def load_gpt_oss_packed(path: Path, dtype: str, quantize: str = "none",
     # returned to the system as it is freed, not left as holes between the packed tensors
     with allocator_returns_memory():
         if kept is not None and kept.exists():
-            if _restore(model, kept, torch_dtype):
+            if restore_packed(model, kept, torch_dtype):
                 return model.eval()
             model = _gpt_oss_model(path, torch_dtype)  # maybe partly filled: start again
         _fill(model, path, torch_dtype, quantize)
     if kept is not None:
-        _keep(model, kept, path)
+        keep_packed(model, kept, path)
     return model.eval()
 
 
@@ -241,7 +242,8 @@ def _gpt_oss_model(path: Path, torch_dtype: Any) -> Any:
     """The weightless gpt-oss model (transformers' MXFP4 quantiser left out: it would
     install its GPU kernels or plan a dequantisation), empty packed experts in place of
     its own."""
-    from .packed_load import _empty_model, _put
+    from .module_names import put
+    from .packed_load import _empty_model
 
     model = _empty_model(path, torch_dtype)
     config = model.config
@@ -254,7 +256,7 @@ def _gpt_oss_model(path: Path, torch_dtype: Any) -> Any:
     experts_class = packed_experts_class()
     for layer in [name for name, m in model.named_modules()
                   if type(m).__name__ == "GptOssExperts"]:
-        _put(model, layer, experts_class(
+        put(model, layer, experts_class(
             config.num_local_experts, config.hidden_size, config.intermediate_size,
             float(config.swiglu_alpha), float(config.swiglu_limit), torch_dtype))
     return model
@@ -267,10 +269,11 @@ def _fill(model: Any, path: Path, torch_dtype: Any, quantize: str) -> None:
     little else is resident), then the experts repacked one at a time."""
     import torch
 
-    from .packed_load import _checked, _Safetensors
+    from .packed_load import _checked
     from .packed_load import _fill as fill_packed
+    from .safetensors_source import Safetensors
 
-    source = _Safetensors(path)
+    source = Safetensors(path)
     own = {name: name for name, param in model.named_parameters() if param.device.type == "meta"}
     fill_packed(model, source, own, torch_dtype, quantize)
 

@@ -12,23 +12,27 @@ The checkpoint is safetensors files, or the GGUF file ``openweight pull`` kept
 tensor names and shapes are the model's own, one for one, take this path (what
 ``save_pretrained`` and ``openweight pull`` write for Llama, Qwen2/3 and Mistral); any
 other layout loads the usual way.
+
+Safetensors files are read by ``safetensors_source``; the packed form is kept between loads
+by ``packed_cache``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
-import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from .module_names import name_of, put
+from .packed_cache import cache_file, keep_packed, restore_packed
+from .safetensors_source import Safetensors
 
-__all__ = ["allocator_returns_memory", "cache_file", "forget_kept", "gguf_file", "load_packed",
-           "loads_packed"]
+__all__ = ["allocator_returns_memory", "gguf_file", "load_packed", "loads_packed"]
 
 
 def loads_packed(config: dict[str, Any], device: str, quantize: str) -> bool:
@@ -43,84 +47,12 @@ def loads_packed(config: dict[str, Any], device: str, quantize: str) -> bool:
             and not config.get("quantization_config"))
 
 
-# safetensors' dtype names
-_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-           "I8": "int8", "U8": "uint8", "I16": "int16", "I32": "int32", "I64": "int64",
-           "BOOL": "bool"}
-
-
-class _Shard:
-    """One safetensors file read a tensor at a time with plain reads. (safetensors' own
-    reader maps the file, and every page it touched counts against the process until the
-    file is closed: the whole checkpoint, by the end of a load.)"""
-
-    def __init__(self, file: Path) -> None:
-        self.file = file
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size > file.stat().st_size - 8:  # not safetensors: don't read "size" bytes
-                raise ValueError(f"{file.name} is not a safetensors file (its header "
-                                 "length is past its end)")
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self.tensors: dict[str, dict[str, Any]] = header
-        self.start = 8 + size
-
-    def read(self, name: str) -> Any:
-        import torch
-
-        info = self.tensors[name]
-        begin, end = info["data_offsets"]
-        out = torch.empty(info["shape"], dtype=getattr(torch, _DTYPES[info["dtype"]]))
-        raw = out.view(-1).view(torch.uint8).numpy() if out.numel() else bytearray()
-        with open(self.file, "rb") as f:
-            f.seek(self.start + begin)
-            got = f.readinto(raw)
-        if got != end - begin:
-            raise ModelLoadError(f"{self.file} is truncated: tensor {name} ends at byte "
-                                 f"{self.start + end} but the file has "
-                                 f"{self.file.stat().st_size}; pull the model again")
-        return out
-
-
-class _Safetensors:
-    """A safetensors checkpoint (one file or shards) as a source of tensors by name."""
-
-    def __init__(self, path: Path) -> None:
-        files = sorted(path.glob("*.safetensors"))
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted({path / file for file in weight_map.values()})
-        try:
-            shards = [_Shard(file) for file in files]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"cannot read the safetensors header of a file in {path} "
-                                 f"({exc}); pull the model again") from exc
-        self.shards = {name: shard for shard in shards for name in shard.tensors}
-        self.names = set(self.shards)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.shards[name].tensors[name]["shape"])
-
-    def where(self, name: str) -> str:
-        return f"{name} in {self.shards[name].file.name}"
-
-    def read(self, name: str) -> Any:
-        """The tensor in the dtype it is stored in."""
-        return self.shards[name].read(name)
-
-    def groups(self, name: str) -> None:
-        """Safetensors weights are never on a 4-bit grid already."""
-        return None
-
-
 def _source(path: Path, model: Any, dtype: Any) -> Any:
     """The model's checkpoint as a tensor source: the GGUF file ``openweight pull`` kept,
     or the safetensors files; None for a GGUF whose architecture is not understood."""
     gguf = gguf_file(path)
     if gguf is None:
-        return _Safetensors(path)
+        return Safetensors(path)
     from .gguf_source import GgufSource
 
     source = GgufSource(gguf, model, dtype)
@@ -162,8 +94,8 @@ def _sources(model: Any, files: set[str]) -> dict[str, str] | None:
     output, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if tied and output is not None and embed is not None:
-        out_name = _name_of(model, output) + ".weight"
-        embed_name = _name_of(model, embed) + ".weight"
+        out_name = name_of(model, output) + ".weight"
+        embed_name = name_of(model, embed) + ".weight"
         if out_name in missing and embed_name in files:
             sources[out_name] = embed_name
             missing.discard(out_name)
@@ -224,7 +156,7 @@ def load_packed(path: Path, dtype: str, quantize: str,
                                                                         quantize)
     with allocator_returns_memory():
         if kept is not None and kept.exists():
-            if _restore(model, kept, torch_dtype):
+            if restore_packed(model, kept, torch_dtype):
                 return model.eval()
             model = _empty_model(path, torch_dtype)  # maybe partly filled: start again
         source = _source(path, model, torch_dtype)
@@ -233,123 +165,8 @@ def load_packed(path: Path, dtype: str, quantize: str,
             return None
         _fill(model, source, sources, torch_dtype, quantize)
     if kept is not None:
-        _keep(model, kept, path)
+        keep_packed(model, kept, path)
     return model.eval()
-
-
-# -- the packed cache ----------------------------------------------------------------------
-
-CACHE_FORMAT = 4  # 2: int8 scales in bfloat16 whatever the dtype; 3: int4 zeros centred;
-# 4: a GGUF's 4-bit token embeddings kept 4-bit
-
-
-def cache_file(root: Path, path: Path, dtype: str, quantize: str) -> Path:
-    """Where the packed form of the model at ``path`` is kept, named by everything that
-    decides its bytes: the checkpoint (its files' names, sizes and times), the dtype, the
-    quantisation, and the torch version and CPU kernels (the int4 layout is theirs)."""
-    import hashlib
-
-    import torch
-
-    from .cpu import cpu_capability
-
-    path = path.resolve()
-    files = sorted([*path.glob("*.safetensors"), *path.glob("*.gguf"), path / "config.json"])
-    parts = [CACHE_FORMAT, str(path), dtype, quantize, torch.__version__, cpu_capability(),
-             *[(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
-    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
-    return root / f"{path.name}-{quantize}-{dtype}-{key}.safetensors"
-
-
-def _restore(model: Any, kept: Path, torch_dtype: Any) -> bool:
-    """Fill the empty ``model`` from its kept packed form: every Linear layer rebuilt as it
-    was packed, every other parameter and buffer of its state read in (a module's own
-    packed buffers too, such as gpt-oss's experts). False (model untouched, or only partly
-    filled and to be filled again) when the file does not fit it."""
-    import torch
-
-    from .quantize import EMBEDDING_PARTS, restore_embedding, restore_linear
-
-    try:
-        shard = _Shard(kept)
-        embed = _name_of(model, model.get_input_embeddings())
-        kept_embed = {part: f"{embed}.{part}" for part in EMBEDDING_PARTS}
-        if set(kept_embed.values()) <= set(shard.tensors):  # kept 4-bit
-            _put(model, embed, restore_embedding(
-                {part: shard.read(name) for part, name in kept_embed.items()}, torch_dtype))
-        linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-        parts = ("weight", "bias", "scales", "scale_zero")
-        packed = {f"{name}.{part}" for name in linears for part in parts}
-        packed |= set(kept_embed.values())
-        state = set(model.state_dict()) - packed
-        if not state <= set(shard.tensors) <= state | packed:
-            return False
-        for name in linears:
-            tensors = {part: shard.read(f"{name}.{part}") for part in parts
-                       if f"{name}.{part}" in shard.tensors}
-            if tensors.keys() & {"scales", "scale_zero"}:
-                _put(model, name, restore_linear(tensors))
-            else:  # kept unpacked
-                for part, value in tensors.items():
-                    _put(model, f"{name}.{part}", torch.nn.Parameter(
-                        value.to(torch_dtype), requires_grad=False))
-        params = {name for name, _ in model.named_parameters()}
-        for name in sorted(state):
-            value = shard.read(name)
-            _put(model, name, torch.nn.Parameter(value.to(torch_dtype), requires_grad=False)
-                 if name in params else value)
-    except (OSError, ValueError, KeyError, ModelLoadError):
-        return False  # unreadable or not this model's: packed again and rewritten
-    return True
-
-
-def _keep(model: Any, kept: Path, path: Path) -> None:
-    """Write the packed model to ``kept`` (whole, or nothing: a temp file renamed into
-    place), replacing what was kept for an older state of the same checkpoint. A cache
-    that cannot be written is skipped: it only saves time."""
-    from safetensors.torch import save_file
-
-    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-    try:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                  metadata={"source": str(path.resolve()), "format": str(CACHE_FORMAT)})
-        os.replace(tmp, kept)
-        forget_kept(kept.parent, path, keep=kept)
-    except OSError:
-        with suppress(OSError):
-            tmp.unlink()
-
-
-def forget_kept(root: Path, path: Path, keep: Path | None = None) -> None:
-    """Delete what ``root`` keeps for the model at ``path``; with ``keep``, only the other
-    files for its quantisation and dtype (older states of the checkpoint)."""
-    source = str(path.resolve())
-    prefix = f"{path.resolve().name}-" if keep is None else keep.name.rsplit("-", 1)[0] + "-"
-    for old in root.glob(f"{prefix}*.safetensors"):
-        if old != keep and _kept_source(old) == source:
-            old.unlink(missing_ok=True)
-
-
-def _kept_source(file: Path) -> str | None:
-    try:
-        with open(file, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        source = header.get("__metadata__", {}).get("source")
-        return source if isinstance(source, str) else None
-    except (OSError, ValueError):
-        return None
-
-
-def _name_of(model: Any, module: Any) -> str:
-    """The dotted name of ``module`` in ``model``."""
-    return str(next(name for name, m in model.named_modules() if m is module))
-
-
-def _put(model: Any, name: str, value: Any) -> None:
-    """Set the module or parameter at dotted ``name`` in ``model`` to ``value``."""
-    owner_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(owner_name) if owner_name else model, leaf, value)
 
 
 def _checked(source: Any, name: str, shape: tuple[int, ...]) -> str:
@@ -397,21 +214,21 @@ def _fill(model: Any, source: Any, sources: dict[str, str], torch_dtype: Any,
             quantize, tuple(linear.weight.shape), linear is output) else None
         if grid is not None:
             codes, scale, low = grid
-            _put(model, name, int4_linear_from_codes(codes, scale, low, bias))
+            put(model, name, int4_linear_from_codes(codes, scale, low, bias))
         else:
-            _put(model, name, pack_linear(source.read(found), bias, quantize, torch_dtype,
+            put(model, name, pack_linear(source.read(found), bias, quantize, torch_dtype,
                                           output_layer=linear is output))
         del grid
     embed = model.get_input_embeddings()
     if quantize != "none" and embed is not None and embed.weight.device.type == "meta":
-        name = _name_of(model, embed)
+        name = name_of(model, embed)
         table = source.groups(check(f"{name}.weight", embed.weight))
         if table is not None:  # a GGUF's 4-bit token embeddings stay 4-bit
             codes, scale, low = table
-            _put(model, name, int4_embedding_from_codes(codes, scale, low, torch_dtype))
+            put(model, name, int4_embedding_from_codes(codes, scale, low, torch_dtype))
         del table
     for name, value in list(model.named_parameters()):
         if value.device.type == "meta":  # not a packed layer's bias, read above
-            _put(model, name, param(name, value))
+            put(model, name, param(name, value))
     if quantize == "none":
         model.tie_weights()  # a tied output layer shares the embedding again

@@ -3,7 +3,7 @@ tokens, shared by every request of the batch (``scheduler.py``).
 
 Each layer holds one [slots, kv_heads, head_dim] tensor of keys and one of values, a slot a
 token: slot ``s`` of page ``p`` is ``p * page + s``. That is the layout the fast path's
-one-call step reads (``kernels.DecodeStep``: token stride ``kv_heads * head_dim``, head
+one-call step reads (``step_kernel.DecodeStep``: token stride ``kv_heads * head_dim``, head
 stride ``head_dim``), so a decode step reads the cache in place, and a request whose pages
 follow each other is read in place by attention too (a slice); one whose pages do not is
 gathered by its slots. The free pages are a heap, so a request takes the lowest free ones

@@ -259,7 +259,7 @@ def remove_model(name: str) -> None:
                                          "`openweight models` lists what is")
             if data.get("default") == name:
                 data["default"] = None
-        from ..local.packed_load import forget_kept
+        from ..local.packed_cache import forget_kept
 
         forget_kept(packed_cache(), _record_path(rec))
         if not rec.get("in_place"):
@@ -268,7 +268,7 @@ def remove_model(name: str) -> None:
 
 def packed_cache() -> Path:
     """Where quantised models' packed forms are kept between loads (see
-    ``openweight.local.packed_load``)."""
+    ``openweight.local.packed_cache``)."""
     return home() / "packed"
 
 
