@@ -460,8 +460,8 @@ def pull(gguf: Path, name: str, home: Path) -> dict[str, float]:
 def estimate(name: str) -> str:
     """What ``openweight info NAME`` estimates the bench model needs (the store is
     ``OPENWEIGHT_HOME``), to set beside the measured peaks."""
-    from openweight.local.loader import resolve_dtype, resolve_quantize
     from openweight.local.memory import estimate_memory
+    from openweight.local.resolve import resolve_dtype, resolve_quantize
     from openweight.store import ensure_model
 
     _, path = ensure_model(name)

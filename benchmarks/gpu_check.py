@@ -93,7 +93,7 @@ def main() -> int:
     import torch
 
     from openweight import Client
-    from openweight.local.loader import mxfp4_supported, resolve_device, resolve_dtype
+    from openweight.local.resolve import mxfp4_supported, resolve_device, resolve_dtype
 
     from conftest import build_tiny_gpt_oss
 

@@ -23,7 +23,7 @@ from openweight import (
     Message,
     ModelLoadError,
 )
-from openweight.local import loader
+from openweight.local import resolve
 from openweight.local.decode import IncrementalDecoder, StopMatcher
 
 from conftest import wait_until
@@ -204,7 +204,7 @@ def test_model_cached_per_process(tiny_model: Path) -> None:
     assert a.backend.loaded is b.backend.loaded  # type: ignore[attr-defined]
     # auto resolves by the CPU (bfloat16 on AVX-512, float32 elsewhere): ask for the other one
     auto = a.backend.loaded.dtype  # type: ignore[attr-defined]
-    assert auto == loader.resolve_dtype("auto", "cpu")
+    assert auto == resolve.resolve_dtype("auto", "cpu")
     dtype = "bfloat16" if auto == "float32" else "float32"
     other = Client(str(tiny_model), dtype=dtype)
     other.chat(HI, max_tokens=1)
@@ -337,18 +337,18 @@ async def test_async_bad_option_raises_at_call(tiny_model: Path) -> None:
     ("AVX512", "bfloat16"), ("AVX2", "float32"), ("DEFAULT", "float32"),
     ("SVE256", "float32"), ("NO AVX", "float32"), ("avx512", "bfloat16")])
 def test_auto_dtype_for_each_cpu_kind(capability: str, dtype: str) -> None:
-    assert loader.resolve_dtype("auto", "cpu", capability) == dtype
-    assert loader.resolve_dtype(None, "cpu", capability) == dtype
+    assert resolve.resolve_dtype("auto", "cpu", capability) == dtype
+    assert resolve.resolve_dtype(None, "cpu", capability) == dtype
     for explicit in ("float32", "bfloat16", "float16"):  # a dtype asked for is kept
-        assert loader.resolve_dtype(explicit, "cpu", capability) == explicit
+        assert resolve.resolve_dtype(explicit, "cpu", capability) == explicit
 
 
 @pytest.mark.parametrize("lowered", ["avx2", "default"])
 def test_auto_dtype_follows_aten_cpu_capability(lowered: str) -> None:
     """What PyTorch dispatches for decides, also where ATEN_CPU_CAPABILITY lowers it: an
     AVX-512 machine told to use its AVX2 or generic kernels gets float32, like an AVX2 one."""
-    code = ("from openweight.local import loader; "
-            "print(loader.cpu_capability(), loader.resolve_dtype('auto', 'cpu'))")
+    code = ("from openweight.local import resolve; "
+            "print(resolve.cpu_capability(), resolve.resolve_dtype('auto', 'cpu'))")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": lowered}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout.split()
@@ -356,16 +356,16 @@ def test_auto_dtype_follows_aten_cpu_capability(lowered: str) -> None:
 
 
 def test_auto_device_and_dtype() -> None:
-    assert loader.resolve_device("auto") in ("cuda", "mps", "cpu")
-    assert loader.resolve_dtype("float32", "cpu") == "float32"
-    assert loader.resolve_dtype("auto", "cpu") == loader.resolve_dtype(
-        "auto", "cpu", loader.cpu_capability())
+    assert resolve.resolve_device("auto") in ("cuda", "mps", "cpu")
+    assert resolve.resolve_dtype("float32", "cpu") == "float32"
+    assert resolve.resolve_dtype("auto", "cpu") == resolve.resolve_dtype(
+        "auto", "cpu", resolve.cpu_capability())
     with pytest.raises(InvalidRequestError, match="torch sees no CUDA"):
         import torch
 
         if torch.cuda.is_available():
             raise InvalidRequestError("torch sees no CUDA (skipped check on a GPU machine)")
-        loader.resolve_device("cuda")
+        resolve.resolve_device("cuda")
 
 
 class _ByteTokenizer:

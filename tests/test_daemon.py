@@ -228,7 +228,7 @@ def test_token_required_everywhere(served: tuple[Path, str, str], path: str) -> 
 @pytest.mark.slow
 def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str],
             tiny_model: Path) -> None:
-    from openweight.local.loader import auto_quantize
+    from openweight.local.resolve import auto_quantize
 
     home, url, _ = served
     [info] = list_daemons()

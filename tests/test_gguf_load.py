@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from openweight import Client, ModelLoadError
-from openweight.local import loader
+from openweight.local import loader, resolve
 from openweight.local.gguf_source import FOUR_BIT_TYPES, GgufSource, gguf_groups
 from openweight.local.packed_load import _empty_model, load_packed
 
@@ -237,8 +237,8 @@ def test_gguf_model_answers_through_the_client(gguf_model: tuple[Path, dict[str,
     loader.unload_all()
     result = Client(str(path)).chat(HI, max_tokens=4, temperature=0)
     lm = Client(str(path)).backend.loaded  # type: ignore[attr-defined]
-    assert lm.quantize == loader.resolve_quantize("auto", "cpu", path) and lm.fast is not None
-    assert loader.resolve_quantize("auto", "cpu", path, "AVX2") == "int4"
+    assert lm.quantize == resolve.resolve_quantize("auto", "cpu", path) and lm.fast is not None
+    assert resolve.resolve_quantize("auto", "cpu", path, "AVX2") == "int4"
     assert result.usage.completion_tokens >= 1
     loader.unload_all()
 

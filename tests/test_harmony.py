@@ -13,7 +13,7 @@ import pytest
 from openweight import Client, InvalidRequestError, ModelLoadError
 from openweight.cli import main
 from openweight.harmony import HarmonyParser, harmony_token_ids
-from openweight.local import loader, memory
+from openweight.local import memory, resolve
 from openweight.options import GenerationOptions
 from openweight.wire import to_messages
 
@@ -213,7 +213,7 @@ def test_sliding_window_layers_cap_kv(tiny_gpt_oss: Path) -> None:
 
 
 def test_mxfp4_plan_on_cpu() -> None:
-    keep, why = loader.mxfp4_supported("cpu")
+    keep, why = resolve.mxfp4_supported("cpu")
     assert keep is False and "CUDA" in why
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from openweight import Client, ModelLoadError
-from openweight.local import loader, memory
+from openweight.local import loader, memory, resolve
 from openweight.local.mxfp4 import (
     PACKED_BITS_PER_WEIGHT,
     decode_mxfp4,
@@ -287,8 +287,8 @@ def test_auto_packs_attention_and_output_int8_on_cpu(mxfp4_gpt_oss: Path) -> Non
     """auto: experts int4 (packed apart), the Linear layers int8; the estimate follows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    assert loader.resolve_quantize("auto", "cpu", mxfp4_gpt_oss) == "int8"
-    assert loader.resolve_quantize("auto", "cuda", mxfp4_gpt_oss) == "none"
+    assert resolve.resolve_quantize("auto", "cpu", mxfp4_gpt_oss) == "int8"
+    assert resolve.resolve_quantize("auto", "cuda", mxfp4_gpt_oss) == "none"
     loader.unload_all()
     lm = loader.load_model(mxfp4_gpt_oss, "cpu", "bfloat16")
     kinds = {type(m).__name__ for m in lm.model.modules()}

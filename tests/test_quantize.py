@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from openweight import Client, InvalidRequestError
-from openweight.local.loader import auto_quantize, resolve_quantize, source_bits
 from openweight.local.quantize import quantize_model
+from openweight.local.resolve import auto_quantize, resolve_quantize, source_bits
 
 HI = [{"role": "user", "content": "hi there"}]
 

@@ -16,12 +16,8 @@ import pytest
 import openweight
 from openweight import Client, InvalidRequestError, ModelLoadError, ModelNotFoundError
 from openweight.cli import main
-from openweight.local.loader import (
-    auto_quantize,
-    cpu_capability,
-    resolve_quantize,
-    source_bits,
-)
+from openweight.local.cpu import cpu_capability
+from openweight.local.resolve import auto_quantize, resolve_quantize, source_bits
 from openweight.store import CATALOG, default_model, list_models, model_info, pull
 from openweight.store import sources as sources_mod
 from openweight.store.registry import write_json_atomic

@@ -132,8 +132,8 @@ def model_info(name: str) -> dict[str, Any]:
 def _estimate(path: Path) -> dict[str, Any] | str:
     """What loading this model with the auto settings would take, against what is free."""
     from ..local import kernels
-    from ..local.loader import auto_quantize, resolve_device, resolve_dtype
     from ..local.memory import estimate_memory
+    from ..local.resolve import auto_quantize, resolve_device, resolve_dtype
 
     device = resolve_device("auto")
     try:
