@@ -96,72 +96,94 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class _Steps:
+    """``n`` requests with ``past`` tokens of history each, their keys as in the batch's
+    paged cache (one tensor per layer, a page a request): decode steps over them, timed."""
+
+    def __init__(self, fast: Any, n: int, past: int, steps: int) -> None:
+        import torch
+
+        self.fast, self.n = fast, n
+        caches = [fast.new_cache(past + 2 * steps + 8) for _ in range(n)]
+        for i, cache in enumerate(caches):  # each request its own history
+            fast.forward([(7 * i + j) % 1000 + 100 for j in range(past)], cache)
+        # a step writes all rows' keys at once, then attends per request
+        self.cap = caches[0].capacity
+        layers = range(len(fast.layers))
+        self.keys = [torch.cat([c.k[li] for c in caches], 2) for li in layers]
+        self.values = [torch.cat([c.v[li] for c in caches], 2) for li in layers]
+        self.lengths = [past] * n
+        self.ids = torch.tensor([(11 * r) % 1000 + 100 for r in range(n)])
+
+    def attend(self, li: int, q: Any, k: Any, v: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        n, cap, lengths, fast = self.n, self.cap, self.lengths, self.fast
+        writes = torch.tensor([r * cap + lengths[r] for r in range(n)])
+        self.keys[li].index_copy_(2, writes, k.float().unsqueeze(0))
+        self.values[li].index_copy_(2, writes, v.float().unsqueeze(0))
+        q = q.float().unsqueeze(0)
+        outs = [F.scaled_dot_product_attention(
+            q[:, :, r:r + 1], self.keys[li][:, :, r * cap:r * cap + lengths[r] + 1],
+            self.values[li][:, :, r * cap:r * cap + lengths[r] + 1],
+            scale=fast.layers[li].scaling, enable_gqa=fast.heads != fast.kv_heads)
+            for r in range(n)]
+        return outs[0] if n == 1 else torch.cat(outs, 2)
+
+    def skip(self, li: int, q: Any, k: Any, v: Any) -> Any:
+        import torch
+
+        return torch.zeros(1, self.fast.heads, self.n, self.fast.head_dim)
+
+    def step(self, attention: bool) -> float:
+        """One step through the layers (attention per request, or skipped); seconds."""
+        import torch
+
+        fast = self.fast
+        positions = torch.tensor(self.lengths)
+        start = time.perf_counter()
+        cos, sin = fast.rope_at(positions)
+        x = fast.run_layers(fast.embed(self.ids), cos, sin,
+                            self.attend if attention else self.skip)
+        fast.logits(x).max(-1)
+        elapsed = time.perf_counter() - start
+        if attention:
+            self.lengths[:] = [length + 1 for length in self.lengths]
+        return elapsed
+
+    def one_call(self) -> float:
+        """One step in one call of ours over the same keys; seconds."""
+        import torch
+
+        fast, cap, lengths, dim = self.fast, self.cap, self.lengths, self.fast.head_dim
+        spans = torch.tensor([[r * cap + lengths[r], r * cap, lengths[r] + 1]
+                              for r in range(self.n)])
+        start = time.perf_counter()
+        cos, sin = fast.rope_at(spans[:, 0] - spans[:, 1])
+        x = fast.embed(self.ids).float().contiguous()  # the step computes in float32
+        fast.step(x, self.keys, self.values, spans, cos.float(), sin.float(),
+                  head_stride=self.keys[0].shape[2] * dim, token_stride=dim)
+        fast.logits(x.to(fast.dtype)).max(-1)
+        elapsed = time.perf_counter() - start
+        lengths[:] = [length + 1 for length in lengths]
+        return elapsed
+
+
 def _time_steps(fast: Any, n: int, past: int, steps: int
                 ) -> tuple[float, float, float | None]:
     """Median seconds of a decode step for ``n`` requests, with and without attention, and
     in one call of ours (None where it does not run)."""
     import torch
-    import torch.nn.functional as F
 
     with torch.inference_mode():
-        caches = [fast.new_cache(past + 2 * steps + 8) for _ in range(n)]
-        for i, cache in enumerate(caches):  # each request its own history
-            fast.forward([(7 * i + j) % 1000 + 100 for j in range(past)], cache)
-        # as in the batch's paged cache: every request's keys in one tensor per layer, a
-        # page each; a step writes all rows' keys at once, then attends per request
-        cap = caches[0].capacity
-        keys = [torch.cat([c.k[li] for c in caches], 2) for li in range(len(fast.layers))]
-        values = [torch.cat([c.v[li] for c in caches], 2) for li in range(len(fast.layers))]
-        lengths = [past] * n
-        gqa = fast.heads != fast.kv_heads
-
-        def attend(li: int, q: Any, k: Any, v: Any) -> Any:
-            writes = torch.tensor([r * cap + lengths[r] for r in range(n)])
-            keys[li].index_copy_(2, writes, k.float().unsqueeze(0))
-            values[li].index_copy_(2, writes, v.float().unsqueeze(0))
-            q = q.float().unsqueeze(0)
-            outs = [F.scaled_dot_product_attention(
-                q[:, :, r:r + 1], keys[li][:, :, r * cap:r * cap + lengths[r] + 1],
-                values[li][:, :, r * cap:r * cap + lengths[r] + 1],
-                scale=fast.layers[li].scaling, enable_gqa=gqa) for r in range(n)]
-            return outs[0] if n == 1 else torch.cat(outs, 2)
-
-        def skip(li: int, q: Any, k: Any, v: Any) -> Any:
-            return torch.zeros(1, fast.heads, n, fast.head_dim)
-
-        def step(attention: bool) -> float:
-            ids = torch.tensor([(11 * r) % 1000 + 100 for r in range(n)])
-            positions = torch.tensor(lengths)
-            start = time.perf_counter()
-            cos, sin = fast.rope_at(positions)
-            x = fast.run_layers(fast.embed(ids), cos, sin, attend if attention else skip)
-            logits = fast.logits(x)
-            logits.max(-1)
-            elapsed = time.perf_counter() - start
-            if attention:
-                lengths[:] = [length + 1 for length in lengths]
-            return elapsed
-
-        def one_call() -> float:
-            ids = torch.tensor([(11 * r) % 1000 + 100 for r in range(n)])
-            spans = torch.tensor([[r * cap + lengths[r], r * cap, lengths[r] + 1]
-                                  for r in range(n)])
-            start = time.perf_counter()
-            cos, sin = fast.rope_at(spans[:, 0] - spans[:, 1])
-            x = fast.embed(ids).float().contiguous()  # the step computes in float32
-            fast.step(x, keys, values, spans, cos.float(), sin.float(),
-                      head_stride=keys[0].shape[2] * dim, token_stride=dim)
-            fast.logits(x.to(fast.dtype)).max(-1)
-            elapsed = time.perf_counter() - start
-            lengths[:] = [length + 1 for length in lengths]
-            return elapsed
-
-        dim = fast.head_dim
+        timer = _Steps(fast, n, past, steps)
         for _ in range(3):
-            step(False)
-        products = statistics.median(step(False) for _ in range(steps))
-        full = statistics.median(step(True) for _ in range(steps))
-        call = statistics.median(one_call() for _ in range(steps)) if fast.one_call else None
+            timer.step(False)
+        products = statistics.median(timer.step(False) for _ in range(steps))
+        full = statistics.median(timer.step(True) for _ in range(steps))
+        call = (statistics.median(timer.one_call() for _ in range(steps))
+                if fast.one_call else None)
     return full, products, call
 
 
