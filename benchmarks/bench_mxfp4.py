@@ -133,9 +133,9 @@ def int4_module(layer: Layer) -> tuple[Any, float]:
     """Our int4 experts module for the layer, and the seconds its repacking took."""
     import torch
 
-    from openweight.local.mxfp4 import packed_experts_class
+    from openweight.local.gpt_oss_packed import PackedGptOssExperts
 
-    module = packed_experts_class()(E, HIDDEN, INTER, ALPHA, LIMIT, torch.bfloat16)
+    module = PackedGptOssExperts(E, HIDDEN, INTER, ALPHA, LIMIT, torch.bfloat16)
     start = time.perf_counter()
     for proj in SHAPES:
         for e, (b, s) in enumerate(layer.mx[proj]):

@@ -1,4 +1,5 @@
-"""gpt-oss with its MXFP4 experts kept packed on the CPU (local/mxfp4.py), on tiny models.
+"""gpt-oss with its MXFP4 experts kept packed on the CPU (local/mxfp4.py and
+gpt_oss_packed.py), on tiny models.
 
 The CPU route refits each MXFP4 block to an int4 grid, which is lossy: a checkpoint whose
 codes all lie within +-3 (``exact_codes=True``) sits on a grid exactly and must give the
@@ -16,13 +17,8 @@ import torch
 
 from openweight import Client, ModelLoadError
 from openweight.local import loader, memory, resolve
-from openweight.local.mxfp4 import (
-    PACKED_BITS_PER_WEIGHT,
-    decode_mxfp4,
-    int4_codes,
-    load_gpt_oss_packed,
-    packed_experts_class,
-)
+from openweight.local.gpt_oss_packed import PackedGptOssExperts, load_gpt_oss_packed
+from openweight.local.mxfp4 import PACKED_BITS_PER_WEIGHT, decode_mxfp4, int4_codes
 
 from conftest import build_tiny_gpt_oss
 
@@ -132,7 +128,7 @@ def test_int4_refit_error_bound() -> None:
 def test_packed_experts_layer_matches_formula() -> None:
     """One packed layer against transformers' GptOssExperts math on the refitted weights."""
     gen = torch.Generator().manual_seed(3)
-    experts = packed_experts_class()(EXPERTS, HIDDEN, INTER, 1.702, 7.0, torch.bfloat16)
+    experts = PackedGptOssExperts(EXPERTS, HIDDEN, INTER, 1.702, 7.0, torch.bfloat16)
     weights = {}
     for proj, (rows, cols) in {"gate_up_proj": (2 * INTER, HIDDEN),
                                "down_proj": (HIDDEN, INTER)}.items():
@@ -259,7 +255,7 @@ def test_memory_estimate_counts_packed_experts(mxfp4_gpt_oss: Path) -> None:
 def test_packed_form_is_kept_and_read_back(mxfp4_gpt_oss: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            quantize: str) -> None:
-    from openweight.local import mxfp4
+    from openweight.local import gpt_oss_packed
 
     first = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", quantize, cache=tmp_path)
     (kept,) = tmp_path.glob(f"*-mxfp4-{quantize}-bfloat16-*.safetensors")
@@ -269,7 +265,7 @@ def test_packed_form_is_kept_and_read_back(mxfp4_gpt_oss: Path, tmp_path: Path,
     def no_repacking(*args: object) -> None:
         raise AssertionError("the kept form was not used")
 
-    monkeypatch.setattr(mxfp4, "_fill", no_repacking)
+    monkeypatch.setattr(gpt_oss_packed, "_fill", no_repacking)
     again = load_gpt_oss_packed(mxfp4_gpt_oss, "bfloat16", quantize, cache=tmp_path)
     assert type(again.lm_head).__name__ == linear
     assert again.state_dict().keys() == first.state_dict().keys()

@@ -265,7 +265,7 @@ def _weights(path: Path, dev: str, dt: str, quant: str, config: dict[str, Any],
     model = load_packed(path, dt, quant, packed_cache) if loads_packed(
         config, dev, quant) else None
     if model is None and cpu_packed_mxfp4(config, dev):  # gpt-oss on a CPU
-        from .mxfp4 import load_gpt_oss_packed
+        from .gpt_oss_packed import load_gpt_oss_packed
 
         model = load_gpt_oss_packed(path, dt, quant, packed_cache)
     if model is None:  # the whole model in dtype, then packed
