@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SDK = ROOT / "sdk"
 ENTRY = ("openweight.client", "openweight.server", "openweight.daemon", "openweight.cli")
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 60
 
 
 def _modules() -> dict[str, Path]:
@@ -100,8 +101,25 @@ def test_the_server_and_the_daemon_never_use_a_client(entry: str) -> None:
     assert users == set()
 
 
+def _code_files() -> list[Path]:
+    return [*(SDK / "openweight").rglob("*.py"), *(ROOT / "llm_openweight").rglob("*.py"),
+            *(ROOT / "benchmarks").rglob("*.py"), *(ROOT / "examples").rglob("*.py")]
+
+
 def test_files_stay_small() -> None:
     files = [*(SDK / "openweight").rglob("*.py"), *(ROOT / "llm_openweight").rglob("*.py")]
     long = {str(p.relative_to(ROOT)): n for p in files
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}
+
+
+def test_functions_stay_short() -> None:
+    """No function over ~60 lines outside tests (the SDK, the plugin, benchmarks, examples)."""
+    long = {}
+    for path in _code_files():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(ROOT)}:{node.name}"] = lines
     assert long == {}
