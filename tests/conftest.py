@@ -7,7 +7,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -404,3 +404,21 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         self.sock.close()
+
+
+@pytest.fixture()
+def env(store: Path, tiny_model: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An llm user dir and an offline store holding the tiny model as ``tiny`` (the
+    plugin's tests: its cached clients are cleared before and after)."""
+    import openweight
+    from llm_openweight import models as plugin_models
+
+    user = tmp_path / "llm-user"
+    monkeypatch.setenv("LLM_USER_PATH", str(user))
+    for var in ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "LLM_RAISE_ERRORS"):
+        monkeypatch.delenv(var, raising=False)
+    openweight.pull(str(tiny_model), name="tiny", progress=False)
+    plugin_models.clear_clients()
+    yield user
+    plugin_models.clear_clients()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from openweight.daemon import (
 from openweight.daemon import process as daemon_process
 from openweight.settings import keep_alive_seconds
 
-from conftest import wait_until
+from daemon_helpers import cleanup_daemons, daemon_pids, eventually
 
 pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
 ENV = ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "OPENWEIGHT_KEEP_ALIVE")
@@ -49,47 +49,6 @@ def _use_store(mp: pytest.MonkeyPatch, home: Path, tiny_model: Path) -> None:
     openweight.pull(str(tiny_model), name="tiny", progress=False)
 
 
-def _daemon_pids(key: str | None = None) -> list[int]:
-    """Running daemon processes of this test's store (for ``key``), found in /proc."""
-    home = os.environ.get("OPENWEIGHT_HOME")
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if b"openweight.daemon" in argv and state != "Z" and (
-                key is None or key.encode() in argv) and _home_of(int(entry.name)) == home:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 15.0) -> bool:
-    return wait_until(check, timeout, poll=0.05, between=daemon_process._reap)
-
-
-def _home_of(pid: int) -> str | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in env:
-        if item.startswith(b"OPENWEIGHT_HOME="):
-            return item.split(b"=", 1)[1].decode()
-    return None
-
-
-def _cleanup(home: Path) -> None:
-    """Stop this store's daemons, then make sure none of its processes is left."""
-    stop_daemons()
-    for pid in _daemon_pids():
-        os.kill(pid, signal.SIGKILL)
-    assert _eventually(lambda: _daemon_pids() == [], timeout=10)
-
-
 @pytest.fixture()
 def ow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             tiny_model: Path) -> Iterator[Path]:
@@ -98,7 +57,7 @@ def ow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     try:
         yield home
     finally:
-        _cleanup(home)
+        cleanup_daemons(home)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +71,7 @@ def served(tmp_path_factory: pytest.TempPathFactory,
             url, token = ensure_daemon("tiny", keep_alive=120)
             yield home, url, token
         finally:
-            _cleanup(home)
+            cleanup_daemons(home)
 
 
 def _record(home: Path) -> dict[str, Any]:
@@ -275,7 +234,7 @@ def test_stop(ow_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["stop", "tiny"]) == 0
     assert capsys.readouterr().out == "stopped 1 keep-alive server (tiny)\n"
     daemon_process._reap()
-    assert pid not in _daemon_pids()
+    assert pid not in daemon_pids()
     assert list(ow_home.joinpath("run").glob("*.json")) == []
     assert cli.main(["ps"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1  # the header only
@@ -315,7 +274,7 @@ def test_racing_callers_start_one(ow_home: Path) -> None:
     assert not errors
     assert len(urls) == 7 and len(set(urls)) == 1
     key = str(_record(ow_home)["key"])
-    assert _daemon_pids(key) == [_record(ow_home)["pid"]]
+    assert daemon_pids(key) == [_record(ow_home)["pid"]]
 
 
 @pytest.mark.slow
@@ -326,7 +285,7 @@ def test_stale_records_are_replaced(ow_home: Path) -> None:
     url2, token2 = ensure_daemon("tiny", keep_alive=60)
     second = _record(ow_home)
     assert second["pid"] != first["pid"] and token2 == token
-    assert int(first["pid"]) not in _daemon_pids()
+    assert int(first["pid"]) not in daemon_pids()
     assert _get(url2, "/health", token)[0] == 200
 
     # a record naming a live process that is not a daemon: replaced, the process left alone
@@ -349,12 +308,12 @@ def test_stale_records_are_replaced(ow_home: Path) -> None:
     fourth = _record(ow_home)
     assert token3 != token and fourth["pid"] != third["pid"]
     assert stat.S_IMODE((ow_home / "run" / "token").stat().st_mode) == 0o600
-    assert _eventually(lambda: _daemon_pids() == [fourth["pid"]])
+    assert eventually(lambda: daemon_pids() == [fourth["pid"]])
 
     # an unreadable record is no daemon
     path.write_text("{not json")
     assert list_daemons() == [] and not path.exists()
-    assert _eventually(lambda: _daemon_pids() == [])  # its daemon saw its record go: exited
+    assert eventually(lambda: daemon_pids() == [])  # its daemon saw its record go: exited
 
 
 @pytest.mark.slow
@@ -364,8 +323,8 @@ def test_idle_timeout(ow_home: Path) -> None:
     time.sleep(1.2)
     assert _get(url, "/health", token)[0] == 200  # a request resets the idle clock
     time.sleep(1.2)
-    assert pid in _daemon_pids()
-    assert _eventually(lambda: pid not in _daemon_pids())
+    assert pid in daemon_pids()
+    assert eventually(lambda: pid not in daemon_pids())
     assert list((ow_home / "run").glob("*.json")) == []
     assert "keep-alive server stopped" in next((ow_home / "run").glob("*.log")).read_text()
 
@@ -391,4 +350,4 @@ def test_start_in_background(ow_home: Path) -> None:
     found = find_daemon("tiny")
     assert found is not None and _record(ow_home)["state"] == "ready"
     assert _get(found[0], "/health", found[1])[0] == 200
-    assert len(_daemon_pids(str(_record(ow_home)["key"]))) == 1
+    assert len(daemon_pids(str(_record(ow_home)["key"]))) == 1

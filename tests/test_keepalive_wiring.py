@@ -16,14 +16,15 @@ from typing import Any
 
 import llm
 import pytest
-from test_daemon import _cleanup, _daemon_pids
-from test_plugin import GREEDY, TINY, assert_error, logged, run
 
 import openweight
 from llm_openweight import models as plugin_models
 from openweight import AsyncClient, Client, InvalidRequestError, daemon, settings
 from openweight.daemon import list_daemons, stop_daemons
 from openweight.remote import AsyncRemoteBackend, RemoteBackend
+
+from daemon_helpers import cleanup_daemons, daemon_pids
+from plugin_helpers import GREEDY, TINY, assert_error, logged, run
 
 pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
 HI = [{"role": "user", "content": "hello"}]
@@ -44,7 +45,7 @@ def home(store: Path, tiny_model: Path, tmp_path: Path,
         yield store
     finally:
         plugin_models.clear_clients()
-        _cleanup(store)
+        cleanup_daemons(store)
 
 
 def _dead_url() -> str:
@@ -83,7 +84,7 @@ async def test_plugin_starts_one_daemon_and_reuses_it(home: Path) -> None:
     assert first.stdout == second.stdout == local.stdout  # greedy: the same answer
     [again] = list_daemons()
     assert again.pid == info.pid and again.keep_alive == 120.0  # reused; the timeout set
-    assert _daemon_pids() == [info.pid]
+    assert daemon_pids() == [info.pid]
     servers = [row["response_json"]["keep_alive_server"] for row in _logged()]
     assert servers == [None, info.url, info.url]
 
@@ -112,7 +113,7 @@ def test_plugin_keep_alive_zero_never_starts_one(home: Path, how: str,
         monkeypatch.setenv("OPENWEIGHT_KEEP_ALIVE", "0")
     result = run("-m", TINY, "hello", *GREEDY, *args)
     assert result.exit_code == 0, result.output
-    assert list_daemons() == [] and _daemon_pids() == []
+    assert list_daemons() == [] and daemon_pids() == []
     assert not list((home / "run").glob("*.json")) if (home / "run").exists() else True
     assert _logged()[-1]["response_json"]["keep_alive_server"] is None
 

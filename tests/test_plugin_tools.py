@@ -16,13 +16,13 @@ import jsonschema
 import llm
 import pytest
 from llm.parts import ReasoningPart, TextPart, ToolCallPart
-from test_plugin import Spy, assert_error, env, logged, run  # noqa: F401  (env: a fixture)
 
 import openweight
 from llm_openweight import models as plugin_models
 from openweight import Chunk, Usage
 
 from conftest import WEATHER, scripted_generate, token_ids
+from plugin_helpers import Spy, assert_error, logged, run
 
 ASK = "Weather in Paris?"
 TOOL_OUTPUT = "18C and sunny in Paris"
@@ -68,7 +68,7 @@ def get_weather(city: str) -> str:
 
 
 @pytest.fixture()
-def models(env: Path, tiny_gpt_oss: Path,  # noqa: F811
+def models(env: Path, tiny_gpt_oss: Path,
            family_model: Callable[[str], Path]) -> dict[str, Path]:
     """The store of ``env`` with the harmony model and the families registered."""
     paths = {"gptoss": tiny_gpt_oss, "qwen3": family_model("qwen3"),
@@ -190,7 +190,7 @@ async def test_async_chain(models: dict[str, Path], monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("mode", [[], ["--no-stream"], ["--async"]])
 def test_cli_tool_chain(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                        env: Path, mode: list[str]) -> None:  # noqa: F811
+                        env: Path, mode: list[str]) -> None:
     prompts = script(monkeypatch, "qwen3", CALLS["qwen3"], ANSWERS["qwen3"])
     result = run("-m", "openweight/qwen3", "--functions", WEATHER_CODE, "-T", "llm_version",
                  "--td", ASK, *mode)
@@ -236,7 +236,7 @@ def test_continue_after_a_tool_chain(models: dict[str, Path],
     assert f"{ANSWER}<|im_end|>" in last and "Need weather." not in last
 
 
-def test_parallel_calls_each_get_a_result(env: Path,  # noqa: F811
+def test_parallel_calls_each_get_a_result(env: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Several calls in one answer (here from a scripted client, as a server sends them):
     llm runs each, and each result goes back as its own tool message."""
@@ -280,7 +280,7 @@ def test_parallel_calls_each_get_a_result(env: Path,  # noqa: F811
         "parameters": llm.Tool.function(get_weather).input_schema}}
 
 
-def test_tools_on_a_model_without_tool_support(env: Path) -> None:  # noqa: F811
+def test_tools_on_a_model_without_tool_support(env: Path) -> None:
     result = run("-m", "openweight/tiny", "--functions", WEATHER_CODE, ASK)
     assert_error(result, "cannot call tools")
     assert result.stderr.strip().count("\n") == 0
@@ -300,7 +300,7 @@ def test_plain_prompt_sends_no_tools(models: dict[str, Path],
 @pytest.mark.parametrize("fmt", ["gptoss", "qwen3"])
 @pytest.mark.parametrize("mode", [[], ["--async"]])
 def test_reasoning_shown_and_hidden(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
-                                    env: Path, fmt: str, mode: list[str]) -> None:  # noqa: F811
+                                    env: Path, fmt: str, mode: list[str]) -> None:
     script(monkeypatch, fmt, ANSWERS[fmt])
     shown = run("-m", f"openweight/{fmt}", "q", *mode)
     assert shown.exit_code == 0, shown.output
@@ -355,7 +355,7 @@ PERSON = {"type": "object",
           "required": ["name", "age", "bio"]}
 
 
-def test_cli_schema_output_validates(env: Path) -> None:  # noqa: F811
+def test_cli_schema_output_validates(env: Path) -> None:
     """A random model, constrained: every run that finishes is a valid document."""
     finished = 0
     for seed in range(4):
@@ -370,7 +370,7 @@ def test_cli_schema_output_validates(env: Path) -> None:  # noqa: F811
     assert finished >= 1
 
 
-def test_cli_concise_schema_reaches_the_sdk(env: Path,  # noqa: F811
+def test_cli_concise_schema_reaches_the_sdk(env: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     spy = Spy(monkeypatch)
     result = run("-m", "openweight/tiny", "--schema", "name, age int, bio", "Invent a person",
@@ -385,7 +385,7 @@ def test_cli_concise_schema_reaches_the_sdk(env: Path,  # noqa: F811
     assert result.stdout.startswith('{"name":"')  # the grammar holds from the first token
 
 
-async def test_python_schema_sync_and_async(env: Path) -> None:  # noqa: F811
+async def test_python_schema_sync_and_async(env: Path) -> None:
     from pydantic import BaseModel, Field
 
     class Pet(BaseModel):

@@ -19,13 +19,13 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from test_remote import SSE_HEADERS, Body, FakeServer, chunk, resp, sse
 
 import openweight
 from openweight import GenerationOptions, InvalidRequestError, Message, ToolCall
 from openweight import remote as remote_mod
 
 from conftest import WEATHER, ServerThread, scripted_generate, token_ids
+from fake_openai import SSE_HEADERS, Body, FakeServer, chunk, resp, sse
 
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 HI = [{"role": "user", "content": "What is 2+2?"}]
