@@ -82,7 +82,8 @@ def remote(server: str) -> openweight.Client:
 def _chat(url: str, body: Any, path: str = "/v1/chat/completions", **kw: Any) -> httpx.Response:
     if isinstance(body, (dict, list)):
         return httpx.post(url + path, json=body, timeout=30, **kw)
-    return httpx.post(url + path, content=body, timeout=30, **kw)
+    return httpx.post(url + path, content=body, timeout=30,  # a JSON body, as clients send
+                      headers={"Content-Type": "application/json"}, **kw)
 
 
 def _events(response: httpx.Response) -> list[Any]:

@@ -5,6 +5,7 @@ The llm plugin and the server build their option schemas from ``OPTION_SPECS``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -13,11 +14,20 @@ from typing import Any
 from .errors import InvalidRequestError
 
 __all__ = [
-    "CHAT_ONLY_OPTIONS", "DEFAULT_MAX_TOKENS", "OPTION_SPECS", "GenerationOptions", "OptionSpec"]
+    "CHAT_ONLY_OPTIONS", "DEFAULT_MAX_TOKENS", "MAX_JSON_DEPTH", "MAX_MESSAGES",
+    "MAX_SCHEMA_CHARS", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TOOLS", "OPTION_SPECS",
+    "GenerationOptions", "OptionSpec"]
 
 DEFAULT_MAX_TOKENS = 1024
 CHAT_ONLY_OPTIONS = ("tools", "tool_choice", "thinking", "reasoning_effort")
-MAX_STOP_STRINGS = 16
+
+# -- bounds on one request, shared by the SDK and the server (which answers 400 past them)
+MAX_MESSAGES = 4096        # messages in one chat request
+MAX_STOP_STRINGS = 16      # strings in ``stop``
+MAX_STOP_CHARS = 1024      # characters in one stop string
+MAX_TOOLS = 128            # function specs in ``tools`` (OpenAI's own limit)
+MAX_SCHEMA_CHARS = 65_536  # one tool's parameters or one response_format schema, as JSON text
+MAX_JSON_DEPTH = 64        # nesting of arrays and objects in a request body
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,10 @@ def _check_number(spec: OptionSpec, value: object) -> float | int:
             f"option {spec.name}={value!r} is invalid: it must be {kind} "
             f"({spec.bounds_text()})"
         )
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an integer past float's range is past every bound
+        v = float("inf")
     if (
         (spec.ge is not None and v < spec.ge)
         or (spec.gt is not None and v <= spec.gt)
@@ -112,6 +125,9 @@ def _check_tools(value: object) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, (list, tuple)):
         raise InvalidRequestError("option tools must be a list of function specs "
                                   "({'type': 'function', 'function': {'name': ...}})")
+    if len(value) > MAX_TOOLS:
+        raise InvalidRequestError(f"option tools has {len(value)} functions; at most "
+                                  f"{MAX_TOOLS} are allowed")
     out: list[dict[str, Any]] = []
     names: list[str] = []
     for i, spec in enumerate(value):
@@ -130,11 +146,23 @@ def _check_tools(value: object) -> tuple[dict[str, Any], ...]:
         if not isinstance(params, Mapping):
             raise InvalidRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema "
                                       "object")
+        _check_schema_size(params, f"tools[{i}] ({name}): parameters")
         out.append({"type": "function", "function": {**fn, "parameters": dict(params)}})
         names.append(name)
     if len(set(names)) != len(names):
         raise InvalidRequestError(f"option tools names a function twice: {names}")
     return tuple(out)
+
+
+def _check_schema_size(schema: Mapping[str, Any], what: str) -> None:
+    """A JSON schema no longer than MAX_SCHEMA_CHARS as JSON text (and JSON at all)."""
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"{what} is not a JSON schema ({exc})") from exc
+    if size > MAX_SCHEMA_CHARS:
+        raise InvalidRequestError(f"{what} is {size} characters of JSON; at most "
+                                  f"{MAX_SCHEMA_CHARS} are allowed")
 
 
 def _check_response_format(value: object) -> dict[str, Any]:
@@ -151,6 +179,7 @@ def _check_response_format(value: object) -> dict[str, Any]:
         if not isinstance(schema, Mapping):
             raise InvalidRequestError("response_format json_schema needs a 'schema' object: "
                                       "{'type': 'json_schema', 'json_schema': {'schema': {...}}}")
+        _check_schema_size(schema, "response_format's schema")
     return dict(value)
 
 
@@ -168,6 +197,9 @@ def _check_stop(value: object) -> tuple[str, ...]:
         raise InvalidRequestError(
             f"option stop has {len(items)} strings; at most {MAX_STOP_STRINGS} are allowed"
         )
+    if any(len(s) > MAX_STOP_CHARS for s in items):
+        raise InvalidRequestError(f"option stop has a string over {MAX_STOP_CHARS} characters; "
+                                  "shorten it")
     return tuple(items)
 
 

@@ -6,8 +6,11 @@ the command. FastAPI and uvicorn are imported only when a server is built, so ``
 openweight`` and the rest of the CLI stay cheap.
 """
 
-from .app import ApiError, api_error, create_app
+from .app import create_app
 from .command import add_serve_parser, cmd_serve
+from .errors import ApiError, api_error
+from .limits import ServerLimits
 from .pool import ModelPool
 
-__all__ = ["ApiError", "ModelPool", "add_serve_parser", "api_error", "cmd_serve", "create_app"]
+__all__ = ["ApiError", "ModelPool", "ServerLimits", "add_serve_parser", "api_error", "cmd_serve",
+           "create_app"]

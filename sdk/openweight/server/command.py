@@ -42,11 +42,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .limits import ServerLimits
 
     if os.environ.get("OPENWEIGHT_BASE_URL"):  # the server runs models itself: say so
         print("openweight: ignoring OPENWEIGHT_BASE_URL (the server runs models locally)",
               file=sys.stderr)
     api_key = args.api_key or os.environ.get("OPENWEIGHT_API_KEY") or None
+    try:
+        limits = ServerLimits(max_body_mb=args.max_body_mb, max_queue=args.max_queue,
+                              request_timeout=args.request_timeout)
+    except ValueError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
@@ -57,7 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"openweight: loading {args.model or 'the default model'}...", file=sys.stderr,
               flush=True)
         app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype,
-                         quantize=args.quantize)
+                         quantize=args.quantize, limits=limits,
+                         allowed_hosts=args.allowed_host or (), allow_pull=args.allow_pull)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
@@ -100,5 +108,28 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32 (default: auto)")
     p.add_argument("--quantize", help="auto, none, int8 or int4 weight-only quantisation of "
                    "the Linear layers (default: auto, see docs/performance.md)")
+    _add_limit_flags(p)
     p.set_defaults(func=cmd_serve)
     return p
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """What the server accepts: hosts, model names, body size, queue, deadline."""
+    from .limits import DEFAULT_MAX_BODY_MB, DEFAULT_MAX_QUEUE
+
+    p.add_argument("--allowed-host", action="append", metavar="NAME[:PORT]",
+                   help="without --api-key, answer requests whose Host header is NAME too "
+                        "(repeatable; '*' for any; default: only the address listened on, "
+                        "and localhost names on loopback)")
+    p.add_argument("--allow-pull", action="store_true",
+                   help="let a request name a catalog model that is not installed (it is "
+                        "pulled); default: only --model and installed models are served")
+    p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
+                   help=f"largest request body; larger gets 413 (default: "
+                        f"{DEFAULT_MAX_BODY_MB:g})")
+    p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                   help=f"generation requests running or waiting at once; more get 429 with "
+                        f"Retry-After (default: {DEFAULT_MAX_QUEUE})")
+    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                   help="stop a generation after this long; the client gets 504 "
+                        "(request_timeout) or a stream's error event (default: no deadline)")

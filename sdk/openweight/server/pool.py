@@ -22,11 +22,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 class ModelPool:
     """One local engine per model name: the one served by default (``--model``), and any
-    installed or catalog model a request names."""
+    model installed in the store that a request names. A request never names a path, and
+    never starts a pull unless ``allow_pull`` (then a catalog name not installed yet is
+    pulled on first use)."""
 
     def __init__(self, model: str | None, *, device: str | None = None,
-                 dtype: str | None = None, quantize: str | None = None) -> None:
+                 dtype: str | None = None, quantize: str | None = None,
+                 allow_pull: bool = False) -> None:
         self._device, self._dtype, self._quantize = device, dtype, quantize  # for every model
+        self._allow_pull = allow_pull
         self._lock = threading.Lock()
         self.default = self._engine(model)  # resolves the name (pulling the model if needed)
         self.name = self.default.name
@@ -60,21 +64,39 @@ class ModelPool:
         return self.default.loaded.summary()
 
     def get(self, name: str | None) -> LocalEngine:
-        """The engine for a request's ``model`` field (blocking: may pull the model)."""
+        """The engine for a request's ``model`` field (blocking: may load the model, and
+        pull it with ``allow_pull``). Anything not served gets the same ModelNotFoundError,
+        whatever exists on this machine under that name (no oracle)."""
         if not name:
             return self.default
         engine = self.engines.get(name)
         if engine is not None:
             return engine
+        if not NAME_RE.match(name) or not self._servable(name):
+            raise ModelNotFoundError(f"unknown model {name[:100]!r}; GET /v1/models lists "
+                                     "the models served here")
         with self._lock:
             engine = self.engines.get(name)
-            if engine is not None:
-                return engine
-            if not NAME_RE.match(name):  # never let a request name a path on this machine
-                raise ModelNotFoundError(f"unknown model {name!r}; GET /v1/models lists the "
-                                         "models served here")
-            engine = self.engines[name] = self._engine(name)
+            if engine is None:
+                engine = self.engines[name] = self._store_engine(name)
             return engine
+
+    def _servable(self, name: str) -> bool:
+        """Installed in the store, or (with ``allow_pull``) in its catalog."""
+        from ..store import CATALOG, list_models
+
+        if self._allow_pull and name in CATALOG:
+            return True
+        return any(m.installed and m.name == name for m in list_models())
+
+    def _store_engine(self, name: str) -> LocalEngine:
+        """A store model by name: never a path, whatever the working directory holds."""
+        from ..local import LocalEngine
+        from ..store import ensure_model, packed_cache
+
+        name, path = ensure_model(name)
+        return LocalEngine(path, name=name, device=self._device, dtype=self._dtype,
+                           quantize=self._quantize, packed_cache=packed_cache())
 
     def names(self) -> list[str]:
         from ..store import list_models

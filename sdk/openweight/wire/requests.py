@@ -12,13 +12,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import InvalidRequestError
-from ..options import OPTION_SPECS, GenerationOptions
+from ..options import MAX_JSON_DEPTH, MAX_MESSAGES, OPTION_SPECS, GenerationOptions
 from ..types import ROLES, Message, ToolCall
 
 __all__ = [
     "CHAT_FIELDS",
     "arguments_from_json",
     "chat_body",
+    "check_json",
     "completion_body",
     "message_to_json",
     "messages_from_json",
@@ -32,6 +33,43 @@ __all__ = [
 ]
 
 CHAT_FIELDS = ("tools", "tool_choice", "response_format")  # chat completions only
+
+
+# -- any request body -----------------------------------------------------------------------
+
+def _is_text(value: str) -> bool:
+    """Is ``value`` text that UTF-8 can carry (no lone surrogate such as '\\ud800')?"""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_json(body: Mapping[str, Any]) -> None:
+    """A parsed request body: nested at most MAX_JSON_DEPTH deep, and every string (keys
+    included) text UTF-8 can carry. Raises InvalidRequestError naming the top-level field."""
+    for key, value in body.items():
+        param = key if isinstance(key, str) and _is_text(key) else None
+        if param is None:
+            raise InvalidRequestError("a field name of the request body is not valid "
+                                      "Unicode text (a lone surrogate?)")
+        stack: list[tuple[object, int]] = [(value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if isinstance(item, str):
+                if not _is_text(item):
+                    raise InvalidRequestError(f"'{param}' holds a string that is not valid "
+                                              "Unicode text (a lone surrogate such as "
+                                              "\\ud800?)", param=param)
+                continue
+            if not isinstance(item, Mapping | list | tuple):
+                continue
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequestError(f"'{param}' is nested more than {MAX_JSON_DEPTH} "
+                                          "levels deep", param=param)
+            children = [*item.keys(), *item.values()] if isinstance(item, Mapping) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 # -- tool calls -----------------------------------------------------------------------------
@@ -93,12 +131,18 @@ def tool_calls_to_json(calls: Iterable[ToolCall], start: int | None = None,
 
 def _content(value: object, where: str) -> str:
     """Message content: a string, or OpenAI's list of text parts."""
+    text: str | None = None
     if value is None or isinstance(value, str):
-        return value or ""
-    if isinstance(value, list) and all(
+        text = value or ""
+    elif isinstance(value, list) and all(
             isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
             for p in value):
-        return "".join(p["text"] for p in value)
+        text = "".join(p["text"] for p in value)
+    if text is not None:
+        if not _is_text(text):
+            raise InvalidRequestError(f"{where}.content is not valid Unicode text (a lone "
+                                      "surrogate such as \\ud800?)", param="messages")
+        return text
     if isinstance(value, list):
         raise InvalidRequestError(f"{where}.content has a part that is not text; text parts "
                                   "only are taken", param="messages")
@@ -128,6 +172,9 @@ def to_messages(messages: object) -> list[Message]:
             param="messages")
     out: list[Message] = []
     for i, m in enumerate(messages):
+        if i >= MAX_MESSAGES:
+            raise InvalidRequestError(f"messages has more than {MAX_MESSAGES} messages; send "
+                                      "fewer (or a summary of the older ones)", param="messages")
         if isinstance(m, Message):
             if m.role not in ROLES:
                 raise InvalidRequestError(f"messages[{i}] has role {m.role!r}; use one of "
@@ -177,7 +224,12 @@ def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
 def options_from_json(body: Mapping[str, Any], default_max_tokens: int | None,
                       chat: bool = False) -> GenerationOptions:
     """The options of a request, validated where the SDK validates them. ``chat`` adds
-    tools, tool_choice and response_format."""
+    tools, tool_choice and response_format (which raw completion refuses)."""
+    if not chat:
+        for name in CHAT_FIELDS:
+            if body.get(name) is not None:
+                raise InvalidRequestError(f"'{name}' applies to chat completions only; send "
+                                          "it to /v1/chat/completions", param=name)
     raw: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens")
     max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
