@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("pull", help="install a model: catalog name, hub ORG/NAME, dir or .gguf")
-    p.add_argument("source", help="catalog name, hub repo id, model directory or .gguf file")
+    p.add_argument("source", help="catalog name, hub repo id, or a model directory or .gguf "
+                   "file written as a path (./DIR, /DIR, ~/DIR)")
     p.add_argument("--name", help="the name to install it under")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_pull)
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_default)
 
     p = sub.add_parser("info", help="show what is known about a model")
-    p.add_argument("name", nargs="?", help="model name (default: the default model)")
+    p.add_argument("name", nargs="?", help="model name, or a model directory written as a "
+                   "path (./DIR); default: the default model")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("ps", help="list the models kept loaded in the background (keep-alive)")

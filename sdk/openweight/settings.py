@@ -3,8 +3,9 @@ checks and their spellings, in one place.
 
 The Client, the server, the daemon, the loader and the ``llm`` plugin all check device,
 dtype, quantize and keep-alive values here, so a bad value reads the same wherever it was
-given. Nothing here imports torch: what ``auto`` resolves to on this machine is the
-loader's business (``local/loader.py``).
+given; and all of them tell a store name from a model directory with ``is_path``. Nothing
+here imports torch: what ``auto`` resolves to on this machine is the loader's business
+(``local/loader.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 
 from .errors import InvalidRequestError
 
@@ -21,9 +21,11 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "KEEP_ALIVE_ENV",
+    "MODEL_NAME_RE",
     "QUANTIZE",
     "check_device",
     "check_dtype",
+    "check_model_name",
     "check_quantize",
     "is_path",
     "keep_alive_from_json",
@@ -67,10 +69,40 @@ def check_quantize(quantize: str | None) -> str | None:
     return _choice("quantize", quantize, QUANTIZE)
 
 
+# -- model names and paths ----------------------------------------------------------------
+# Names are names: a store name always means the store, whatever the current directory
+# holds. A model directory of the caller's is given as a path, written as one.
+
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_POSIX_PATH = ("/", "./", "../", "~")
+_WINDOWS_PATH = re.compile(r"^([A-Za-z]:[\\/]|\\|\.{1,2}\\|~\\)")
+_WINDOWS = os.name == "nt"
+
+
 def is_path(model: str | None) -> bool:
-    """Does ``model`` name a directory of the caller's rather than a store name?"""
-    return model is not None and (
-        model.startswith(("/", ".", "~")) or Path(model).expanduser().exists())
+    """Is ``model`` written as a path (``./x``, ``../x``, ``/x``, ``~/x``, ``.``, ``..``;
+    on Windows also ``C:\\x``, ``\\\\host\\x``, ``.\\x``), rather than a store name?
+
+    Only the spelling counts, never what exists: a folder named ``smollm2-135m`` in the
+    current directory does not shadow the store's model of that name (``./smollm2-135m``
+    names the folder).
+    """
+    if not isinstance(model, str) or not model:
+        return False
+    if model in (".", "..") or model.startswith(_POSIX_PATH):
+        return True
+    return _WINDOWS and _WINDOWS_PATH.match(model) is not None
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it can be a store name, else the one error every store entry point
+    raises (pull, info, rm, default, and opening a model)."""
+    if isinstance(name, str) and MODEL_NAME_RE.match(name):
+        return name
+    raise InvalidRequestError(  # never says what exists here: a server's request reaches it
+        f"model name {name!r} is invalid: a store name has lower-case letters, digits, '.', "
+        "'_' and '-' (at most 64 characters, starting with a letter or digit); a model "
+        "directory is written as a path (./DIR, /DIR or ~/DIR)", param="model")
 
 
 # -- keep-alive durations -----------------------------------------------------------------
