@@ -5,6 +5,7 @@ Nothing here imports torch or transformers until a GGUF file is converted.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -13,8 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError
-from ..settings import is_path
+from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OpenWeightError
+from ..settings import check_model_name, is_path
 from ..types import ModelInfo
 from .catalog import CATALOG, DEFAULT_MODEL, CatalogEntry
 from .registry import home, locked, read_registry, update_registry
@@ -48,19 +49,11 @@ __all__ = [
     "set_default",
 ]
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _check_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise InvalidRequestError(f"model name {name!r} is invalid: use lower-case letters, "
-                                  "digits, '.', '_' and '-' (at most 64 characters)")
-    return name
 
 
 def _derive_name(raw: str) -> str:
@@ -110,7 +103,11 @@ def list_models() -> list[ModelInfo]:
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """Everything known about one model: its registry record and catalog entry."""
+    """Everything known about one model: its registry record and catalog entry; for a
+    model directory written as a path (``./DIR``), what loading it would take."""
+    if is_path(name):
+        return _dir_info(Path(name).expanduser())
+    check_model_name(name)
     reg = read_registry()
     rec = reg["models"].get(name)
     entry = CATALOG.get(name)
@@ -129,6 +126,15 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
+def _dir_info(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise InvalidRequestError(f"{path} is not a model directory; `openweight info` takes "
+                                  "a store name or a directory (pull a .gguf file first)")
+    path = path.resolve()
+    return {"name": path.name, "installed": False, "path": str(path),
+            "size_bytes": dir_size(path), "memory_estimate": _estimate(path)}
+
+
 def _estimate(path: Path) -> dict[str, Any] | str:
     """What loading this model with the auto settings would take, against what is free."""
     from ..local import kernels
@@ -141,6 +147,9 @@ def _estimate(path: Path) -> dict[str, Any] | str:
         estimate = estimate_memory(path, device, resolve_dtype("auto", device),
                                    quantize=quantize).as_dict()
     except Exception as exc:  # a broken config is reported, not fatal for `info`
+        if "trust_remote_code" in str(exc):
+            return ("unavailable: the model needs Python code shipped in its folder (auto_map "
+                    "in config.json), and openweight never runs a model's own code")
         return f"unavailable: {exc}"
     extra = {"kernels": kernels.route()} if device == "cpu" and quantize != "none" else {}
     return {**estimate, "quantize_reason": why, **extra}
@@ -149,12 +158,12 @@ def _estimate(path: Path) -> dict[str, Any] | str:
 def _unknown(name: str) -> str:
     return (f"unknown model {name!r}: it is not installed and not in the catalog. "
             "`openweight models` lists both; `openweight pull ORG/NAME` fetches a hub model, "
-            "`openweight pull PATH` registers a local directory or .gguf file")
+            "`openweight pull ./DIR` registers a local directory or .gguf file (a path)")
 
 
 def ensure_model(name: str | None = None, *, notify: Notify = _stderr) -> tuple[str, Path]:
     """The installed model's name and path, pulling a catalog model on first use."""
-    name = name or default_model()
+    name = check_model_name(name or default_model())
     rec = read_registry()["models"].get(name)
     if rec is not None:
         path = _record_path(rec)
@@ -173,21 +182,29 @@ def ensure_model(name: str | None = None, *, notify: Notify = _stderr) -> tuple[
 
 
 def _classify(source: str, name: str | None) -> tuple[str, str, CatalogEntry | None]:
-    """What kind of source this is (dir, gguf, catalog, hub) and the store name it gets."""
-    path = Path(source).expanduser()
-    if path.exists():
+    """What kind of source this is (dir, gguf, catalog, hub) and the store name it gets.
+    A directory or file is taken only when written as a path (``is_path``)."""
+    if is_path(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise InvalidRequestError(f"{source} does not exist; give an existing model "
+                                      "directory or .gguf file")
         kind = "dir" if path.is_dir() else "gguf"
         if kind == "gguf":
             check_gguf(path)
-        return kind, _check_name(name or _derive_name(
+        return kind, check_model_name(name or _derive_name(
             path.stem if kind == "gguf" else path.name)), None
     if source in CATALOG:
-        return "catalog", _check_name(name or source), CATALOG[source]
-    if source.endswith(".gguf") or source.startswith((".", "/", "~")):
-        raise InvalidRequestError(f"{source} does not exist; give an existing model directory "
-                                  "or .gguf file")
-    if HUB_ID_RE.match(source):
-        return "hub", _check_name(name or _derive_name(source.split("/", 1)[1])), None
+        return "catalog", check_model_name(name or source), CATALOG[source]
+    if HUB_ID_RE.match(source) and not source.endswith(".gguf"):
+        return "hub", check_model_name(name or _derive_name(source.split("/", 1)[1])), None
+    if Path(source).expanduser().exists():
+        raise InvalidRequestError(f"{source!r} is not a catalog name or hub repo id; to pull "
+                                  f"the file or folder of that name here, write it as a "
+                                  f"path: ./{source}")
+    if source.endswith(".gguf"):
+        raise InvalidRequestError(f"{source} does not exist; give an existing .gguf file, "
+                                  "written as a path (./FILE.gguf, /DIR/FILE.gguf)")
     raise ModelNotFoundError(_unknown(source))
 
 
@@ -227,7 +244,9 @@ def _install(kind: str, source: str, entry: CatalogEntry | None, target: str, wo
 
 def pull(source: str, *, name: str | None = None, progress: bool = True,
          notify: Notify = _stderr) -> ModelInfo:
-    """Install a model from a catalog name, a hub repo id, a model directory or a .gguf file."""
+    """Install a model from a catalog name, a hub repo id, a model directory or a .gguf file
+    (both written as paths). A pull that fails or is interrupted (disk full, Ctrl-C) leaves
+    neither files nor a registry entry, and the next pull starts clean."""
     kind, target, entry = _classify(source, name)
     with locked(f"model-{target}"):
         reg = read_registry()
@@ -241,16 +260,43 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
         work = new_tmp_dir()
         try:
             record = _install(kind, source, entry, target, work, notify, progress)
+            record["installed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            with update_registry() as data:
+                data["models"][target] = record
+        except BaseException as exc:
+            _undo_install(kind, target)
+            if isinstance(exc, OSError) and not isinstance(exc, OpenWeightError):
+                raise OpenWeightError(_write_failed(target, exc)) from exc
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        record["installed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with update_registry() as data:
-            data["models"][target] = record
         return _record_to_info(target, record, default_model())
+
+
+def _undo_install(kind: str, target: str) -> None:
+    """After a failed pull: no model directory in the store that the registry lacks."""
+    final = home() / "models" / target
+    try:
+        registered = target in read_registry()["models"]
+    except OpenWeightError:
+        registered = False
+    if kind != "dir" and not registered and final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+
+
+def _write_failed(target: str, exc: OSError) -> str:
+    where = home()
+    if exc.errno == errno.ENOSPC:
+        return (f"pulling {target} failed: no space left on the device holding {where}; "
+                "nothing was installed. Free some space, or set OPENWEIGHT_HOME to a store "
+                "on a larger disk, and pull again")
+    return (f"pulling {target} failed: {exc}; nothing was installed. Check that {where} is "
+            "writable and has room, and pull again")
 
 
 def remove_model(name: str) -> None:
     """Forget a model and delete its files (a directory registered in place is kept)."""
+    check_model_name(name)
     with locked(f"model-{name}"):
         with update_registry() as data:
             rec = data["models"].pop(name, None)
@@ -274,6 +320,7 @@ def packed_cache() -> Path:
 
 def set_default(name: str) -> None:
     """Make ``name`` (installed or in the catalog) the model used when none is named."""
+    check_model_name(name)
     if name not in read_registry()["models"] and name not in CATALOG:
         raise ModelNotFoundError(_unknown(name))
     with update_registry() as data:
@@ -283,8 +330,9 @@ def set_default(name: str) -> None:
 def open_engine(model: str | None = None, *, device: str | None = None,
                 dtype: str | None = None, quantize: str | None = None) -> LocalEngine:
     """The local engine for a store name (pulled first if it is a catalog model; None: the
-    default model) or a model directory of the caller's, used as it is. The weights load
-    on first use."""
+    default model) or a model directory of the caller's written as a path (``./DIR``,
+    ``/DIR``, ``~/DIR``: ``settings.is_path``), used as it is. The weights load on first
+    use."""
     from ..local import LocalEngine
 
     if model and is_path(model):
