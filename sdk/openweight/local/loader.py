@@ -218,7 +218,7 @@ def load_model(
         check_fits(estimate_memory(path, dev, dt, keep_mxfp4=keep_mxfp4, quantize=quant),
                    path.name)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
             with allocator_returns_memory():  # the fast path's fused copies free memory too
                 model = _weights(path, dev, dt, quant, config, packed_cache, extra)
                 fast_off_reason = unsupported_reason(model, dev)
@@ -273,7 +273,7 @@ def _weights(path: Path, dev: str, dt: str, quant: str, config: dict[str, Any],
         if gguf is not None:
             extra["gguf_file"] = gguf.name
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dt),
-                                                     **extra)
+                                                     trust_remote_code=False, **extra)
         model.to(dev)
         model.eval()
         quantize_model(model, quant, dev)

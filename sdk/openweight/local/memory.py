@@ -82,7 +82,7 @@ def _count_parameters(config: Any) -> tuple[int, int, int]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     total = experts = 0
     for name, p in model.named_parameters():
         total += p.numel()
@@ -102,7 +102,7 @@ def _packed_bytes(config: Any, bytes_per: int, quantize: str) -> int:
     from .quantize import INT4_GROUP, packs_as_int4
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     output = model.get_output_embeddings()
     total = largest = 0
     for module in model.modules():
@@ -161,7 +161,7 @@ def estimate_memory(path: Path, device: str, dtype: str, *, keep_mxfp4: bool = F
 
     from .packed_load import loads_packed
 
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     params, expert_params, linear = _count_parameters(config)
     bytes_per = _BYTES[dtype]
     if keep_mxfp4:

@@ -75,11 +75,11 @@ def _empty_model(path: Path, dtype: Any) -> Any:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     if hasattr(config, "quantization_config"):  # loaded here, not by transformers' quantiser
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     return model

@@ -228,8 +228,10 @@ def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
     started = time.monotonic()
     try:
-        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                            trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                  trust_remote_code=False)
     except Exception as exc:
         raise ModelLoadError(f"transformers cannot load {gguf.name}: {exc}. The file may be "
                              "truncated, or its architecture is not supported by "
