@@ -96,6 +96,29 @@ def test_pull_takes_a_folder_only_written_as_a_path(store: Path, tiny_model: Pat
     assert pull(f"./{tiny_model.name}", name="tiny").path == str(tiny_model.resolve())
 
 
+def test_pull_takes_an_existing_gguf_file_as_it_is_written(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``openweight pull model.gguf``: no store name or repo id ends in .gguf, so an existing
+    file of that name is the file; a missing one is a clear error, not a hub lookup."""
+    import openweight.store as store_mod
+
+    converted: list[Path] = []
+
+    def convert(path: Path, built: Path, progress: bool) -> None:
+        converted.append(path)
+        raise InvalidRequestError("converted: stop here")
+
+    monkeypatch.setattr(store_mod, "convert_gguf", convert)
+    monkeypatch.setattr(store_mod, "check_gguf", lambda path: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(InvalidRequestError, match="converted: stop here"):
+        pull("m.gguf", name="m")
+    assert converted == [Path("m.gguf")]
+    with pytest.raises(InvalidRequestError, match="does not exist"):
+        pull("missing.gguf")
+
+
 # -- every store entry point checks names ----------------------------------------------------
 
 BAD_NAMES = ["a/b", "Tiny", ".hidden", "a b", "x" * 65, "a\\b", "-x", "gpt-oss:20b"]

@@ -183,8 +183,9 @@ def ensure_model(name: str | None = None, *, notify: Notify = _stderr) -> tuple[
 
 def _classify(source: str, name: str | None) -> tuple[str, str, CatalogEntry | None]:
     """What kind of source this is (dir, gguf, catalog, hub) and the store name it gets.
-    A directory or file is taken only when written as a path (``is_path``)."""
-    if is_path(source):
+    A directory or file is taken only when written as a path (``is_path``), or for a
+    GGUF file, when it names an existing ``.gguf`` file (no store name or repo id does)."""
+    if is_path(source) or (source.endswith(".gguf") and Path(source).expanduser().is_file()):
         path = Path(source).expanduser()
         if not path.exists():
             raise InvalidRequestError(f"{source} does not exist; give an existing model "
