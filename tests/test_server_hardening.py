@@ -156,6 +156,8 @@ def test_host_allowed_rules() -> None:
     assert not host_allowed("localhost:8000", ("10.0.0.5", 8000))  # not a loopback bind
     assert host_allowed("[::1]:80", ("::1", 80)) and host_allowed("localhost", ("::1", 80))
     assert not host_allowed("localhost:8001", ("127.0.0.1", 8000))
+    assert host_allowed("0.0.0.0:8000", ("127.0.0.1", 8000))  # the URL --host 0.0.0.0 prints
+    assert not host_allowed("0.0.0.0:8000", ("10.0.0.5", 8000))
     assert host_allowed("anything:1", ("127.0.0.1", 8000), ["*"])
     assert not host_allowed("a b", ("127.0.0.1", 8000)) and not host_allowed("x:99999", None)
 
