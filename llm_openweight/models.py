@@ -24,6 +24,7 @@ import llm
 from llm.parts import ReasoningPart, StreamEvent, TextPart, ToolCallPart, ToolResultPart
 
 import openweight
+from openweight.errors import redact_url
 from openweight.settings import (
     keep_alive_seconds,
 )
@@ -242,7 +243,7 @@ class _Run:
         info: dict[str, Any] = {
             "model": model_name,
             "finish_reason": self.finish_reason,
-            "remote": self.remote,
+            "remote": redact_url(self.remote) if self.remote else None,  # logged: no password
             "keep_alive_server": client.keep_alive_url,
             "duration_s": round(end - self.started, 4),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+from urllib.parse import urlsplit
 
 import llm
 from pydantic import Field, ValidationInfo, create_model, field_validator
@@ -20,7 +21,7 @@ from openweight.settings import (
     keep_alive_seconds,
 )
 
-__all__ = ["CLIENT_ONLY", "LazyOptions", "check_url", "options_class"]
+__all__ = ["CLIENT_ONLY", "LazyOptions", "check_remote_option", "check_url", "options_class"]
 
 
 # -- options -------------------------------------------------------------------------------
@@ -49,6 +50,19 @@ def check_url(value: str) -> str:
     return value.rstrip("/")
 
 
+def check_remote_option(value: str) -> str:
+    """``-o remote``: a base URL without a user name or password, because llm saves the
+    options of every prompt in its logs database (and `llm logs` shows them)."""
+    value = check_url(value)
+    if "@" in urlsplit(value).netloc:
+        raise ValueError(
+            "-o remote must not hold a user name or password: llm saves options in its "
+            "logs database. Give the server's API key with `llm keys set openweight`, --key "
+            "or OPENWEIGHT_API_KEY; or, for a server behind a password, set the URL with it "
+            "in OPENWEIGHT_BASE_URL or `llm openweight remote URL`")
+    return value
+
+
 @functools.cache
 def options_class() -> type[llm.Options]:
     """The model's ``Options``: every SDK option (bounds from OPTION_SPECS) plus our own."""
@@ -74,7 +88,7 @@ def options_class() -> type[llm.Options]:
         @field_validator("remote", check_fields=False)
         @classmethod
         def _remote(cls, value: str | None) -> str | None:
-            return check_url(value) if value is not None else None
+            return check_remote_option(value) if value is not None else None
 
         @field_validator("keep_alive", check_fields=False)
         @classmethod

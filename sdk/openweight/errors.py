@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "AuthenticationError",
     "GenerationError",
@@ -13,7 +15,30 @@ __all__ = [
     "RemoteError",
     "RemoteStatusError",
     "RemoteTimeoutError",
+    "excerpt",
+    "redact_url",
 ]
+
+MAX_QUOTED = 300  # characters of a server's text an error message quotes
+
+# the ``user:password@`` of a URL, wherever it appears in a text
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def redact_url(text: object) -> str:
+    """``text`` (a URL, or a message holding URLs) without their ``user:password@`` part:
+    what error messages and logs show of a base URL."""
+    return _USERINFO.sub(r"\1", str(text))
+
+
+def excerpt(text: str | bytes, limit: int = MAX_QUOTED) -> str:
+    """A server's text as a message quotes it: one line of printable characters, at most
+    ``limit`` of them (then an ellipsis), with no URL credentials."""
+    if isinstance(text, bytes):
+        text = text[:limit * 4].decode("utf-8", "replace")
+    head = "".join(c if c.isprintable() else " " for c in text[:limit * 2])
+    head = redact_url(" ".join(head.split()))
+    return head if len(head) <= limit and len(text) <= limit * 2 else head[:limit] + "..."
 
 
 class OpenWeightError(Exception):

@@ -3,13 +3,16 @@ the Client and the ``llm`` plugin: requests (``requests.py``) and answers
 (``answers.py``)."""
 
 from .answers import (
+    MAX_ANSWER_DEPTH,
     Answer,
     ChatShape,
     CompletionShape,
     StreamParser,
+    answer_json,
     error_body,
     error_message,
     finish_from_json,
+    model_names_from_json,
     result_chunks,
     result_from_json,
     sse,
@@ -25,6 +28,7 @@ from .requests import (
     message_to_json,
     messages_from_json,
     model_from_json,
+    nested_deeper,
     options_from_json,
     prompt_from_json,
     stream_flags,
@@ -35,10 +39,12 @@ from .requests import (
 
 __all__ = [
     "CHAT_FIELDS",
+    "MAX_ANSWER_DEPTH",
     "Answer",
     "ChatShape",
     "CompletionShape",
     "StreamParser",
+    "answer_json",
     "arguments_from_json",
     "chat_body",
     "check_json",
@@ -49,6 +55,8 @@ __all__ = [
     "message_to_json",
     "messages_from_json",
     "model_from_json",
+    "model_names_from_json",
+    "nested_deeper",
     "options_from_json",
     "prompt_from_json",
     "result_chunks",

@@ -14,24 +14,30 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import OpenWeightError, RemoteConnectionError, RemoteError
+from ..errors import OpenWeightError, RemoteConnectionError, RemoteError, excerpt
+from ..options import MAX_JSON_DEPTH
 from ..types import ChatResult, Chunk, FinishReason, ToolCall, Usage
-from .requests import arguments_from_json, tool_calls_from_json, tool_calls_to_json
+from .requests import arguments_from_json, nested_deeper, tool_calls_from_json, tool_calls_to_json
 
 __all__ = [
+    "MAX_ANSWER_DEPTH",
     "Answer",
     "ChatShape",
     "CompletionShape",
     "StreamParser",
+    "answer_json",
     "error_body",
     "error_message",
     "finish_from_json",
+    "model_names_from_json",
     "result_chunks",
     "result_from_json",
     "sse",
     "usage_from_json",
     "usage_to_json",
 ]
+
+MAX_ANSWER_DEPTH = 2 * MAX_JSON_DEPTH  # an answer's envelope around a request's nesting
 
 _FINISH: dict[str, FinishReason] = {"length": "length", "tool_calls": "tool_calls",
                                     "function_call": "tool_calls"}
@@ -45,9 +51,12 @@ def finish_from_json(value: object) -> FinishReason:
 def usage_from_json(value: object) -> Usage | None:
     if not isinstance(value, Mapping):
         return None
-    prompt, completion = value.get("prompt_tokens"), value.get("completion_tokens")
-    return Usage(prompt_tokens=prompt if isinstance(prompt, int) else 0,
-                 completion_tokens=completion if isinstance(completion, int) else 0)
+    return Usage(prompt_tokens=_count(value.get("prompt_tokens")),
+                 completion_tokens=_count(value.get("completion_tokens")))
+
+
+def _count(value: object) -> int:
+    return max(value, 0) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def usage_to_json(usage: Usage) -> dict[str, int]:
@@ -56,7 +65,15 @@ def usage_to_json(usage: Usage) -> dict[str, int]:
 
 
 def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
+    """A string field of an answer ("" if it is none); a lone surrogate (JSON can escape
+    one: "\\ud800") becomes U+FFFD, so the text can be printed, logged and sent on."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return value
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -68,34 +85,75 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def error_message(body: object, fallback: str = "") -> str:
-    """The human message in an error body, whatever shape the server uses."""
+    """The human message in an error body, whatever shape the server uses: one line of at
+    most MAX_QUOTED characters (a server's text is quoted, never trusted)."""
     if isinstance(body, Mapping):
         err = body.get("error", body)
         if isinstance(err, str):
-            return err
+            return excerpt(err)
         if isinstance(err, Mapping) and isinstance(err.get("message"), str):
-            return str(err["message"])
+            return excerpt(err["message"])
         detail = body.get("detail")  # FastAPI: a string, or a list of validation errors
         if isinstance(detail, str):
-            return detail
+            return excerpt(detail)
         if isinstance(detail, list):
-            return "; ".join(
-                f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg')}"
-                if isinstance(d, Mapping) else str(d) for d in detail)
-    return fallback.strip()[:500]
+            return excerpt("; ".join(_validation_error(d) for d in detail[:20]))
+    return excerpt(fallback.strip())
+
+
+def _validation_error(item: object) -> str:
+    """One of FastAPI's validation errors: ``body.messages: Field required``."""
+    if not isinstance(item, Mapping):
+        return excerpt(item if isinstance(item, str) else json.dumps(item)[:600])
+    loc = item.get("loc")
+    where = ".".join(str(p) for p in loc if isinstance(p, str | int)) \
+        if isinstance(loc, list) else ""
+    msg = item.get("msg")
+    return f"{where}: {msg if isinstance(msg, str) else 'invalid'}"
+
+
+def answer_json(raw: bytes | str, where: str) -> Any:
+    """A server's JSON answer (or error body), parsed. Anything else (not JSON, not UTF-8,
+    nested deeper than MAX_ANSWER_DEPTH) is a RemoteError quoting the start of it."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise RemoteError(f"{where} answered with something that is not JSON: "
+                          f"{excerpt(raw)!r}") from exc
+    if nested_deeper(data, MAX_ANSWER_DEPTH):
+        raise RemoteError(f"{where} answered with JSON nested more than {MAX_ANSWER_DEPTH} "
+                          "levels deep; is it an OpenAI-compatible server?")
+    return data
+
+
+def model_names_from_json(data: Any, where: str) -> list[str]:
+    """The model names in a ``/models`` answer (OpenAI's ``{"data": [{"id": ...}]}``)."""
+    items = data.get("data") if isinstance(data, Mapping) else data
+    if not isinstance(items, list):
+        raise RemoteError(f"{where}/models did not answer with a list of models: "
+                          f"{_shape(data)}")
+    return [m["id"] for m in items if isinstance(m, Mapping) and isinstance(m.get("id"), str)
+            and m["id"].strip()]
+
+
+def _shape(data: object) -> str:
+    """A short quote of parsed JSON (at most MAX_ANSWER_DEPTH deep) for a message."""
+    return excerpt(json.dumps(data, ensure_ascii=False)[:2000]) if isinstance(
+        data, Mapping | list) else excerpt(repr(data))
 
 
 # -- reading answers (the remote backend) ------------------------------------------------------
 
 def result_from_json(data: Any, model: str) -> ChatResult:
-    """A whole chat (or completions) answer."""
+    """A whole chat (or completions) answer; a malformed one is a RemoteError."""
     choices = data.get("choices") if isinstance(data, Mapping) else None
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, Mapping) else None
     if message is None and isinstance(choice, Mapping) and isinstance(choice.get("text"), str):
         message = {"content": choice["text"]}  # /completions
     if not isinstance(choice, Mapping) or not isinstance(message, Mapping):
-        raise RemoteError(f"the server's answer has no choices[0].message: {str(data)[:200]}")
+        raise RemoteError(f"the server's answer has no choices[0].message: {_shape(data)}")
+    _check_calls(message.get("tool_calls"), "the server's answer")
     calls = tool_calls_from_json(message.get("tool_calls"), "the answer", lenient=True)
     reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
     return ChatResult(
@@ -106,6 +164,16 @@ def result_from_json(data: Any, model: str) -> ChatResult:
         usage=usage_from_json(data.get("usage")) or Usage(0, 0),
         model=_text(data.get("model")) or model,
     )
+
+
+def _check_calls(raw: object, where: str) -> None:
+    """``tool_calls`` in an answer: absent, or a list of objects (each call's own mistakes,
+    such as arguments that are not JSON, are the model's and are kept)."""
+    if raw is not None and not (isinstance(raw, list) and all(
+            isinstance(c, Mapping) and isinstance(c.get("function") or {}, Mapping)
+            for c in raw)):
+        raise RemoteError(f"{where} has tool_calls that are not a list of "
+                          f"{{id, function: {{name, arguments}}}} objects: {_shape(raw)}")
 
 
 def result_chunks(result: ChatResult) -> Iterator[Chunk]:
@@ -148,37 +216,36 @@ class StreamParser:
         if data == "[DONE]":
             self.done = True
             return None
-        try:
-            payload = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            raise RemoteError(f"the server sent an event that is not JSON: {data[:200]!r}") \
-                from exc
+        payload = answer_json(data, "the server's stream")
         if not isinstance(payload, Mapping):
-            return None
+            raise RemoteError(f"the server sent an event that is not a JSON object: "
+                              f"{excerpt(data)!r}")
         if event == "error" or payload.get("error") is not None:
             raise self.raise_error(payload)
         self.usage = usage_from_json(payload.get("usage")) or self.usage
         choices = payload.get("choices")
-        if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        if not choices:  # none, null or []: a usage or keep-alive event
             return None
-        choice = choices[0]
+        choice = choices[0] if isinstance(choices, list) else None
+        delta = (choice.get("delta") or choice.get("message") or {}) if isinstance(
+            choice, Mapping) else None
+        if not isinstance(choice, Mapping) or not isinstance(delta, Mapping):
+            raise RemoteError("the server sent an event without choices[0].delta: "
+                              f"{excerpt(data)!r}")
         if choice.get("finish_reason") is not None:
             self.finish_reason = finish_from_json(choice["finish_reason"])
-        delta = choice.get("delta") or choice.get("message") or {}
-        if not isinstance(delta, Mapping):
-            return None
         raw_calls = delta.get("tool_calls")
-        for i, raw in enumerate(raw_calls if isinstance(raw_calls, list) else ()):
+        _check_calls(raw_calls, "an event of the server's stream")
+        for i, raw in enumerate(raw_calls or ()):
             self._add_call(i, raw)
         text = _text(delta.get("content")) or _text(choice.get("text"))  # or /completions
         reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
         return Chunk(text=text, reasoning=reasoning) if text or reasoning else None
 
-    def _add_call(self, position: int, raw: object) -> None:
-        if not isinstance(raw, Mapping):
-            return
+    def _add_call(self, position: int, raw: Mapping[str, Any]) -> None:
         wire, call_id = raw.get("index"), _text(raw.get("id"))
-        wire = wire if isinstance(wire, int) else position  # older Ollama sends no index
+        # older Ollama sends no index; a hostile one is no index either
+        wire = wire if isinstance(wire, int) and 0 <= wire < 1024 else position
         index = self.slots.get(wire, wire)
         taken = self.calls.get(index)
         if call_id and taken is not None and taken.id not in ("", call_id):

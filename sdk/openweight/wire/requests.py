@@ -24,6 +24,7 @@ __all__ = [
     "message_to_json",
     "messages_from_json",
     "model_from_json",
+    "nested_deeper",
     "options_from_json",
     "prompt_from_json",
     "stream_flags",
@@ -72,6 +73,20 @@ def check_json(body: Mapping[str, Any]) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
+def nested_deeper(value: object, limit: int) -> bool:
+    """Are parsed JSON's arrays and objects nested more than ``limit`` deep? (Without
+    recursion: a hostile answer must not raise RecursionError where it is used.)"""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping | list | tuple):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, Mapping) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 # -- tool calls -----------------------------------------------------------------------------
 
 def arguments_from_json(raw: object, *, lenient: bool = False) -> dict[str, Any] | None:
@@ -79,7 +94,7 @@ def arguments_from_json(raw: object, *, lenient: bool = False) -> dict[str, Any]
     are not a JSON object; ``lenient`` (a model's answer) keeps them as ``{"_raw": ...}``
     rather than lose what the model wrote."""
     if isinstance(raw, Mapping):
-        return dict(raw)
+        return dict(raw) if not nested_deeper(raw, MAX_JSON_DEPTH) else None
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         return {}
     value: object = None
@@ -88,7 +103,7 @@ def arguments_from_json(raw: object, *, lenient: bool = False) -> dict[str, Any]
             value = json.loads(raw)
         except (ValueError, RecursionError):
             value = None
-    if isinstance(value, dict):
+    if isinstance(value, dict) and not nested_deeper(value, MAX_JSON_DEPTH):
         return value
     return {"_raw": raw} if lenient and isinstance(raw, str) else None
 
@@ -112,6 +127,7 @@ def tool_calls_from_json(raw: object, where: str, *,
                 f"{where}.tool_calls must be a list of {{id, type, function: {{name, "
                 "arguments}}} with arguments a JSON object", param="messages")
         call_id = call.get("id") if isinstance(call, Mapping) else None
+        call_id = call_id if isinstance(call_id, str | int) else None
         calls.append(ToolCall(id=str(call_id or f"call_{len(calls)}"), name=name,
                               arguments=args))
     return tuple(calls)
@@ -293,9 +309,12 @@ def chat_body(model: str, messages: list[Message], options: GenerationOptions,
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+    check_json(body)  # what JSON cannot carry (a lone surrogate) fails here, not in httpx
     return body
 
 
 def completion_body(model: str, prompt: str, options: GenerationOptions) -> dict[str, Any]:
-    return {"model": model, "prompt": prompt, **options.to_dict(), "stream": True,
+    body = {"model": model, "prompt": prompt, **options.to_dict(), "stream": True,
             "stream_options": {"include_usage": True}}
+    check_json(body)
+    return body
