@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -80,9 +81,19 @@ def _record(home: Path) -> dict[str, Any]:
     return data
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(self.path)
+
+
 def _get(url: str, path: str, token: str | None) -> tuple[int, dict[str, Any]]:
-    host, port = url.removeprefix("http://").split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn = _UnixConnection(url.removeprefix("unix:"))  # a daemon listens on a Unix socket
     try:
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
         response = conn.getresponse()
@@ -135,9 +146,9 @@ def test_start_then_reuse(served: tuple[Path, str, str]) -> None:
     home, url, token = served
     rec = _record(home)
     assert rec["state"] == "ready" and rec["model_name"] == "tiny"
-    assert url == f"http://127.0.0.1:{rec['port']}/v1"
+    assert url == f"unix:{rec['socket']}"
     started = time.monotonic()
-    assert ensure_daemon("tiny", keep_alive=120) == (url, token)  # same pid and port
+    assert ensure_daemon("tiny", keep_alive=120) == (url, token)  # same pid and socket
     assert time.monotonic() - started < 1.0
     assert _record(home)["pid"] == rec["pid"]
     assert find_daemon("tiny") == (url, token)
@@ -161,17 +172,19 @@ def test_files_are_private(served: tuple[Path, str, str]) -> None:
 
 
 @pytest.mark.slow
-def test_listens_on_loopback_only(served: tuple[Path, str, str]) -> None:
-    home, _, _ = served
-    port = int(_record(home)["port"])
-    listening = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+def test_listens_on_a_private_socket_only(served: tuple[Path, str, str]) -> None:
+    home, url, _ = served
+    sock = Path(url.removeprefix("unix:"))
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert sock.parent.stat().st_uid == os.getuid()
+    pid = _record(home)["pid"]
+    inodes = {os.readlink(fd).removeprefix("socket:[").rstrip("]")
+              for fd in Path(f"/proc/{pid}/fd").iterdir()
+              if os.readlink(fd).startswith("socket:")}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):  # no TCP port at all, not even loopback
         with open(table) as f:
-            for line in list(f)[1:]:
-                local, state = line.split()[1], line.split()[3]
-                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                    listening.append((table, local.rsplit(":", 1)[0]))
-    assert listening == [("/proc/net/tcp", "0100007F")]  # 127.0.0.1, nothing on IPv6
+            assert not [ln for ln in list(f)[1:] if ln.split()[9] in inodes], table
 
 
 @pytest.mark.slow
@@ -200,7 +213,7 @@ def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str],
     header, row = capsys.readouterr().out.splitlines()
     assert header.split() == ["MODEL", "PID", "ADDRESS", "DEVICE", "MEMORY", "IDLE", "STOPS",
                               "IN"]
-    assert row.split()[:3] == ["tiny", str(info.pid), url[len("http://"):-len("/v1")]]
+    assert row.split()[:3] == ["tiny", str(info.pid), url]
     assert "MB" in row
     assert cli.main(["ps", "--json"]) == 0
     [data] = json.loads(capsys.readouterr().out)

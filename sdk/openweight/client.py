@@ -77,7 +77,8 @@ class _Base:
 
     @property
     def keep_alive_url(self) -> str | None:
-        """The base URL of the keep-alive server answering this client (None: none is)."""
+        """The address of the keep-alive server answering this client (None: none is):
+        ``unix:`` and the path of its socket, a base URL ``Client(base_url=...)`` accepts."""
         return self._daemon_url
 
     def _remote_args(self) -> tuple[str, str | None, str | None] | None:

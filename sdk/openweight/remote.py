@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import EventSource
@@ -34,7 +33,14 @@ from .errors import (
     RemoteTimeoutError,
 )
 from .options import GenerationOptions
-from .remote_http import import_httpcore, is_loopback_http, is_sse
+from .remote_http import (
+    async_unix_transport,
+    import_httpcore,
+    is_loopback_http,
+    is_sse,
+    split_base_url,
+    unix_transport,
+)
 from .types import ChatResult, Chunk, Message, ModelInfo
 
 __all__ = ["AsyncRemoteBackend", "RemoteBackend"]
@@ -50,13 +56,8 @@ class _RemoteLogic:
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
                  timeout: float = 600.0, max_retries: int = 2,
                  transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None) -> None:
-        url = urlsplit(base_url.strip())
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise InvalidRequestError(f"base_url {base_url!r} is not an http(s) URL; give "
-                                      "something like http://localhost:8000/v1")
-        if url.path in ("", "/"):  # the usual mistake: the OpenAI API lives under /v1
-            base_url = base_url.strip().rstrip("/") + "/v1"
-        self.base_url = base_url.strip().rstrip("/")
+        # the URL shown, the URL httpx asks, and the Unix socket of a keep-alive server
+        self.base_url, self._http_base, self._uds = split_base_url(base_url)
         self._model = model
         self._api_key = api_key
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 30.0))
@@ -71,20 +72,27 @@ class _RemoteLogic:
         headers = {"User-Agent": "openweight", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        local = is_loopback_http(self.base_url)
+        local = self._uds is not None or is_loopback_http(self.base_url)
         with self._lock:  # building an SSL context costs ~10 ms: once per backend
             if self._ssl is None and self._transport is None and not local:
                 self._ssl = httpx.create_ssl_context()
         import_httpcore()
-        # plain HTTP on this machine (a keep-alive or local server) never uses TLS: no
-        # certificates to load, and no redirects to follow off the machine unverified
-        kwargs: dict[str, Any] = {"base_url": self.base_url + "/", "headers": headers,
-                                  "timeout": self._timeout, "follow_redirects": not local}
+        # plain HTTP on this machine (a keep-alive or local server): no TLS, no redirects
+        # off the machine unverified, and never a proxy (trust_env=False ignores the proxy
+        # variables and .netrc); a remote server: the proxy variables and NO_PROXY apply
+        kwargs: dict[str, Any] = {"base_url": self._http_base + "/", "headers": headers,
+                                  "timeout": self._timeout, "follow_redirects": not local,
+                                  "trust_env": not local}
         if self._transport is not None:
             kwargs["transport"] = self._transport
+        elif self._uds is not None:
+            kwargs["transport"] = self._uds_transport(self._uds)
         else:
             kwargs["verify"] = False if local else self._ssl
         return kwargs
+
+    def _uds_transport(self, path: str) -> httpx.BaseTransport | httpx.AsyncBaseTransport:
+        raise NotImplementedError
 
     @staticmethod
     def _build(client: httpx.Client | httpx.AsyncClient, method: str, path: str,
@@ -206,6 +214,9 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
         """The model's name: the one given, else the first the server lists."""
         return self._model or self._first_model(self.models())
 
+    def _uds_transport(self, path: str) -> httpx.BaseTransport:
+        return unix_transport(path)
+
     def _send(self, client: httpx.Client, method: str, path: str,
               body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:
         for attempt in range(self._max_retries + 1):
@@ -290,6 +301,9 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
 
 class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
     """The async twin of RemoteBackend (an ``AsyncBackend``); the same logic, awaited I/O."""
+
+    def _uds_transport(self, path: str) -> httpx.AsyncBaseTransport:
+        return async_unix_transport(path)
 
     async def _send(self, client: httpx.AsyncClient, method: str, path: str,
                     body: dict[str, Any] | None = None, stream: bool = False) -> httpx.Response:

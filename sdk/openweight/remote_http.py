@@ -1,19 +1,39 @@
 """httpx plumbing the remote backends share: which URLs are this machine, which answers
-are event streams, and importing httpcore without trio."""
+are event streams, transports to a Unix socket, and importing httpcore without trio."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import socket
 import sys
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["LOOPBACK_HOSTS", "import_httpcore", "is_loopback_http", "is_sse"]
+from .errors import InvalidRequestError
+
+__all__ = ["LOOPBACK_HOSTS", "async_unix_transport", "import_httpcore", "is_loopback_http",
+           "is_sse", "split_base_url", "unix_transport"]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def split_base_url(base_url: str) -> tuple[str, str, str | None]:
+    """``(shown, asked, socket)``: the base URL as errors show it, the one httpx asks (the
+    API under /v1 if the path is empty, the usual mistake), and the Unix socket to connect
+    to for ``unix:/path/to/socket`` (a keep-alive server), else None."""
+    url = urlsplit(base_url.strip())
+    if url.scheme == "unix" and url.path.startswith("/") and not url.netloc:
+        return f"unix:{url.path}", "http://localhost/v1", url.path
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise InvalidRequestError(f"base_url {base_url!r} is not an http(s) URL; give "
+                                  "something like http://localhost:8000/v1")
+    if url.path in ("", "/"):
+        base_url = base_url.strip().rstrip("/") + "/v1"
+    shown = base_url.strip().rstrip("/")
+    return shown, shown, None
 
 
 def is_loopback_http(base_url: str) -> bool:
@@ -56,3 +76,55 @@ def import_httpcore() -> None:
 
 def is_sse(response: httpx.Response) -> bool:
     return "text/event-stream" in response.headers.get("content-type", "")
+
+
+def unix_transport(path: str) -> httpx.HTTPTransport:
+    """A transport to a server on the Unix socket ``path``: plain HTTP, no proxy, no TLS.
+
+    httpcore 1.0's sync backend leaves the socket of a failed connection (the server has
+    just exited) to the garbage collector, a ResourceWarning; the pool here closes it.
+    """
+    import_httpcore()
+    import httpcore
+
+    transport = httpx.HTTPTransport(uds=path, verify=False, trust_env=False)
+    backend = _closing_unix_backend()
+    if backend is not None and isinstance(getattr(transport, "_pool", None),
+                                          httpcore.ConnectionPool):
+        transport._pool = httpcore.ConnectionPool(uds=path, network_backend=backend)
+    return transport
+
+
+def async_unix_transport(path: str) -> httpx.AsyncHTTPTransport:
+    """The async twin of :func:`unix_transport` (anyio closes a failed socket itself)."""
+    import_httpcore()
+    return httpx.AsyncHTTPTransport(uds=path, verify=False, trust_env=False)
+
+
+def _closing_unix_backend() -> Any:
+    """httpcore's sync network backend, closing a Unix socket that fails to connect; None
+    if httpcore has changed (then its own backend is used)."""
+    try:
+        import httpcore
+        from httpcore._backends.sync import SyncStream
+    except ImportError:
+        return None
+
+    class Backend(httpcore.SyncBackend):
+        def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                socket_options: Any = None) -> httpcore.NetworkStream:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                sock.settimeout(timeout)
+                sock.connect(path)
+            except TimeoutError as exc:
+                sock.close()
+                raise httpcore.ConnectTimeout(str(exc)) from exc
+            except OSError as exc:
+                sock.close()
+                raise httpcore.ConnectError(str(exc)) from exc
+            return SyncStream(sock)
+
+    return Backend()

@@ -1,5 +1,6 @@
 """`python -m openweight.daemon`: a keep-alive server (started by ensure_daemon, not by
-hand): the server's app, its record kept up to date, an idle timeout."""
+hand): the server's app on a Unix socket in a private directory, its record kept up to
+date, an idle timeout."""
 
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from .keeper import (
     KeepAliveApp,
 )
 from .records import (
-    HOST,
     _locked,
     _read_record,
     _record_path,
     _run_dir,
+    _socket_path,
     _write_record,
 )
 
@@ -91,11 +92,11 @@ def _serve(argv: list[str] | None = None) -> int:
     keep_alive = keep_alive_from_json(args.keep_alive)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # until uvicorn takes over
     sock: socket.socket | None = None
+    where: tuple[Path, int] | None = None
     failed = False  # a failed record stays for the caller to read (and remove)
     try:
-        sock = socket.create_server((HOST, 0))  # loopback only; connections queue from here
-        port = sock.getsockname()[1]
-        if not _set(run, key, state="loading", port=port):
+        sock, where = _listen(_socket_path(run, key))  # connections queue from here
+        if not _set(run, key, state="loading", socket=str(where[0])):
             return 0
         try:
             from ..server import create_app
@@ -123,6 +124,30 @@ def _serve(argv: list[str] | None = None) -> int:
                     _record_path(run, key).unlink(missing_ok=True)
         if sock is not None:
             sock.close()
+        if where is not None:
+            _unlink_own(*where)
+
+
+def _listen(path: Path) -> tuple[socket.socket, tuple[Path, int]]:
+    """A Unix socket listening at ``path`` (in the private socket directory), mode 0600;
+    with the inode it got, so that only this daemon's socket is removed at exit."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # left by a daemon of these settings that was killed
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        path.chmod(0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (path, path.lstat().st_ino)
+
+
+def _unlink_own(path: Path, inode: int) -> None:
+    with contextlib.suppress(OSError):
+        if path.lstat().st_ino == inode:  # not a later daemon's socket at the same path
+            path.unlink()
 
 
 def _arg(value: str, default: str = "auto") -> str | None:
@@ -151,9 +176,8 @@ def _run_uvicorn(app: Any, keeper: KeepAliveApp, sock: socket.socket, run: Path,
                                 name="openweight-keepalive", daemon=True)
     if not _set(run, key, state="ready", model_name=name, loaded=app.state.pool.loaded()):
         return 0
-    port = sock.getsockname()[1]
     ttl = "until stopped" if math.isinf(keeper.keep_alive) else f"{keeper.keep_alive:g} s idle"
-    print(f"openweight: keep-alive server for {name} at http://{HOST}:{port}/v1 "
+    print(f"openweight: keep-alive server for {name} at unix:{sock.getsockname()} "
           f"(pid {os.getpid()}; exits after {ttl})", flush=True)
     watchdog.start()
     try:

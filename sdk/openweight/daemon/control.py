@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import subprocess
@@ -34,7 +33,6 @@ from .process import (
     _terminate,
 )
 from .records import (
-    HOST,
     POLL,
     START_TIMEOUT,
     SUPPORTED,
@@ -42,6 +40,7 @@ from .records import (
     _locked,
     _read_record,
     _record_path,
+    _recorded_socket,
     _run_dir,
     _Settings,
     _settings,
@@ -69,8 +68,8 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> 
     finally:
         os.close(fd)
     _children.append(proc)
-    rec = {"version": 1, "key": key, "pid": proc.pid, "state": "starting", "host": HOST,
-           "port": None, "model": s.model, "model_name": None, "device": s.device,
+    rec = {"version": 1, "key": key, "pid": proc.pid, "state": "starting",
+           "socket": None, "model": s.model, "model_name": None, "device": s.device,
            "dtype": s.dtype, "quantize": s.quantize, "keep_alive": keep_alive_to_json(keep_alive),
            "started": time.time(), "log": str(log), "token_file": str(run / TOKEN_FILE)}
     _write_record(_record_path(run, key), rec)
@@ -79,34 +78,49 @@ def _spawn(run: Path, s: _Settings, key: str, token: str, keep_alive: float) -> 
 
 def _check(run: Path, key: str, token: str, keep_alive: float | None,
            ) -> tuple[str, dict[str, Any] | None]:
-    """Under the lock: ("ready", rec), ("pending", rec) for one still starting, or
-    ("none", None) after removing a stale record (and stopping a daemon that is ours but
-    broken)."""
+    """Under the lock: ("ready", rec) for a daemon that has just proved itself (see
+    ``_probe``), ("pending", rec) for one still starting, or ("none", None) after removing
+    a stale record. Silence or a wrong answer is stale, never "busy": the record is removed
+    and the process stopped only if it is provably this user's daemon for ``key``."""
     path = _record_path(run, key)
     rec = _read_record(path)
     if rec is None:
         return "none", None
     pid = rec["pid"]
+    if not _alive(pid) and (sock := _recorded_socket(rec, run, key)) is not None:
+        sock.unlink(missing_ok=True)  # left by a daemon that was killed
     if not _alive(pid) or not _is_daemon(pid, key) or rec.get("state") == "failed":
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # a process that is not our daemon is left alone
         return "none", None
     if rec.get("state") != "ready":
         return "pending", rec
-    try:
-        status = _probe(int(rec["port"]), token, touch=True, keep_alive=keep_alive)
-    except _ProbeError as exc:
-        if exc.timed_out:
-            return "ready", rec  # alive, ours, and busy: the request will be answered later
-        status = {}
-    if status.get("pid") != pid or status.get("key") != key:  # wrong token, hung, not ours
+    if _status(run, key, token, rec, keep_alive) is None:
         path.unlink(missing_ok=True)  # first: a daemon without its record exits by itself
         _terminate([(pid, key)], grace=3.0)
         return "none", None
     return "ready", rec
 
 
+def _status(run: Path, key: str, token: str, rec: dict[str, Any],
+            keep_alive: float | None, *, touch: bool = True,
+            timeout: float | None = None) -> dict[str, Any] | None:
+    """The status of the daemon a ready record names, once it has proved itself; None if
+    it does not (no socket where it should be, another process, silence, a wrong answer)."""
+    sock = _recorded_socket(rec, run, key)
+    if sock is None:
+        return None
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    try:
+        status = _probe(sock, rec["pid"], token, touch=touch, keep_alive=keep_alive, **kwargs)
+    except _ProbeError:
+        return None
+    if status.get("pid") != rec["pid"] or status.get("key") != key:
+        return None
+    return status
+
+
 def _endpoint(rec: dict[str, Any], token: str) -> tuple[str, str]:
-    return f"http://{HOST}:{int(rec['port'])}/v1", token
+    return f"unix:{rec['socket']}", token
 
 
 def _wait(run: Path, key: str, token: str, rec: dict[str, Any],
@@ -124,6 +138,10 @@ def _wait(run: Path, key: str, token: str, rec: dict[str, Any],
         if current is not None:
             rec = current
             if rec.get("state") == "ready":
+                if _status(run, key, token, rec, None) is None:
+                    raise OpenWeightError(f"the keep-alive server for {rec.get('model')} did "
+                                          f"not prove that it holds your token (log: {log}); "
+                                          "`openweight stop` stops it")
                 return _endpoint(rec, token)
             if rec.get("state") == "failed":
                 _forget(path, pid)
@@ -271,18 +289,17 @@ def _records(run: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
             yield path, rec
 
 
-def _info(rec: dict[str, Any], token: str) -> DaemonInfo:
+def _info(run: Path, key: str, rec: dict[str, Any], token: str) -> DaemonInfo:
     status: dict[str, Any] = {}
-    if rec.get("state") == "ready" and rec.get("port"):
-        with contextlib.suppress(_ProbeError):
-            status = _probe(int(rec["port"]), token, touch=False, timeout=2.0)
+    if rec.get("state") == "ready":
+        status = _status(run, key, token, rec, None, touch=False, timeout=2.0) or {}
     idle = status.get("idle_s")
     keep_alive = status.get("keep_alive_s", rec.get("keep_alive"))
-    port = rec.get("port")
+    sock = rec.get("socket")
     return DaemonInfo(
-        key=str(rec.get("key")), model=str(rec.get("model_name") or rec.get("model")),
+        key=key, model=str(rec.get("model_name") or rec.get("model")),
         pid=rec["pid"], state=str(rec.get("state")),
-        url=f"http://{HOST}:{port}/v1" if port else None, device=str(rec.get("device")),
+        url=f"unix:{sock}" if sock else None, device=str(rec.get("device")),
         dtype=str(rec.get("dtype")), quantize=str(rec.get("quantize")),
         keep_alive=keep_alive_from_json(keep_alive), started=float(rec.get("started") or 0),
         idle_seconds=float(idle) if isinstance(idle, int | float) else None,
@@ -309,7 +326,7 @@ def list_daemons() -> list[DaemonInfo]:
     run = _run_dir()
     records = list(_live_records(run))
     token = _token(run) if records else ""
-    return [_info(rec, token) for _, rec in records]
+    return [_info(run, path.stem, rec, token) for path, rec in records]
 
 
 def _matches(rec: dict[str, Any], model: str) -> bool:

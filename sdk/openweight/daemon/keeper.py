@@ -23,6 +23,7 @@ from .process import (
 )
 from .records import (
     STATUS_PATH,
+    _proof,
 )
 
 Scope = MutableMapping[str, Any]
@@ -37,13 +38,16 @@ class KeepAliveApp:
 
     ``GET /_openweight/keepalive`` answers the daemon's status (``?touch=1`` counts as a
     request; ``?keep_alive=S`` sets the idle timeout). Every path, ``/health`` included,
-    needs ``Authorization: Bearer TOKEN``.
+    needs ``Authorization: Bearer TOKEN``, except the proof: ``?challenge=C`` on the status
+    path, without the token, answers ``{"proof": HMAC(token, C)}``, so that a client can
+    check that it talks to a daemon holding the token before it sends the token.
     """
 
     def __init__(self, app: ASGIApp, *, token: str, key: str, model: str,
                  keep_alive: float) -> None:
         self.app = app
         self.token = token.encode()
+        self._token = token
         self.key = key
         self.model = model
         self.keep_alive = keep_alive
@@ -75,6 +79,12 @@ class KeepAliveApp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["path"] == STATUS_PATH:
+            query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+            challenge = query.get("challenge", [""])[0]
+            if 16 <= len(challenge) <= 128:
+                await _send_json(send, 200, {"proof": _proof(self._token, challenge)})
+                return
         if not self._authorized(scope):
             await _send_json(send, 401, {"error": {
                 "message": "missing or wrong API key: this keep-alive server answers only its "

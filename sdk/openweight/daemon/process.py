@@ -1,12 +1,17 @@
-"""Keep-alive's processes: is a pid alive and ours, stopping one, its memory, and the
-status probe over loopback."""
+"""Keep-alive's processes: is a pid alive and this user's daemon, stopping one, its memory,
+and the status probe over the daemon's Unix socket (the daemon proves itself first)."""
 
 from __future__ import annotations
 
 import contextlib
+import hmac
+import http.client
 import json
 import os
+import secrets
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,11 +25,11 @@ from ..settings import (
     keep_alive_to_json,
 )
 from .records import (
-    HOST,
     POLL,
     PROBE_TIMEOUT,
     STATUS_PATH,
     STOP_GRACE,
+    _proof,
 )
 
 # -- processes --------------------------------------------------------------------------------
@@ -65,25 +70,30 @@ def _alive(pid: int) -> bool:
 
 
 def _is_daemon(pid: int, key: str) -> bool:
-    """Is ``pid`` the daemon for ``key`` (not a process that got its pid since)?"""
+    """Is ``pid`` this user's daemon for ``key`` (not a process that got its pid since, nor
+    another user's process)?"""
+    proc = Path(f"/proc/{pid}")
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        owner = proc.stat().st_uid
+        cmdline = (proc / "cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return not Path("/proc/self").exists() and _alive(pid)  # no /proc: trust the pid
     except OSError:
         return False
-    return b"openweight.daemon" in cmdline and key.encode() in cmdline
+    return owner == os.getuid() and b"openweight.daemon" in cmdline and key.encode() in cmdline
 
 
 def _terminate(pids: list[tuple[int, str]], grace: float = STOP_GRACE) -> None:
-    """SIGTERM daemons, then SIGKILL those still running after ``grace`` seconds."""
+    """SIGTERM this user's daemons among ``pids``, then SIGKILL those still running after
+    ``grace`` seconds. Any other process (its pid reused, another user's) is left alone."""
+    ours = [(pid, key) for pid, key in pids if _alive(pid) and _is_daemon(pid, key)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid, key in pids:
+        for pid, key in ours:
             if _alive(pid) and _is_daemon(pid, key):
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, sig)
         deadline = time.monotonic() + grace
-        while any(_alive(pid) for pid, _ in pids) and time.monotonic() < deadline:
+        while any(_alive(pid) for pid, _ in ours) and time.monotonic() < deadline:
             time.sleep(POLL)
         grace = 5.0
     _reap()  # those that were ours and have exited: their exit status, collected
@@ -129,35 +139,92 @@ class _ProbeError(Exception):
         self.timed_out = timed_out
 
 
-def _probe(port: int, token: str, *, touch: bool, keep_alive: float | None = None,
-           timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
-    """The daemon's status (``touch`` counts as a request for the idle timer)."""
-    query: dict[str, str] = {"touch": "1"} if touch else {}
-    if keep_alive is not None:
-        query["keep_alive"] = str(keep_alive_to_json(keep_alive))
-    import http.client
+def _peer_is(sock: socket.socket, pid: int) -> bool:
+    """Is the process at the other end of a Unix socket this user's process ``pid``? Asked
+    of the kernel (SO_PEERCRED on Linux, LOCAL_PEERCRED's uid on macOS and the BSDs);
+    where the system offers neither, True: the private directory and the proof decide."""
+    if hasattr(socket, "SO_PEERCRED"):
+        size = struct.calcsize("3i")
+        peer_pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, size))
+        return bool(uid == os.getuid() and peer_pid == pid)
+    option = getattr(socket, "LOCAL_PEERCRED", None)
+    if option is None:
+        return True
+    try:  # struct xucred: cr_version, cr_uid, ...
+        raw = sock.getsockopt(0, option, 76)  # SOL_LOCAL is 0
+    except OSError:
+        return True
+    return len(raw) >= 8 and int(struct.unpack("=II", raw[:8])[1]) == os.getuid()
 
-    path = STATUS_PATH + (f"?{urlencode(query)}" if query else "")
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP over a daemon's Unix socket; the peer is checked before a byte is sent."""
+
+    def __init__(self, path: Path, pid: int, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path, self.pid = path, pid
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.path))
+            if not _peer_is(sock, self.pid):
+                raise _ProbeError("its socket is held by another process")
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _ask(conn: _UnixConnection, path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """One GET on the probe's connection: a JSON object, or _ProbeError."""
     try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        conn.request("GET", path, headers=headers)
         response = conn.getresponse()
-        body = response.read()
+        body = response.read(1 << 20)
     except TimeoutError as exc:
         raise _ProbeError("timed out", timed_out=True) from exc
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         raise _ProbeError(f"unreachable ({exc})") from exc
-    finally:
-        conn.close()
     if response.status != 200:
         raise _ProbeError(f"answered HTTP {response.status}", response.status)
     try:
         data = json.loads(body)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise _ProbeError("answered something that is not JSON") from exc
     if not isinstance(data, dict):
         raise _ProbeError("answered something that is not a status")
+    if response.will_close:
+        conn.close()
     return data
+
+
+def _probe(sock: Path, pid: int, token: str, *, touch: bool,
+           keep_alive: float | None = None, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
+    """The status of the daemon ``pid`` listening on ``sock`` (``touch`` counts as a request
+    for the idle timer). Nothing secret is sent until it has proved itself: the kernel says
+    the socket is this user's process ``pid``, and it answers a fresh challenge with
+    HMAC(token, challenge); only then, on that same connection, is the token sent."""
+    query: dict[str, str] = {"touch": "1"} if touch else {}
+    if keep_alive is not None:
+        query["keep_alive"] = str(keep_alive_to_json(keep_alive))
+    path = STATUS_PATH + (f"?{urlencode(query)}" if query else "")
+    challenge = secrets.token_hex(16)
+    conn = _UnixConnection(sock, pid, timeout)
+    try:
+        answer = _ask(conn, f"{STATUS_PATH}?{urlencode({'challenge': challenge})}", {})
+        proof = answer.get("proof")
+        if not isinstance(proof, str) or not hmac.compare_digest(
+                proof.encode(), _proof(token, challenge).encode()):
+            raise _ProbeError("did not prove that it holds this user's token")
+        if conn.sock is None:
+            raise _ProbeError("closed the connection it proved itself on")
+        conn.auto_open = 0  # the token goes over the connection that proved itself, only
+        return _ask(conn, path, {"Authorization": f"Bearer {token}"})
+    finally:
+        conn.close()
 
 
 def _raise_failed(rec: dict[str, Any], log: Path) -> None:

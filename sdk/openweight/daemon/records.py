@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
 import secrets
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +22,13 @@ from ..settings import (
     is_path,
 )
 
-SUPPORTED = os.name == "posix"  # detached sessions, signals and /proc-style process checks
-HOST = "127.0.0.1"
+SUPPORTED = os.name == "posix"  # detached sessions, signals, Unix sockets
 STATUS_PATH = "/_openweight/keepalive"
 TOKEN_FILE = "token"
 START_TIMEOUT = 900.0  # a daemon may pull its model first
 LOCK_TIMEOUT = 60.0
-PROBE_TIMEOUT = 5.0
+PROBE_TIMEOUT = 5.0  # a daemon that does not prove itself within this is stale
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 104 (macOS) or 108 (Linux) bytes
 STOP_GRACE = 10.0
 POLL = 0.05
 
@@ -119,6 +121,12 @@ def _token(run: Path) -> str:
         return token
 
 
+def _proof(token: str, challenge: str) -> str:
+    """What a daemon answers a challenge with: it holds ``token`` (the token stays secret)."""
+    return hmac.new(token.encode(), b"openweight-keepalive-proof\0" + challenge.encode(),
+                    hashlib.sha256).hexdigest()
+
+
 def _record_path(run: Path, key: str) -> Path:
     return run / f"{key}.json"
 
@@ -142,3 +150,69 @@ def _write_record(path: Path, data: dict[str, Any]) -> None:
     from ..store.registry import write_json_atomic
 
     write_json_atomic(path, data)  # a private temp file (0600) renamed over the record
+
+
+# -- the socket --------------------------------------------------------------------------------
+
+def _private_dir(path: Path) -> bool:
+    """Is ``path`` a real directory (no symlink) owned by this user with mode 0700, in a
+    parent nobody else can rename it out of?"""
+    try:
+        st = path.lstat()
+        parent = path.parent.lstat()
+    except OSError:
+        return False
+    parent_safe = parent.st_uid in (0, os.getuid()) and (
+        not parent.st_mode & 0o022 or bool(parent.st_mode & stat.S_ISVTX))
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+            and stat.S_IMODE(st.st_mode) == 0o700 and parent_safe)
+
+
+def _socket_dirs() -> list[Path]:
+    """Where daemons' sockets may live: short paths (the AF_UNIX limit), private to the
+    user: $XDG_RUNTIME_DIR/openweight, else openweight-UID in the temp directory."""
+    dirs = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        dirs.append(Path(runtime) / "openweight")
+    name = f"openweight-{os.getuid()}"
+    dirs += [Path(tempfile.gettempdir()) / name, Path("/tmp") / name]
+    return dirs
+
+
+def _socket_name(run: Path, key: str) -> str:
+    return hashlib.sha256(f"{run}\0{key}".encode()).hexdigest()[:24] + ".sock"
+
+
+def _socket_path(run: Path, key: str) -> Path:
+    """The socket the daemon for ``key`` listens on, in a private 0700 directory (created
+    here); a directory that is not ours with mode 0700 is refused, never used."""
+    name = _socket_name(run, key)
+    for folder in _socket_dirs():
+        if len(os.fsencode(folder / name)) > MAX_SOCKET_PATH:
+            continue
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
+            folder.chmod(0o700)  # ours, just made: whatever the umask
+        if not _private_dir(folder):
+            raise OpenWeightError(f"{folder} is not a directory only you can open (yours, "
+                                  "mode 0700); keep-alive servers listen there: remove it "
+                                  "(or `chmod 700` it if it is yours), or turn keep-alive "
+                                  "off with OPENWEIGHT_KEEP_ALIVE=0")
+        return folder / name
+    raise OpenWeightError("no directory with a path short enough for a Unix socket; set "
+                          "XDG_RUNTIME_DIR to a short private directory, or turn keep-alive "
+                          "off with OPENWEIGHT_KEEP_ALIVE=0")
+
+
+def _recorded_socket(rec: dict[str, Any], run: Path, key: str) -> Path | None:
+    """The socket a record names, if it is where the daemon for ``key`` would listen (its
+    name) in a private directory; None otherwise (an old or tampered record: stale)."""
+    value = rec.get("socket")
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    if (not path.is_absolute() or path.name != _socket_name(run, key)
+            or not _private_dir(path.parent)):
+        return None
+    return path
