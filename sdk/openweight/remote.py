@@ -31,6 +31,8 @@ from .errors import (
     RemoteError,
     RemoteStatusError,
     RemoteTimeoutError,
+    excerpt,
+    redact_url,
 )
 from .options import GenerationOptions
 from .remote_http import (
@@ -58,6 +60,7 @@ class _RemoteLogic:
                  transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None) -> None:
         # the URL shown, the URL httpx asks, and the Unix socket of a keep-alive server
         self.base_url, self._http_base, self._uds = split_base_url(base_url)
+        self._given_url = base_url
         self._model = model
         self._api_key = api_key
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 30.0))
@@ -103,17 +106,11 @@ class _RemoteLogic:
     # -- answers -------------------------------------------------------------------------
 
     def _json(self, response: httpx.Response) -> Any:
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise RemoteError(f"{response.request.url} answered with something that is not "
-                              f"JSON: {response.text[:200]!r}") from exc
+        """The answer's JSON; anything else (too deep, not UTF-8...) is a RemoteError."""
+        return wire.answer_json(response.content, redact_url(response.request.url))
 
     def _parse_models(self, data: Any) -> list[ModelInfo]:
-        items = data.get("data") if isinstance(data, Mapping) else data
-        if not isinstance(items, list):
-            raise RemoteError(f"{self.base_url}/models did not answer with a list of models")
-        names = [str(m["id"]) for m in items if isinstance(m, Mapping) and "id" in m]
+        names = wire.model_names_from_json(data, self.base_url)
         default = self._model or (names[0] if names else None)
         return [ModelInfo(name=n, installed=True, source=f"remote:{self.base_url}",
                           default=n == default) for n in names]
@@ -144,13 +141,15 @@ class _RemoteLogic:
 
     def _status_error(self, status: int, body_text: str, url: object) -> OpenWeightError:
         try:
-            body: object = json.loads(body_text)
-        except ValueError:
+            body: object = wire.answer_json(body_text, "")
+        except RemoteError:
             body = None
         message = wire.error_message(body, body_text) or f"HTTP {status}"
+        if self._api_key:  # a server that echoes the key back
+            message = message.replace(self._api_key, "***")
         err = body.get("error") if isinstance(body, Mapping) else None
         code = err.get("code") if isinstance(err, Mapping) else None
-        where = f"{url} answered {status}: {message}"
+        where = f"{redact_url(url)} answered {status}: {message}"
         if status in (401, 403):
             return AuthenticationError(f"{where}; check the API key (api_key= or "
                                        "OPENWEIGHT_API_KEY)")
@@ -183,12 +182,13 @@ class _RemoteLogic:
             return RemoteTimeoutError(f"{url} sent nothing for {self._timeout.read} s; the "
                                       "server may be overloaded; raise timeout= or retry")
         if isinstance(exc, httpx.ConnectError):
-            return RemoteConnectionError(f"cannot connect to {url} ({exc}); is the server "
-                                         "running? Start one with `openweight serve`")
+            return RemoteConnectionError(f"cannot connect to {url} ({excerpt(str(exc))}); is "
+                                         "the server running? Start one with `openweight serve`")
         if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
-            return RemoteConnectionError(f"the connection to {url} broke ({exc or type(exc)});"
+            return RemoteConnectionError(f"the connection to {url} broke "
+                                         f"({excerpt(str(exc)) or type(exc).__name__});"
                                          " the server may have crashed or restarted")
-        return RemoteError(f"talking to {url} failed: {exc}")
+        return RemoteError(f"talking to {url} failed: {excerpt(str(exc))}")
 
     def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying this answer, or None if it is final."""
@@ -336,7 +336,7 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
         """The model's name; blocking when the server must be asked (use resolve_name)."""
         if self._model:
             return self._model
-        sync = RemoteBackend(self.base_url, api_key=self._api_key, timeout=self._timeout.read
+        sync = RemoteBackend(self._given_url, api_key=self._api_key, timeout=self._timeout.read
                              or 600.0, max_retries=self._max_retries, transport=self._transport)
         return self._first_model(sync.models())
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, redact_url
 
 __all__ = ["LOOPBACK_HOSTS", "async_unix_transport", "import_httpcore", "is_loopback_http",
            "is_sse", "split_base_url", "unix_transport"]
@@ -23,17 +23,18 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 def split_base_url(base_url: str) -> tuple[str, str, str | None]:
     """``(shown, asked, socket)``: the base URL as errors show it, the one httpx asks (the
     API under /v1 if the path is empty, the usual mistake), and the Unix socket to connect
-    to for ``unix:/path/to/socket`` (a keep-alive server), else None."""
+    to for ``unix:/path/to/socket`` (a keep-alive server), else None. The URL shown has no
+    ``user:password@`` (httpx sends those as HTTP basic authentication)."""
     url = urlsplit(base_url.strip())
     if url.scheme == "unix" and url.path.startswith("/") and not url.netloc:
         return f"unix:{url.path}", "http://localhost/v1", url.path
     if url.scheme not in ("http", "https") or not url.netloc:
-        raise InvalidRequestError(f"base_url {base_url!r} is not an http(s) URL; give "
+        raise InvalidRequestError(f"base_url {redact_url(base_url)!r} is not an http(s) URL; give "
                                   "something like http://localhost:8000/v1")
     if url.path in ("", "/"):
         base_url = base_url.strip().rstrip("/") + "/v1"
-    shown = base_url.strip().rstrip("/")
-    return shown, shown, None
+    asked = base_url.strip().rstrip("/")
+    return redact_url(asked), asked, None
 
 
 def is_loopback_http(base_url: str) -> bool:
