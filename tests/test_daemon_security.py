@@ -104,10 +104,10 @@ def _fake(rec: dict[str, Any], capture: Path, mode: str) -> subprocess.Popen[str
     return proc
 
 
-def _llm(*args: str) -> subprocess.CompletedProcess[str]:
+def _llm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """``llm`` in a subprocess, as a user runs it (the plugin, keep-alive on by default)."""
     return subprocess.run([sys.executable, "-m", "llm", *args], capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ))
+                          text=True, timeout=300, env={**os.environ, **env})
 
 
 def _write_record(home: Path, rec: dict[str, Any], pid: int) -> None:
@@ -292,7 +292,12 @@ def test_keep_alive_traffic_never_uses_a_proxy(home: Path, proxy: _RecordingProx
     assert warm.returncode == 0, warm.stderr
     assert len(list_daemons()) == 1
     assert Client("tiny").chat(HI, max_tokens=3).usage.completion_tokens == 3
-    assert proxy.requests == []
+    # the daemon given by its address (benchmarks/bench_keepalive.py's "warm (env)")
+    url, token = ensure_daemon("tiny", keep_alive=60)
+    given = _llm("-m", "openweight/tiny", SECRET_PROMPT, "-o", "max_tokens", "3",
+                 OPENWEIGHT_BASE_URL=url, OPENWEIGHT_API_KEY=token)
+    assert given.returncode == 0, given.stderr
+    assert len(list_daemons()) == 1 and proxy.requests == []
 
 
 def test_loopback_servers_never_use_a_proxy(proxy: _RecordingProxy) -> None:
