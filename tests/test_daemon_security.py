@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import pytest
 
 import openweight
-from openweight import Client, RemoteConnectionError, daemon
+from openweight import Client, OpenWeightError, RemoteConnectionError, daemon
 from openweight.daemon import ensure_daemon, list_daemons, stop_daemons
 from openweight.daemon import process as daemon_process
 from openweight.remote import RemoteBackend
@@ -323,3 +325,24 @@ def test_remote_servers_use_the_proxy_and_honour_no_proxy(
     with pytest.raises(RemoteConnectionError):  # asked directly: no such host
         remote.models()
     assert len(proxy.requests) == 1
+
+
+def test_a_socket_directory_that_is_not_private_is_refused(
+        home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="ow"))  # short: a socket path must fit
+    try:
+        (runtime / "openweight").mkdir()
+        (runtime / "openweight").chmod(0o755)  # others may look in
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+        with pytest.raises(OpenWeightError, match="mode 0700"):
+            ensure_daemon("tiny", keep_alive=60)
+        assert daemon_pids() == [] and not list((home / "run").glob("*.json"))
+        local = Client("tiny")  # reuse only: finds none, runs here
+        assert local.chat(HI, max_tokens=2).usage.completion_tokens == 2
+        assert local.keep_alive_url is None
+        (runtime / "openweight").chmod(0o700)
+        url, _ = ensure_daemon("tiny", keep_alive=60)
+        assert url.startswith(f"unix:{runtime}/openweight/")
+    finally:
+        cleanup_daemons(home)
+        shutil.rmtree(runtime)

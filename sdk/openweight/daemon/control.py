@@ -44,6 +44,7 @@ from .records import (
     _run_dir,
     _Settings,
     _settings,
+    _socket_path,
     _token,
     _write_record,
 )
@@ -175,6 +176,7 @@ def _prepare(model: str | None, device: str | None, dtype: str | None,
         raise OpenWeightError("keep-alive needs a POSIX system; set OPENWEIGHT_KEEP_ALIVE=0")
     run = _run_dir()
     s = _settings(run, model, device, dtype, quantize)
+    _socket_path(run, s.key)  # an unsafe socket directory is refused here, before a start
     return run, s, s.key
 
 
