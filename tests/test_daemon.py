@@ -32,7 +32,7 @@ from openweight.daemon import (
     stop_daemons,
 )
 from openweight.daemon import process as daemon_process
-from openweight.settings import keep_alive_seconds
+from openweight.settings import keep_alive_from_json, keep_alive_seconds
 
 from daemon_helpers import cleanup_daemons, daemon_pids, eventually
 
@@ -128,6 +128,44 @@ def test_keep_alive_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_keep_alive_rejects(value: object) -> None:
     with pytest.raises(InvalidRequestError, match="is not a duration"):
         keep_alive_seconds(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [
+    (120, 120.0), (2.5, 2.5), (-1, math.inf), (0, 0.0), (float("nan"), 300.0),
+    ("600", 300.0), (True, 300.0), (None, 300.0), ([60], 300.0)])
+def test_keep_alive_read_back(raw: object, seconds: float) -> None:
+    """A keep-alive read from a record or a query: a number, else the default; NaN (which
+    would compare false with every idle time and keep a daemon forever) is the default."""
+    assert keep_alive_from_json(raw) == seconds
+
+
+@pytest.mark.parametrize(("query", "seconds"), [
+    (b"keep_alive=nan", 300.0), (b"keep_alive=NaN", 300.0), (b"keep_alive=60", 60.0),
+    (b"keep_alive=-1", math.inf), (b"keep_alive=soon", 300.0)])
+def test_keep_alive_query_never_means_forever_by_accident(query: bytes, seconds: float) -> None:
+    import asyncio
+
+    from openweight.daemon import STATUS_PATH, KeepAliveApp
+
+    async def inner(scope: Any, receive: Any, send: Any) -> None:  # never reached here
+        raise AssertionError("the status path is the keeper's own")
+
+    keeper = KeepAliveApp(inner, token="t" * 43, key="k", model="m", keep_alive=300.0)
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "GET", "path": STATUS_PATH, "query_string": query,
+             "headers": [(b"authorization", b"Bearer " + b"t" * 43)]}
+    asyncio.run(keeper(scope, receive, send))
+    assert sent[0]["status"] == 200
+    assert keeper.keep_alive == seconds
+    keeper.last -= 301  # idle past the default: only a forever keep-alive would stay
+    assert keeper.expired() == (seconds != math.inf)
 
 
 def test_import_is_light() -> None:
