@@ -68,33 +68,19 @@ def _settings(run: Path, model: str | None, device: str | None, dtype: str | Non
 
 def _run_dir() -> Path:
     """``run/`` in the store home: created 0700, and refused if another user owns it."""
-    from ..store.registry import home
+    from ..store.registry import home, private_dir
 
-    path = home() / "run"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise OpenWeightError(f"{path} is not a directory owned by you; keep-alive keeps its "
-                              "keys there: remove it, or set OPENWEIGHT_HOME to a store of your "
-                              "own (or turn keep-alive off with OPENWEIGHT_KEEP_ALIVE=0)")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        path.chmod(0o700)
-    return path
+    return private_dir(home() / "run", "keep-alive's keys and records")
 
 
 @contextlib.contextmanager
 def _locked(name: str) -> Iterator[None]:
-    from filelock import Timeout
-
+    """A keep-alive lock in the store's ``locks/``: waits ``LOCK_TIMEOUT`` seconds at most,
+    then raises ``StoreLockTimeout`` naming the process that holds it."""
     from ..store.registry import locked
 
-    try:
-        with locked(name, timeout=LOCK_TIMEOUT):
-            yield
-    except Timeout as exc:
-        raise OpenWeightError(f"another process holds the keep-alive lock {name!r} for over "
-                              f"{LOCK_TIMEOUT:.0f} s; try again, or stop it with "
-                              "`openweight stop`") from exc
+    with locked(name, timeout=LOCK_TIMEOUT):
+        yield
 
 
 def _token(run: Path) -> str:
