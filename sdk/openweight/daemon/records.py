@@ -83,21 +83,32 @@ def _locked(name: str) -> Iterator[None]:
         yield
 
 
+def _safe_token(path: Path) -> str | None:
+    """The token in ``path`` if it is a regular file of this user's that only they can read
+    (written whole by ``os.replace``, so it is never seen half-written); else None."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
+            and not st.st_mode & 0o077):
+        return None
+    token = path.read_text(encoding="ascii").strip()
+    return token if len(token) >= 32 else None
+
+
 def _token(run: Path) -> str:
-    """The per-user API key: made once, readable by the user only; unsafe ones are replaced."""
+    """The per-user API key: made once, readable by the user only; unsafe ones are replaced.
+    Reading a good one takes no lock (every warm call reads it); making one does."""
     path = run / TOKEN_FILE
+    token = _safe_token(path)
+    if token is not None:
+        return token
     with _locked("daemon-token"):
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            pass
-        else:
-            safe = (stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid()
-                    and not st.st_mode & 0o077)
-            token = path.read_text(encoding="ascii").strip() if safe else ""
-            if len(token) >= 32:
-                return token
-            path.unlink()  # daemons started with it no longer answer to it and are replaced
+        token = _safe_token(path)
+        if token is not None:  # made by a racing caller
+            return token
+        path.unlink(missing_ok=True)  # daemons started with it no longer answer to it
         token = secrets.token_urlsafe(32)
         tmp = run / f".{TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
