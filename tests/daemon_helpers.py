@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from openweight.daemon import process as daemon_process
 from openweight.daemon import stop_daemons
@@ -53,3 +55,10 @@ def cleanup_daemons(home: Path) -> None:
     for pid in daemon_pids():
         os.kill(pid, signal.SIGKILL)
     assert eventually(lambda: daemon_pids() == [], timeout=10)
+
+
+def read_record(home: Path) -> dict[str, Any]:
+    """The one daemon record in ``home``'s run directory."""
+    [path] = (home / "run").glob("*.json")
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

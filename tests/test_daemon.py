@@ -34,7 +34,7 @@ from openweight.daemon import (
 from openweight.daemon import process as daemon_process
 from openweight.settings import keep_alive_from_json, keep_alive_seconds
 
-from daemon_helpers import cleanup_daemons, daemon_pids, eventually
+from daemon_helpers import cleanup_daemons, daemon_pids, eventually, read_record
 
 pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
 ENV = ("OPENWEIGHT_BASE_URL", "OPENWEIGHT_API_KEY", "OPENWEIGHT_KEEP_ALIVE")
@@ -73,12 +73,6 @@ def served(tmp_path_factory: pytest.TempPathFactory,
             yield home, url, token
         finally:
             cleanup_daemons(home)
-
-
-def _record(home: Path) -> dict[str, Any]:
-    [path] = (home / "run").glob("*.json")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -182,13 +176,13 @@ def test_import_is_light() -> None:
 @pytest.mark.slow
 def test_start_then_reuse(served: tuple[Path, str, str]) -> None:
     home, url, token = served
-    rec = _record(home)
+    rec = read_record(home)
     assert rec["state"] == "ready" and rec["model_name"] == "tiny"
     assert url == f"unix:{rec['socket']}"
     started = time.monotonic()
     assert ensure_daemon("tiny", keep_alive=120) == (url, token)  # same pid and socket
     assert time.monotonic() - started < 1.0
-    assert _record(home)["pid"] == rec["pid"]
+    assert read_record(home)["pid"] == rec["pid"]
     assert find_daemon("tiny") == (url, token)
     result = Client(base_url=url, api_key=token).chat([{"role": "user", "content": "Hi"}],
                                                       max_tokens=3)
@@ -205,7 +199,7 @@ def test_files_are_private(served: tuple[Path, str, str]) -> None:
     assert (run / "token").read_text().strip() == token
     assert len(token) >= 32
     assert token not in next(run.glob("*.json")).read_text()  # the record names the file
-    argv = Path(f"/proc/{_record(home)['pid']}/cmdline").read_bytes().decode()
+    argv = Path(f"/proc/{read_record(home)['pid']}/cmdline").read_bytes().decode()
     assert token not in argv  # the key is never on the command line
 
 
@@ -216,7 +210,7 @@ def test_listens_on_a_private_socket_only(served: tuple[Path, str, str]) -> None
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
     assert sock.parent.stat().st_uid == os.getuid()
-    pid = _record(home)["pid"]
+    pid = read_record(home)["pid"]
     inodes = {os.readlink(fd).removeprefix("socket:[").rstrip("]")
               for fd in Path(f"/proc/{pid}/fd").iterdir()
               if os.readlink(fd).startswith("socket:")}
@@ -243,7 +237,7 @@ def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str],
     home, url, _ = served
     [info] = list_daemons()
     assert info.model == "tiny" and info.state == "ready" and info.url == url
-    assert info.pid == _record(home)["pid"]
+    assert info.pid == read_record(home)["pid"]
     assert info.rss_bytes and info.rss_bytes > 10_000_000
     assert info.idle_seconds is not None and 0 <= info.idle_seconds < 120
     assert info.keep_alive == 120.0
@@ -276,7 +270,7 @@ def test_ps(served: tuple[Path, str, str], capsys: pytest.CaptureFixture[str],
 @pytest.mark.slow
 def test_stop(ow_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ensure_daemon("tiny", keep_alive=-1)  # until stopped
-    pid = int(_record(ow_home)["pid"])
+    pid = int(read_record(ow_home)["pid"])
     assert cli.main(["ps"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-1] == "never"
     assert list_daemons()[0].keep_alive == math.inf
@@ -324,17 +318,17 @@ def test_racing_callers_start_one(ow_home: Path) -> None:
         urls.append(out.strip())
     assert not errors
     assert len(urls) == 7 and len(set(urls)) == 1
-    key = str(_record(ow_home)["key"])
-    assert daemon_pids(key) == [_record(ow_home)["pid"]]
+    key = str(read_record(ow_home)["key"])
+    assert daemon_pids(key) == [read_record(ow_home)["pid"]]
 
 
 @pytest.mark.slow
 def test_stale_records_are_replaced(ow_home: Path) -> None:
     _, token = ensure_daemon("tiny", keep_alive=60)
-    first = _record(ow_home)
+    first = read_record(ow_home)
     os.kill(int(first["pid"]), signal.SIGKILL)  # a crash
     url2, token2 = ensure_daemon("tiny", keep_alive=60)
-    second = _record(ow_home)
+    second = read_record(ow_home)
     assert second["pid"] != first["pid"] and token2 == token
     assert int(first["pid"]) not in daemon_pids()
     assert _get(url2, "/health", token)[0] == 200
@@ -346,7 +340,7 @@ def test_stale_records_are_replaced(ow_home: Path) -> None:
         os.kill(int(second["pid"]), signal.SIGKILL)
         path.write_text(json.dumps({**second, "pid": sleeper.pid}))
         ensure_daemon("tiny", keep_alive=60)
-        third = _record(ow_home)
+        third = read_record(ow_home)
         assert third["pid"] not in (sleeper.pid, second["pid"])
         assert sleeper.poll() is None
     finally:
@@ -356,7 +350,7 @@ def test_stale_records_are_replaced(ow_home: Path) -> None:
     # a daemon that does not take the user's token (made anew: the old one was unsafe)
     (ow_home / "run" / "token").chmod(0o644)
     _, token3 = ensure_daemon("tiny", keep_alive=60)
-    fourth = _record(ow_home)
+    fourth = read_record(ow_home)
     assert token3 != token and fourth["pid"] != third["pid"]
     assert stat.S_IMODE((ow_home / "run" / "token").stat().st_mode) == 0o600
     assert eventually(lambda: daemon_pids() == [fourth["pid"]])
@@ -370,7 +364,7 @@ def test_stale_records_are_replaced(ow_home: Path) -> None:
 @pytest.mark.slow
 def test_idle_timeout(ow_home: Path) -> None:
     url, token = ensure_daemon("tiny", keep_alive="2s")
-    pid = int(_record(ow_home)["pid"])
+    pid = int(read_record(ow_home)["pid"])
     time.sleep(1.2)
     assert _get(url, "/health", token)[0] == 200  # a request resets the idle clock
     time.sleep(1.2)
@@ -397,8 +391,8 @@ def test_start_in_background(ow_home: Path) -> None:
     start_daemon("tiny", keep_alive=60)
     start_daemon("tiny", keep_alive=60)  # one is enough
     assert time.monotonic() - started < 2.0
-    assert _record(ow_home)["state"] in ("starting", "loading")
+    assert read_record(ow_home)["state"] in ("starting", "loading")
     found = find_daemon("tiny")
-    assert found is not None and _record(ow_home)["state"] == "ready"
+    assert found is not None and read_record(ow_home)["state"] == "ready"
     assert _get(found[0], "/health", found[1])[0] == 200
-    assert len(daemon_pids(str(_record(ow_home)["key"]))) == 1
+    assert len(daemon_pids(str(read_record(ow_home)["key"]))) == 1

@@ -31,7 +31,7 @@ from openweight.daemon import ensure_daemon, list_daemons, stop_daemons
 from openweight.daemon import process as daemon_process
 from openweight.remote import RemoteBackend
 
-from daemon_helpers import cleanup_daemons, daemon_pids, eventually
+from daemon_helpers import cleanup_daemons, daemon_pids, eventually, read_record
 
 pytestmark = pytest.mark.skipif(not daemon.SUPPORTED, reason="keep-alive needs POSIX")
 SECRET_PROMPT = "the-prompt-nobody-else-may-read"
@@ -83,16 +83,10 @@ def home(store: Path, tiny_model: Path, tmp_path: Path,
         cleanup_daemons(store)
 
 
-def _record(home: Path) -> dict[str, Any]:
-    [path] = (home / "run").glob("*.json")
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
-
-
 def _stopped_daemon(home: Path) -> dict[str, Any]:
     """The record of a real daemon for the tiny model, which has then been stopped."""
     ensure_daemon("tiny", keep_alive=60)
-    rec = _record(home)
+    rec = read_record(home)
     stop_daemons()
     assert eventually(lambda: daemon_pids() == [])
     return rec
@@ -112,7 +106,7 @@ def _llm(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=300, env={**os.environ, **env})
 
 
-def _write_record(home: Path, rec: dict[str, Any], pid: int) -> None:
+def _writeread_record(home: Path, rec: dict[str, Any], pid: int) -> None:
     (home / "run" / f"{rec['key']}.json").write_text(json.dumps({**rec, "pid": pid}))
 
 
@@ -130,12 +124,12 @@ def test_a_listener_that_does_not_prove_itself_gets_no_secret(
     capture = tmp_path / "capture"
     fake = _fake(rec, capture, mode)
     try:
-        _write_record(home, rec, fake.pid)
+        _writeread_record(home, rec, fake.pid)
         # the plugin, in a process of its own: keep-alive finds the record, asks the fake
         # to prove itself, gets silence (5 s) or a wrong proof, and starts a real daemon
         result = _llm("-m", "openweight/tiny", SECRET_PROMPT, "-o", "max_tokens", "3")
         assert result.returncode == 0, result.stderr
-        new = _record(home)
+        new = read_record(home)
         assert new["pid"] != fake.pid and daemon_pids() == [new["pid"]]
         seen = capture.read_bytes() if capture.exists() else b""
         assert b"challenge=" in seen  # it was asked, with no credential
@@ -157,11 +151,11 @@ def test_a_socket_held_by_another_process_is_sent_nothing(home: Path, tmp_path: 
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
                               "openweight.daemon", rec["key"]])
     try:
-        _write_record(home, rec, other.pid)
+        _writeread_record(home, rec, other.pid)
         client = Client("tiny", keep_alive="1m")
         assert client.chat(HI, max_tokens=3).usage.completion_tokens == 3
         assert client.keep_alive_url == f"unix:{rec['socket']}"  # the real daemon's now
-        assert _record(home)["pid"] not in (fake.pid, other.pid)
+        assert read_record(home)["pid"] not in (fake.pid, other.pid)
         assert not capture.exists()  # not a byte
     finally:
         other.kill()
@@ -178,14 +172,14 @@ def test_a_record_naming_a_live_foreign_pid_is_stale(home: Path) -> None:
     sleeper = subprocess.Popen(["sleep", "120"])  # alive, not a daemon
     try:
         for pid in (1, sleeper.pid):
-            _write_record(home, rec, pid)
+            _writeread_record(home, rec, pid)
             assert list_daemons() == []  # stale: the record is removed, nothing raised
             assert not list((home / "run").glob("*.json"))
-            _write_record(home, rec, pid)
+            _writeread_record(home, rec, pid)
             assert stop_daemons() == 0
-            _write_record(home, rec, pid)
+            _writeread_record(home, rec, pid)
             ensure_daemon("tiny", keep_alive=60)  # replaced by a real daemon
-            assert _record(home)["pid"] not in (1, sleeper.pid)
+            assert read_record(home)["pid"] not in (1, sleeper.pid)
             assert sleeper.poll() is None  # left alone
             stop_daemons()
         # a foreign process that cannot be signalled (another user's): no PermissionError
