@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import ipaddress
 import socket
 import sys
 from typing import Any
@@ -14,10 +15,8 @@ import httpx
 
 from .errors import InvalidRequestError, redact_url
 
-__all__ = ["LOOPBACK_HOSTS", "async_unix_transport", "import_httpcore", "is_loopback_http",
+__all__ = ["async_unix_transport", "import_httpcore", "is_loopback_host", "is_loopback_http",
            "is_sse", "split_base_url", "unix_transport"]
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def split_base_url(base_url: str) -> tuple[str, str, str | None]:
@@ -37,9 +36,17 @@ def split_base_url(base_url: str) -> tuple[str, str, str | None]:
     return redact_url(asked), asked, None
 
 
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): this machine, never a proxy."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def is_loopback_http(base_url: str) -> bool:
     parts = urlsplit(base_url)
-    return parts.scheme == "http" and (parts.hostname or "") in LOOPBACK_HOSTS
+    return parts.scheme == "http" and is_loopback_host(parts.hostname or "")
 
 
 class _LazyTrio:

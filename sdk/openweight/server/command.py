@@ -1,7 +1,6 @@
 """`openweight serve`'s command: bind, build the app, run uvicorn until Ctrl-C."""
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
@@ -29,18 +28,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..remote_http import is_loopback_host
     from .app import create_app
     from .limits import ServerLimits
 
@@ -70,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
               f"({'API key required' if api_key else 'no API key'}; Ctrl-C to stop)", flush=True)
-        if not api_key and not _is_loopback(args.host):
+        if not api_key and not is_loopback_host(args.host):
             print(f"openweight: warning: listening on {args.host} without --api-key; anyone who "
                   "can reach this machine can use it", file=sys.stderr, flush=True)
 

@@ -8,12 +8,12 @@ are and the queue slot is given back whatever way a request ends.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
+from ..remote_http import is_loopback_host
 from .errors import ApiError
 from .limits import RETRY_AFTER_S, ServerLimits
 
@@ -60,13 +60,6 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
     return name, int(port_text)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def host_allowed(header: str, server: tuple[str, int] | None, extra: Iterable[str] = (),
                  ) -> bool:
     """May a request with this Host header reach a server bound at ``server`` (the ASGI
@@ -88,7 +81,7 @@ def host_allowed(header: str, server: tuple[str, int] | None, extra: Iterable[st
     bound_host, bound_port = str(server[0]).lower(), server[1]
     if (port or 80) != bound_port:
         return False
-    return name == bound_host or (_is_loopback(bound_host) and name in LOOPBACK_NAMES)
+    return name == bound_host or (is_loopback_host(bound_host) and name in LOOPBACK_NAMES)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
