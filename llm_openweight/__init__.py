@@ -11,12 +11,19 @@ from typing import Any
 
 import llm
 
-__all__ = ["register_commands", "register_models"]
+__all__ = ["register_commands", "register_embedding_models", "register_models"]
 
 
 @llm.hookimpl
 def register_models(register: Any) -> None:
     from .models import register_all
+
+    register_all(register)
+
+
+@llm.hookimpl
+def register_embedding_models(register: Any) -> None:
+    from .embeddings import register_all
 
     register_all(register)
 

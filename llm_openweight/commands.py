@@ -19,7 +19,8 @@ PASSTHROUGH = {
     "models": "List installed and catalog models",
     "pull": "Install a model: catalog name, hub ORG/NAME, model directory or .gguf file",
     "rm": "Remove installed models",
-    "default": "Show or set the default model (what `llm -m openweight` uses)",
+    "default": ("Show or set the default model (what `llm -m openweight` uses; for an "
+                "embedding model, what `llm embed -m openweight-embed` uses)"),
     "info": "Show what is known about a model",
     "ps": "List the models kept loaded in the background (keep-alive)",
     "stop": "Stop keep-alive servers: all, or those serving a model",

@@ -39,9 +39,11 @@ __all__ = [
     "OpenWeight",
     "OpenWeightModelError",
     "clear_clients",
+    "client_for",
     "options_class",
     "read_config",
     "register_all",
+    "sdk_errors",
     "write_config",
 ]
 
@@ -70,7 +72,7 @@ class InvalidRequest(OpenWeightModelError, ValueError):
 
 
 @contextlib.contextmanager
-def _sdk_errors() -> Iterator[None]:
+def sdk_errors() -> Iterator[None]:
     """Translate SDK errors at the boundary, keeping the original as the cause."""
     try:
         yield
@@ -110,11 +112,22 @@ def _cached(cache: dict[ClientKey, Any], key: ClientKey, make: Callable[..., Any
         if client is None:
             model, device, dtype, quantize, base_url, api_key, keep_alive = key
             local = {} if base_url else {"keep_alive": keep_alive}  # 0: in this process
-            with _sdk_errors():
+            with sdk_errors():
                 client = make(model, base_url=base_url, api_key=api_key, device=device,
                               dtype=dtype, quantize=quantize, **local)
             cache[key] = client
         return client
+
+
+def client_for(model: str | None, *, remote: str | None, key: str | None) -> openweight.Client:
+    """The cached client for a model with the plugin's settings (the embedding models'
+    way in): a remote server, else local kept loaded by a keep-alive server
+    (OPENWEIGHT_KEEP_ALIVE, else 5m)."""
+    keep_alive = 0.0 if remote else keep_alive_seconds(None)
+    client: openweight.Client = _cached(
+        _clients, (model, None, None, None, remote, key if remote else None, keep_alive),
+        openweight.Client)
+    return client
 
 
 def _messages(prompt: llm.Prompt) -> list[dict[str, Any]]:
@@ -168,13 +181,13 @@ class _Run:
                                    or read_config().get("remote") or None)
         name = model.name
         if name is None and self.remote is None:
-            with _sdk_errors():
+            with sdk_errors():
                 name = openweight.default_model()  # `openweight` follows the store's default
         # a local model is served by a keep-alive server unless keep_alive is 0: the
         # Client finds or starts it (the plugin's default: OPENWEIGHT_KEEP_ALIVE, else 5m)
         keep_alive = 0.0
         if self.remote is None:
-            with _sdk_errors():  # a bad OPENWEIGHT_KEEP_ALIVE: a clean error too
+            with sdk_errors():  # a bad OPENWEIGHT_KEEP_ALIVE: a clean error too
                 keep_alive = keep_alive_seconds(opts.get("keep_alive"))
         self.key: ClientKey = (name, opts.get("device"), opts.get("dtype"),
                                opts.get("quantize"), self.remote,
@@ -303,7 +316,7 @@ class OpenWeight(_OpenWeightMixin, llm.KeyModel):  # type: ignore[misc]
                 conversation: llm.Conversation | None,
                 key: str | None = None) -> Iterator[StreamEvent]:
         run = _Run(self, prompt, key)
-        with _sdk_errors():
+        with sdk_errors():
             client, chunks = run.open_stream()
             with chunks:
                 for chunk in chunks:
@@ -316,7 +329,7 @@ class AsyncOpenWeight(_OpenWeightMixin, llm.AsyncKeyModel):  # type: ignore[misc
                       conversation: llm.AsyncConversation | None,
                       key: str | None = None) -> AsyncGenerator[StreamEvent, None]:
         run = _Run(self, prompt, key)
-        with _sdk_errors():
+        with sdk_errors():
             client, chunks = run.aopen_stream()
             async with chunks:
                 async for chunk in chunks:
@@ -329,11 +342,13 @@ class AsyncOpenWeight(_OpenWeightMixin, llm.AsyncKeyModel):  # type: ignore[misc
 
 
 def register_all(register: Callable[..., None]) -> None:
-    """Register ``openweight`` and ``openweight/NAME`` for installed and catalog models.
+    """Register ``openweight`` and ``openweight/NAME`` for installed and catalog chat models
+    (embedding models are ``openweight-embed/NAME``: ``embeddings.py``).
 
     Cheap by design: one read of the store's registry file, no torch, no network.
     """
     from openweight.store import CATALOG, DEFAULT_MODEL
+    from openweight.store.kinds import kind_of
     from openweight.store.registry import read_registry
 
     try:
@@ -343,6 +358,7 @@ def register_all(register: Callable[..., None]) -> None:
     installed = registry.get("models") or {}
     default = registry.get("default") or DEFAULT_MODEL
     register(OpenWeight(None, default=default), AsyncOpenWeight(None, default=default))
-    for name in sorted(installed) + [n for n in CATALOG if n not in installed]:
+    names = sorted(installed) + [n for n in CATALOG if n not in installed]
+    for name in (n for n in names if kind_of(n, installed.get(n)) == "chat"):
         register(OpenWeight(name, installed=name in installed),
                  AsyncOpenWeight(name, installed=name in installed))

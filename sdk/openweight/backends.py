@@ -1,7 +1,7 @@
 """The backend contract: what a Client delegates to, written down (as httpx writes down
 its transports) rather than discovered with ``getattr``.
 
-- ``SyncBackend``: ``chat``, ``stream``, ``complete``, ``models``, ``close``. The local
+- ``SyncBackend``: ``chat``, ``stream``, ``complete``, ``embed``, ``models``, ``close``. The local
   engine (``local.LocalEngine``) and the httpx backend (``remote.RemoteBackend``) are two.
 - ``AsyncBackend``: the same, awaited. ``remote.AsyncRemoteBackend`` speaks HTTP itself;
   ``ThreadedAsyncBackend`` runs any SyncBackend (the local engine) in worker threads.
@@ -20,8 +20,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
 
+from .embedding import EmbedRequest
+from .errors import InvalidRequestError
 from .options import GenerationOptions
-from .types import ChatResult, Chunk, Message, ModelInfo
+from .types import ChatResult, Chunk, EmbeddingResult, Message, ModelInfo
 from .wire import Answer
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "SyncBackend",
     "ThreadedAsyncBackend",
     "collect",
+    "not_an_embedder",
 ]
 
 
@@ -85,6 +88,12 @@ class AsyncChunkStream(AsyncIterator[Chunk]):
         await self.aclose()
 
 
+def not_an_embedder(name: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"{name} is a chat model: it cannot embed. Use an embedding model (the default: "
+        "all-minilm-l6-v2; `openweight models` shows each model's kind)", param="model")
+
+
 def collect(chunks: Iterator[Chunk], model: str) -> ChatResult:
     """Join a stream into one ChatResult (so stream and non-stream can never differ)."""
     answer = Answer()
@@ -113,6 +122,10 @@ class SyncBackend(ABC):
     def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         return collect(self.stream(messages, options), self.name)
 
+    def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        """One vector per input (a chat model has none: it says so)."""
+        raise not_an_embedder(self.name)
+
     def close(self) -> None:
         """Release connections (the local engine keeps its weights in the loader's cache)."""
         return None
@@ -139,6 +152,9 @@ class AsyncBackend(ABC):
 
     @abstractmethod
     async def models(self) -> list[ModelInfo]: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        raise not_an_embedder(await self.resolve_name())
 
     async def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         answer = Answer()
@@ -178,6 +194,9 @@ class ThreadedAsyncBackend(AsyncBackend):
 
     async def models(self) -> list[ModelInfo]:
         return await asyncio.to_thread(self.backend.models)
+
+    async def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        return await asyncio.to_thread(self.backend.embed, request)
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.backend.close)

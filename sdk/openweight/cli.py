@@ -29,10 +29,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([m.__dict__ for m in models], indent=2))
         return 0
-    rows = [("NAME", "INSTALLED", "SIZE", "FAMILY", "SOURCE")]
+    rows = [("NAME", "KIND", "INSTALLED", "SIZE", "FAMILY", "SOURCE")]
     for m in models:
-        rows.append((m.name + (" (default)" if m.default else ""), "yes" if m.installed else "no",
-                     _size(m.size_bytes), m.family or "-", m.source or "-"))
+        rows.append((m.name + (" (default)" if m.default else ""), m.kind,
+                     "yes" if m.installed else "no", _size(m.size_bytes), m.family or "-",
+                     m.source or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -57,11 +58,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_default(args: argparse.Namespace) -> int:
-    from .store import default_model, set_default
+    from .store import default_embedding_model, default_model, set_default
 
     if args.name:
-        set_default(args.name)
-    print(default_model())
+        set_default(args.name)  # an embedding model becomes the embedding default
+        print(args.name)
+    else:
+        print(default_embedding_model() if args.embedding else default_model())
     return 0
 
 
@@ -145,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME")
     p.set_defaults(func=cmd_rm)
 
-    p = sub.add_parser("default", help="show or set the default model")
+    p = sub.add_parser("default", help="show or set the default model (an embedding model "
+                       "named here becomes the default for embeddings)")
     p.add_argument("name", nargs="?", help="the model to make the default")
+    p.add_argument("--embedding", action="store_true",
+                   help="show the default embedding model instead")
     p.set_defaults(func=cmd_default)
 
     p = sub.add_parser("info", help="show what is known about a model")

@@ -22,6 +22,7 @@ from .backends import (
     ThreadedAsyncBackend,
     collect,
 )
+from .embedding import EmbedInput, EmbedRequest
 from .errors import InvalidRequestError, OpenWeightError, RemoteConnectionError
 from .options import GenerationOptions
 from .settings import (
@@ -32,7 +33,7 @@ from .settings import (
     is_path,
     keep_alive_seconds,
 )
-from .types import ChatResult, Chunk, Message, MessageInput, ModelInfo
+from .types import ChatResult, Chunk, EmbeddingResult, Message, MessageInput, ModelInfo
 from .wire import to_messages
 
 __all__ = ["AsyncClient", "AsyncStream", "Client", "Stream"]
@@ -40,6 +41,7 @@ __all__ = ["AsyncClient", "AsyncStream", "Client", "Stream"]
 Stream = ChunkStream  # what Client.stream returns
 AsyncStream = AsyncChunkStream  # what AsyncClient.stream returns
 T = TypeVar("T")
+C = TypeVar("C", bound="_Base")
 
 
 class _Base:
@@ -61,6 +63,11 @@ class _Base:
         if keep_alive is not None:
             self._keep_alive = keep_alive_seconds(keep_alive)  # a bad value fails here
         self._daemon_url: str | None = None  # the keep-alive server in use, if any
+        self._settings: dict[str, Any] = {
+            "base_url": base_url, "api_key": api_key, "device": device, "dtype": dtype,
+            "quantize": quantize, "keep_alive": keep_alive, "timeout": timeout,
+            "max_retries": max_retries}
+        self._embedders: dict[str, Any] = {}  # clients of other models, for embed(model=...)
         self._device, self._dtype, self._quantize = device, dtype, quantize
         if self._base_url is None:
             # fail early on a bad setting; nothing heavy is imported or loaded here
@@ -124,6 +131,20 @@ class _Base:
 
             model = default_model()
         return url, token, Path(model).name if is_path(model) else model
+
+    def _for_embedding(self: C, model: str | None) -> C:
+        """The client that embeds: this one, or a twin with the same settings for another
+        model (or, local and naming none, for the default embedding model)."""
+        if model is None and self._model is None and self._base_url is None:
+            from .store import default_embedding_model
+
+            model = default_embedding_model()
+        if model is None or model == self._model:
+            return self
+        if model not in self._embedders:
+            self._embedders[model] = type(self)(model, **self._settings)
+        twin: C = self._embedders[model]
+        return twin
 
     def _local(self) -> SyncBackend:
         from .store import open_engine
@@ -271,6 +292,16 @@ class Client(_Base):
 
         return list_models()
 
+    def embed(self, input: EmbedInput, *, model: str | None = None, truncate: bool = False,
+              dimensions: int | None = None) -> EmbeddingResult:
+        """One vector per input (a text, a list of texts, or token ids), from an embedding
+        model: ``model``, else this client's, else (local) the default embedding model.
+        An input longer than the model's window is an error unless ``truncate``;
+        ``dimensions`` keeps the first N numbers of each vector (re-normalised)."""
+        request = EmbedRequest.build(input, truncate=truncate, dimensions=dimensions)
+        client = self._for_embedding(model)
+        return client._retry(lambda backend: backend.embed(request))
+
 
 class AsyncClient(_Base):
     """The async twin of Client: same arguments, same results, never blocks the event loop."""
@@ -361,3 +392,9 @@ class AsyncClient(_Base):
         from .store import list_models
 
         return await asyncio.to_thread(list_models)
+
+    async def embed(self, input: EmbedInput, *, model: str | None = None,
+                    truncate: bool = False, dimensions: int | None = None) -> EmbeddingResult:
+        request = EmbedRequest.build(input, truncate=truncate, dimensions=dimensions)
+        client = await asyncio.to_thread(self._for_embedding, model)
+        return await client._retry(lambda backend: backend.embed(request))

@@ -22,16 +22,14 @@ from httpx_sse import EventSource
 
 from . import wire
 from .backends import AsyncBackend, ChunkStream, SyncBackend
+from .embedding import EmbedRequest
 from .errors import (
     AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
     OpenWeightError,
-    RemoteConnectionError,
     RemoteError,
     RemoteStatusError,
-    RemoteTimeoutError,
-    excerpt,
     redact_url,
 )
 from .options import GenerationOptions
@@ -41,15 +39,22 @@ from .remote_http import (
     is_loopback_http,
     is_sse,
     split_base_url,
+    transport_error,
     unix_transport,
 )
-from .types import ChatResult, Chunk, Message, ModelInfo
+from .types import ChatResult, Chunk, EmbeddingResult, Message, ModelInfo
+from .wire.embeddings import embed_body, embedding_result_from_json
 
 __all__ = ["AsyncRemoteBackend", "RemoteBackend"]
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 INVALID_STATUSES = frozenset({400, 413, 422})
 MAX_RETRY_AFTER = 30.0
+NO_COMPLETIONS = ("completions", "continue raw text with a local model, or use chat()")
+NO_EMBEDDINGS = ("embeddings", "name an embedding model on a server that serves them "
+                 "(llama.cpp: --embeddings)")
+
+
 class _RemoteLogic:
     """Everything about the protocol that does no I/O."""
 
@@ -123,15 +128,14 @@ class _RemoteLogic:
         return self._model
 
     @contextlib.contextmanager
-    def _no_completions(self) -> Iterator[None]:
-        """A server without the legacy completions API: say so, and what to do."""
+    def _missing_api(self, api: str, hint: str) -> Iterator[None]:
+        """A server without this API (404, 405, 501): say so, and what to do."""
         try:
             yield
         except RemoteStatusError as exc:
             if exc.status_code not in (404, 405, 501):
                 raise
-            raise InvalidRequestError(f"{self.base_url} has no completions API ({exc}); "
-                                      "continue raw text with a local model, or use chat()"
+            raise InvalidRequestError(f"{self.base_url} has no {api} API ({exc}); {hint}"
                                       ) from exc
 
     def _stream_parser(self) -> wire.StreamParser:
@@ -174,21 +178,7 @@ class _RemoteLogic:
         return self._status_error(status, json.dumps(payload), f"{self.base_url} (mid-stream)")
 
     def _transport_error(self, exc: Exception) -> RemoteError:
-        url = self.base_url
-        if isinstance(exc, httpx.ConnectTimeout):
-            return RemoteConnectionError(f"timed out connecting to {url}; check the address "
-                                         "and that the server is running")
-        if isinstance(exc, httpx.TimeoutException):
-            return RemoteTimeoutError(f"{url} sent nothing for {self._timeout.read} s; the "
-                                      "server may be overloaded; raise timeout= or retry")
-        if isinstance(exc, httpx.ConnectError):
-            return RemoteConnectionError(f"cannot connect to {url} ({excerpt(str(exc))}); is "
-                                         "the server running? Start one with `openweight serve`")
-        if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
-            return RemoteConnectionError(f"the connection to {url} broke "
-                                         f"({excerpt(str(exc)) or type(exc).__name__});"
-                                         " the server may have crashed or restarted")
-        return RemoteError(f"talking to {url} failed: {excerpt(str(exc))}")
+        return transport_error(exc, self.base_url, self._timeout.read)
 
     def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying this answer, or None if it is final."""
@@ -245,6 +235,11 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
     def models(self) -> list[ModelInfo]:
         return self._parse_models(self._get_json("GET", "models"))
 
+    def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        with self._missing_api(*NO_EMBEDDINGS):
+            data = self._get_json("POST", "embeddings", embed_body(self.name, request))
+        return embedding_result_from_json(data, self.name, len(request))
+
     def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         model = self.name
         data = self._get_json("POST", "chat/completions",
@@ -260,7 +255,7 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
     def complete(self, prompt: str, options: GenerationOptions) -> ChunkStream:
         """Continue raw text through the server's legacy completions API."""
         model = self.name
-        with self._no_completions():
+        with self._missing_api(*NO_COMPLETIONS):
             return self._open_stream("completions", wire.completion_body(model, prompt, options),
                                      model)
 
@@ -346,6 +341,12 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
     async def models(self) -> list[ModelInfo]:
         return self._parse_models(await self._get_json("GET", "models"))
 
+    async def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        model = await self.resolve_name()
+        with self._missing_api(*NO_EMBEDDINGS):
+            data = await self._get_json("POST", "embeddings", embed_body(model, request))
+        return embedding_result_from_json(data, model, len(request))
+
     async def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         model = await self.resolve_name()
         data = await self._get_json("POST", "chat/completions",
@@ -365,7 +366,7 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
                        options: GenerationOptions) -> AsyncGenerator[Chunk, None]:
         model = await self.resolve_name()
         body = wire.completion_body(model, prompt, options)
-        with self._no_completions():
+        with self._missing_api(*NO_COMPLETIONS):
             async with contextlib.aclosing(self._stream("completions", body, model)) as chunks:
                 async for chunk in chunks:
                     yield chunk

@@ -1,5 +1,6 @@
 """httpx plumbing the remote backends share: which URLs are this machine, which answers
-are event streams, transports to a Unix socket, and importing httpcore without trio."""
+are event streams, what a failed exchange means, transports to a Unix socket, and
+importing httpcore without trio."""
 
 from __future__ import annotations
 
@@ -13,10 +14,17 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .errors import InvalidRequestError, redact_url
+from .errors import (
+    InvalidRequestError,
+    RemoteConnectionError,
+    RemoteError,
+    RemoteTimeoutError,
+    excerpt,
+    redact_url,
+)
 
 __all__ = ["async_unix_transport", "import_httpcore", "is_loopback_host", "is_loopback_http",
-           "is_sse", "split_base_url", "unix_transport"]
+           "is_sse", "split_base_url", "transport_error", "unix_transport"]
 
 
 def split_base_url(base_url: str) -> tuple[str, str, str | None]:
@@ -136,3 +144,21 @@ def _closing_unix_backend() -> Any:
             return SyncStream(sock)
 
     return Backend()
+
+
+def transport_error(exc: Exception, url: str, read_timeout: float | None) -> RemoteError:
+    """What a failed exchange with ``url`` means, as the SDK's error."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return RemoteConnectionError(f"timed out connecting to {url}; check the address "
+                                     "and that the server is running")
+    if isinstance(exc, httpx.TimeoutException):
+        return RemoteTimeoutError(f"{url} sent nothing for {read_timeout} s; the "
+                                  "server may be overloaded; raise timeout= or retry")
+    if isinstance(exc, httpx.ConnectError):
+        return RemoteConnectionError(f"cannot connect to {url} ({excerpt(str(exc))}); is "
+                                     "the server running? Start one with `openweight serve`")
+    if isinstance(exc, (httpx.TransportError, httpx.StreamError)):
+        return RemoteConnectionError(f"the connection to {url} broke "
+                                     f"({excerpt(str(exc)) or type(exc).__name__});"
+                                     " the server may have crashed or restarted")
+    return RemoteError(f"talking to {url} failed: {excerpt(str(exc))}")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 __all__ = [
     "ChatResult",
     "Chunk",
+    "EmbeddingResult",
     "FinishReason",
     "Message",
     "MessageInput",
@@ -95,6 +96,17 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class EmbeddingResult:
+    """The vectors of one embedding request, one per input, in input order.
+    ``usage.prompt_tokens`` counts the tokens embedded."""
+
+    vectors: list[list[float]]
+    model: str
+    dimensions: int
+    usage: Usage
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A model known to the store or to a remote server."""
 
@@ -106,6 +118,7 @@ class ModelInfo:
     family: str | None = None
     description: str | None = None
     default: bool = False
+    kind: str = "chat"  # "chat", or "embedding": a model that makes vectors
 
 
 MessageInput = Message | Mapping[str, Any]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .. import wire
 from ..errors import OpenWeightError
 from ..types import Chunk, Usage
+from .embeddings import add_embeddings_route
 from .errors import ApiError, api_error
 from .guards import GENERATION_PATHS, Guards, read_json
 from .limits import ServerLimits
@@ -300,7 +301,7 @@ def _health_and_metrics(app: "FastAPI", pool: ModelPool, keys: _KeyCheck,
 
 def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
             limits: ServerLimits) -> None:
-    """/v1's models, chat completions and completions."""
+    """/v1's models, chat completions, completions and embeddings."""
     from fastapi import APIRouter, Depends, Request
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(keys.require)])
@@ -310,7 +311,7 @@ def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
         return batch.source if batch is not None else None
 
     async def engine_for(body: Mapping[str, Any]) -> "LocalEngine":
-        engine: LocalEngine = await gen.in_thread(pool.get, wire.model_from_json(body))
+        engine: LocalEngine = await gen.in_thread(pool.chat, wire.model_from_json(body))
         return engine
 
     @v1.get("/models")
@@ -342,4 +343,5 @@ def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
             request, stream, wire.CompletionShape(engine.name, include_usage),
             lambda: engine.complete(prompt, options, source=source()), "prompt")
 
+    add_embeddings_route(v1, pool, gen.in_thread, limits)
     app.include_router(v1)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 from ..errors import ModelNotFoundError
 
 if TYPE_CHECKING:
-    from ..local import LocalEngine
+    from ..local import LocalEmbedder, LocalEngine
+
+    Engine = LocalEngine | LocalEmbedder
 
 __all__ = ["NAME_RE", "ModelPool"]
 
@@ -21,7 +23,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class ModelPool:
-    """One local engine per model name: the one served by default (``--model``), and any
+    """One local engine per model name (a ``LocalEngine``, or a ``LocalEmbedder`` for an
+    embedding model): the one served by default (``--model``), and any
     model installed in the store that a request names. A request never names a path, and
     never starts a pull unless ``allow_pull`` (then a catalog name not installed yet is
     pulled on first use)."""
@@ -35,11 +38,11 @@ class ModelPool:
         self.default = self._engine(model)  # resolves the name (pulling the model if needed)
         self.name = self.default.name
         # the engines served, by name: a test (or a tool) may add a scripted one here
-        self.engines: dict[str, LocalEngine] = {self.name: self.default}
+        self.engines: dict[str, Engine] = {self.name: self.default}
         if model:
             self.engines[model] = self.default
 
-    def _engine(self, model: str | None) -> LocalEngine:
+    def _engine(self, model: str | None) -> Engine:
         from ..store import open_engine
 
         return open_engine(model, device=self._device, dtype=self._dtype,
@@ -52,9 +55,14 @@ class ModelPool:
         whose start was cached computes its rest apart, which can move a knife-edge greedy
         answer: the warm-up's chat preamble once turned SmolLM2's "Paris" into "L'Etoile"
         on every server's first request."""
+        from ..embedding import EmbedRequest
+        from ..local import LocalEmbedder
         from ..options import GenerationOptions
         from ..types import Message
 
+        if isinstance(self.default, LocalEmbedder):
+            self.default.embed(EmbedRequest.build("Hi"))
+            return
         self.default.chat([Message(role="user", content="Hi")], GenerationOptions(max_tokens=1))
         self.default.loaded.prefix_cache.clear()
 
@@ -63,7 +71,21 @@ class ModelPool:
         if it is not loaded yet."""
         return self.default.loaded.summary()
 
-    def get(self, name: str | None) -> LocalEngine:
+    def chat(self, name: str | None) -> LocalEngine:
+        """The chat engine for a request's ``model`` field; an embedding model named there
+        is a 400 that says what it is for."""
+        from ..local import LocalEmbedder
+
+        engine = self.get(name)
+        if isinstance(engine, LocalEmbedder):
+            raise engine.no_chat()
+        return engine
+
+    def embedder(self, name: str | None) -> Engine:
+        """The engine for an embeddings request (a chat model's ``embed`` says it cannot)."""
+        return self.get(name)
+
+    def get(self, name: str | None) -> Engine:
         """The engine for a request's ``model`` field (blocking: may load the model, and
         pull it with ``allow_pull``). Anything not served gets the same ModelNotFoundError,
         whatever exists on this machine under that name (no oracle)."""
@@ -89,14 +111,14 @@ class ModelPool:
             return True
         return any(m.installed and m.name == name for m in list_models())
 
-    def _store_engine(self, name: str) -> LocalEngine:
+    def _store_engine(self, name: str) -> Engine:
         """A store model by name: never a path, whatever the working directory holds."""
-        from ..local import LocalEngine
+        from ..local import open_local
         from ..store import ensure_model, packed_cache
 
         name, path = ensure_model(name)
-        return LocalEngine(path, name=name, device=self._device, dtype=self._dtype,
-                           quantize=self._quantize, packed_cache=packed_cache())
+        return open_local(path, name=name, device=self._device, dtype=self._dtype,
+                          quantize=self._quantize, packed_cache=packed_cache())
 
     def names(self) -> list[str]:
         from ..store import list_models

