@@ -21,7 +21,14 @@ from typing import Any
 
 import click
 import llm
-from llm.parts import ReasoningPart, StreamEvent, TextPart, ToolCallPart, ToolResultPart
+from llm.parts import (
+    AttachmentPart,
+    ReasoningPart,
+    StreamEvent,
+    TextPart,
+    ToolCallPart,
+    ToolResultPart,
+)
 
 import openweight
 from openweight.errors import redact_url
@@ -143,18 +150,31 @@ def _messages(prompt: llm.Prompt) -> list[dict[str, Any]]:
                        for p in message.parts if isinstance(p, ToolResultPart))
             continue
         text = "".join(p.text for p in message.parts if isinstance(p, TextPart))
+        images = [_image(p.attachment) for p in message.parts
+                  if isinstance(p, AttachmentPart) and p.attachment is not None]
         thought = "".join(p.text for p in message.parts
                           if isinstance(p, ReasoningPart) and not p.redacted)
         calls = [{"id": p.tool_call_id, "type": "function",
                   "function": {"name": p.name, "arguments": p.arguments}}
                  for p in message.parts if isinstance(p, ToolCallPart) and not p.server_executed]
         item: dict[str, Any] = {"role": message.role, "content": text}
+        if images:  # attachments of this turn or an earlier one: resent every time
+            item["content"] = [*images, {"type": "text", "text": text}]
         if thought:
             item["reasoning"] = thought
         if calls:
             item["tool_calls"] = calls
         out.append(item)
     return out
+
+
+def _image(attachment: llm.Attachment) -> openweight.ImagePart:
+    """An attachment (a file, a URL, stdin's bytes) as the SDK's image part; a URL is
+    fetched by the SDK, within its limits."""
+    with sdk_errors():
+        if attachment.url and not attachment.content and not attachment.path:
+            return openweight.image(attachment.url)
+        return openweight.image(attachment.content_bytes())  # type: ignore[no-untyped-call]
 
 
 def _tool_specs(prompt: llm.Prompt) -> list[dict[str, Any]]:
@@ -293,8 +313,10 @@ class _OpenWeightMixin:
     model_id: str
 
     def __init__(self, name: str | None, *, installed: bool = False,
-                 default: str | None = None) -> None:
+                 default: str | None = None, vision: bool = False) -> None:
         self.name = name  # None: the store's default model, resolved on each request
+        if vision:  # llm refuses attachments, before anything loads, on other models
+            self.attachment_types = set(openweight.images.ACCEPTED_TYPES)
         self.model_id = f"{PREFIX}/{name}" if name else PREFIX
         self._note = ("installed" if installed else "in the catalog: pulled on first use"
                       ) if name else f"the default model, now {default}"
@@ -357,8 +379,13 @@ def register_all(register: Callable[..., None]) -> None:
         registry = {}  # a broken registry must not break every llm command; using it will
     installed = registry.get("models") or {}
     default = registry.get("default") or DEFAULT_MODEL
-    register(OpenWeight(None, default=default), AsyncOpenWeight(None, default=default))
+    sees = kind_of(default, installed.get(default)) == "vision"
+    register(OpenWeight(None, default=default, vision=sees),
+             AsyncOpenWeight(None, default=default, vision=sees))
     names = sorted(installed) + [n for n in CATALOG if n not in installed]
-    for name in (n for n in names if kind_of(n, installed.get(n)) == "chat"):
-        register(OpenWeight(name, installed=name in installed),
-                 AsyncOpenWeight(name, installed=name in installed))
+    for name in names:
+        kind = kind_of(name, installed.get(name))
+        if kind != "embedding":
+            register(OpenWeight(name, installed=name in installed, vision=kind == "vision"),
+                     AsyncOpenWeight(name, installed=name in installed,
+                                     vision=kind == "vision"))

@@ -471,3 +471,120 @@ def build_tiny_embedder(path: Path, *, arch: str = "bert", pooling: str = "mean"
 def tiny_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT embedding model (mean pooling, normalised, 48-token window)."""
     return build_tiny_embedder(tmp_path_factory.mktemp("embed") / "tiny-embed")
+
+
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% elif p['type'] == 'text' %}{{ p['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_tiny_vision(path: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer Gemma 3 vision-language model (a 1-layer SigLIP tower, 32x32 images,
+    4 tokens an image) with its real processor class (Pillow's image processor) and the
+    byte-level tokenizer carrying Gemma 3's special tokens."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    specials = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
+                "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    tok: Any = byte_tokenizer(
+        specials, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>",
+        additional_special_tokens=specials[3:],
+        extra_special_tokens={"image_token": "<image_soft_token>",
+                              "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"})
+    tok.chat_template = GEMMA3_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(
+        size={"height": 32, "width": 32}), tokenizer=tok, chat_template=GEMMA3_TEMPLATE,
+        image_seq_length=4)
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+            max_position_embeddings=1024, pad_token_id=0,
+            eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]]),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=ids["<image_soft_token>"],
+        boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"])
+    torch.manual_seed(seed)
+    Gemma3ForConditionalGeneration(config).save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 vision model (see build_tiny_vision)."""
+    return build_tiny_vision(tmp_path_factory.mktemp("vision") / "tiny-vision")
+
+
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_smolvlm(path: Path, *, seed: int = 0) -> Path:
+    """A random 2-layer SmolVLM (``Idefics3ForConditionalGeneration``, as SmolVLM-256M and
+    500M are) with its real processor class (Pillow's image processor: 32-pixel tiles, 4
+    tokens a tile) and the byte-level tokenizer carrying SmolVLM's special tokens."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        LlamaConfig,
+    )
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
+                "<fake_token_around_image>", "<global-img>"]
+    specials += [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    tok: Any = byte_tokenizer(specials, eos_token="<end_of_utterance>",
+                              pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                              additional_special_tokens=specials[1:])
+    tok.chat_template = SMOLVLM_TEMPLATE
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 64},
+                                                  max_image_size={"longest_edge": 32}),
+        tokenizer=tok, image_seq_len=4, chat_template=SMOLVLM_TEMPLATE)
+    config = Idefics3Config(
+        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=2048,
+                                pad_token_id=0,
+                                eos_token_id=tok.convert_tokens_to_ids("<end_of_utterance>")),
+        vision_config=Idefics3VisionConfig(hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4,
+                                           image_size=32, patch_size=8),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SmolVLM (see build_tiny_smolvlm)."""
+    return build_tiny_smolvlm(tmp_path_factory.mktemp("smolvlm") / "tiny-smolvlm")

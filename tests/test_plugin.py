@@ -36,7 +36,7 @@ def test_models_listed_with_install_state(env: Path) -> None:
     assert "OpenWeight: openweight (the default model, now smollm2-135m)" in lines
     for name, entry in openweight.store.CATALOG.items():
         shown = f"OpenWeight: openweight/{name} (in the catalog: pulled on first use)" in lines
-        assert shown == (entry.kind == "chat")  # embedding models are openweight-embed/NAME
+        assert shown == (entry.kind != "embedding")  # those are openweight-embed/NAME
     installed = run("models", "-q", "installed").output.splitlines()
     assert [line for line in installed if "openweight" in line] == [
         "OpenWeight: openweight/tiny (installed)"]

@@ -19,6 +19,7 @@ from .errors import (
     RemoteStatusError,
     RemoteTimeoutError,
 )
+from .images import ImagePart, image
 from .options import GenerationOptions
 from .store import (
     default_embedding_model,
@@ -43,6 +44,7 @@ __all__ = [
     "EmbeddingResult",
     "GenerationError",
     "GenerationOptions",
+    "ImagePart",
     "InvalidRequestError",
     "Message",
     "ModelInfo",
@@ -59,6 +61,7 @@ __all__ = [
     "__version__",
     "default_embedding_model",
     "default_model",
+    "image",
     "list_models",
     "model_info",
     "pull",

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .images import ImagePart
+
 __all__ = [
     "ChatResult",
     "Chunk",
@@ -40,10 +42,24 @@ class Message:
     reasoning: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    # text and images in their order, for a message with images (``content`` is its text)
+    parts: tuple[str | ImagePart, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        return tuple(p for p in self.parts if isinstance(p, ImagePart))
+
+    def content_parts(self) -> list[dict[str, Any]]:
+        """The content as a chat template's list of parts (``{"type": "image"}`` where an
+        image goes, the processor inserts its tokens there)."""
+        parts = self.parts or (self.content,)
+        return [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"}
+                for p in parts if not isinstance(p, str) or p]
 
     def to_dict(self) -> dict[str, Any]:
         """The message as the dict a chat template (or an OpenAI server) expects."""
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        out: dict[str, Any] = {"role": self.role,
+                               "content": self.content_parts() if self.images else self.content}
         if self.reasoning:
             out["reasoning_content"] = self.reasoning
         if self.tool_calls:

@@ -32,6 +32,8 @@ from .records import (
     _write_record,
 )
 
+DAEMON_MAX_BODY_MB = 256.0  # 8 images of 20 MB, base64-encoded, and the rest of a request
+
 
 def _set(run: Path, key: str, **fields: Any) -> bool:
     """Update this daemon's record; False when it is no longer ours (stopped or replaced)."""
@@ -100,15 +102,19 @@ def _serve(argv: list[str] | None = None) -> int:
             return 0
         try:
             from ..server import create_app
+            from ..server.limits import ServerLimits
 
             # one user's calls come one at a time: the single-stream path is faster for
             # one stream and reuses a whole conversation's KV cache (`llm chat`);
             # OPENWEIGHT_BATCH=1 batches concurrent calls instead
             batch = os.environ.get("OPENWEIGHT_BATCH", "0").strip().lower() in (
                 "1", "true", "yes", "on")
+            # the user's own requests: images by URL, and bodies as large as the SDK's
+            # own limits allow (8 images of 20 MB as data URLs), as in this process
             app = create_app(args.model, api_key=token, device=_arg(args.device),
                              dtype=_arg(args.dtype), quantize=_arg(args.quantize),
-                             batching=batch)
+                             batching=batch, allow_image_urls=True,
+                             limits=ServerLimits(max_body_mb=DAEMON_MAX_BODY_MB))
         except OpenWeightError as exc:  # the caller waiting for us raises it, as it is
             failed = _set(run, key, state="failed", error={"type": type(exc).__name__,
                                                            "message": str(exc)})

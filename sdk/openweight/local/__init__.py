@@ -8,7 +8,8 @@ from ..backends import collect  # the one join of a stream, for callers of the e
 from .embed_config import is_embedding_dir
 from .embedder import LocalEmbedder
 from .engine import LocalEngine
-from .loader import load_model, unload_all
+from .loader import load_model
+from .loader import unload_all as _unload_chat_models
 
 __all__ = ["LocalEmbedder", "LocalEngine", "collect", "load_model", "open_local", "unload_all"]
 
@@ -22,3 +23,14 @@ def open_local(path: Path, *, name: str, device: str | None = None, dtype: str |
         return LocalEmbedder(path, name=name, device=device, dtype=dtype)
     return LocalEngine(path, name=name, device=device, dtype=dtype, quantize=quantize,
                        packed_cache=packed_cache)
+
+
+def unload_all() -> None:
+    """Forget every cached model of this process: chat, vision and embedding models."""
+    from . import embedder, vision
+
+    _unload_chat_models()
+    for cache, lock in ((vision._cache, vision._cache_lock),
+                        (embedder._cache, embedder._cache_lock)):
+        with lock:
+            cache.clear()

@@ -17,6 +17,7 @@ from .generation import (
     TokenSource,
     default_source,
     generate_source,
+    inputs_source,
     resolved_settings,
     sampling_settings,
 )
@@ -30,6 +31,7 @@ from .thinking import (
     starts_inside_think,
     think_token_ids,
 )
+from .vision import is_vision_dir, load_vision, vision_inputs
 
 __all__ = ["LocalEngine", "TokenSource", "default_source", "generate_source",
            "resolved_settings", "sampling_settings"]
@@ -54,7 +56,11 @@ class LocalEngine(SyncBackend):
         if self._loaded is None:
             path, device, dtype, quantize = self.path, self._device, self._dtype, self._quantize
             cache = self._packed_cache
-            self._loaded = worker.call(lambda: load_model(path, device, dtype, quantize, cache))
+            if is_vision_dir(path):  # transformers' vision classes, as stored
+                self._loaded = worker.call(lambda: load_vision(path, device, dtype))
+            else:
+                self._loaded = worker.call(lambda: load_model(path, device, dtype, quantize,
+                                                              cache))
         return self._loaded
 
     @property
@@ -66,9 +72,12 @@ class LocalEngine(SyncBackend):
         chain after the last user message); earlier turns' reasoning is dropped, as gpt-oss's
         harmony and the think-tag families (Qwen3, DeepSeek-R1) expect."""
         last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+        parts = self.loaded.processor is not None  # a vision template reads lists of parts
         out = []
         for i, m in enumerate(messages):
             d = m.to_dict()
+            if parts:
+                d["content"] = m.content_parts()
             reasoning = d.pop("reasoning_content", None)
             if reasoning and i > last_user:
                 d["thinking"] = d["reasoning_content"] = reasoning
@@ -137,11 +146,22 @@ class LocalEngine(SyncBackend):
     def stream(self, messages: Sequence[Message], options: GenerationOptions, *,
                source: TokenSource | None = None) -> ChunkStream:
         """Validate now, then return a stream of chunks (close it to stop generating).
-        ``source`` replaces how tokens are generated (see ``TokenSource``)."""
+        ``source`` replaces how tokens are generated (see ``TokenSource``); a vision
+        model's prompt with its pixels always goes through ``generate``."""
+        images = [image for m in messages for image in m.images]
+        if images and not is_vision_dir(self.path):  # before anything loads
+            raise InvalidRequestError(
+                f"{self.name} takes no images: it is a text-only model. Use a vision model "
+                "(`openweight models` shows which take images), or send text only",
+                param="messages")
         lm = self.loaded
         text = self.format(messages, options)
-        return self._start(self.tokenize(text), options, self._parser(lm, text, options),
-                           source=source)
+        if lm.processor is None:
+            return self._start(self.tokenize(text), options, self._parser(lm, text, options),
+                               source=source)
+        inputs = vision_inputs(lm, text, images)
+        return self._start(inputs["input_ids"][0].tolist(), options,
+                           self._parser(lm, text, options), source=inputs_source(inputs))
 
     def complete(self, prompt: str, options: GenerationOptions, *,
                  source: TokenSource | None = None) -> ChunkStream:

@@ -16,8 +16,8 @@ from ..options import GenerationOptions
 from . import worker
 from .loader import LoadedModel
 
-__all__ = ["TokenSource", "default_source", "generate_source", "resolved_settings",
-           "sampling_settings"]
+__all__ = ["TokenSource", "default_source", "generate_source", "inputs_source",
+           "resolved_settings", "sampling_settings"]
 
 _DONE = object()
 
@@ -212,3 +212,39 @@ def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
         yield from _drain(lm, tokens, job, cancel)
 
     return generated()
+
+
+def inputs_source(inputs: dict[str, Any]) -> TokenSource:
+    """A source for a prompt the model takes as more than token ids (a vision model's
+    pixels beside its ids): ``generate`` on the model thread, no prefix cache."""
+
+    def source(lm: LoadedModel, prompt: list[int], max_new: int, options: GenerationOptions,
+               cancel: threading.Event) -> Iterator[int]:
+        tokens: queue.Queue[object] = queue.Queue()
+        kwargs = sampling_settings(lm, options, max_new)
+        processors = _constraints(lm, options)
+        if processors:
+            kwargs["logits_processor"] = processors
+
+        def run() -> None:
+            import torch
+
+            try:
+                with lm.lock, torch.inference_mode():
+                    if cancel.is_set():
+                        return
+                    if options.seed is not None:
+                        torch.manual_seed(options.seed)
+                    lm.model.generate(**inputs, streamer=_QueueStreamer(tokens),
+                                      stopping_criteria=[_Cancelled(cancel)], **kwargs)
+            except BaseException as exc:  # handed to the consumer, never lost
+                tokens.put(exc)
+            finally:
+                tokens.put(_DONE)
+
+        def generated() -> Iterator[int]:
+            yield from _drain(lm, tokens, worker.submit(run), cancel)
+
+        return generated()
+
+    return source

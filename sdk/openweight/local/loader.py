@@ -20,7 +20,8 @@ from .resolve import (
     resolve_dtype,
 )
 
-__all__ = ["LoadedModel", "check_model_dir", "load_model", "unload_all"]
+__all__ = ["LoadedModel", "check_model_dir", "context_length", "eos_ids", "load_model",
+           "unload_all"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -44,6 +45,7 @@ class LoadedModel:
     # the lean CPU decode path (local/fast.py), or None where the model cannot take it
     fast: Any = None
     fast_off_reason: str | None = None
+    processor: Any = None  # a vision model's processor (images and text into inputs)
 
     def summary(self) -> dict[str, str]:
         """What this model runs with, resolved, and why: its device, dtype and quantize
@@ -120,7 +122,7 @@ def _check_gguf_weights(gguf: Path) -> None:
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>")  # Llama 3.x, ChatML
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """Every token that ends the assistant's turn: the generation config's, the tokenizer's,
     and the well-known end-of-turn tokens the vocabulary has."""
     ids: set[int] = set()
@@ -138,7 +140,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _context_length(config: Any, tokenizer: Any) -> int:
+def context_length(config: Any, tokenizer: Any) -> int:
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
@@ -236,8 +238,8 @@ def load_model(
             path=path,
             device=dev,
             dtype=dt,
-            context_length=_context_length(model.config, tokenizer),
-            eos_ids=_eos_ids(model, tokenizer),
+            context_length=context_length(model.config, tokenizer),
+            eos_ids=eos_ids(model, tokenizer),
             quantize=quant,
             quantize_reason=quant_reason,
             model_type=str(getattr(model.config, "model_type", "")),

@@ -180,7 +180,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                device: str | None = None, dtype: str | None = None,
                quantize: str | None = None, preload: bool = True,
                batching: bool | None = None, limits: ServerLimits | None = None,
-               allowed_hosts: Iterable[str] = (), allow_pull: bool = False) -> "FastAPI":
+               allowed_hosts: Iterable[str] = (), allow_pull: bool = False,
+               allow_image_urls: bool = False) -> "FastAPI":
     """The FastAPI app serving ``model`` (default: the store's default model).
 
     ``preload`` loads the weights now and runs one token, so the first request is fast
@@ -190,7 +191,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     the app (its lifespan) or ``app.state.batching.close()``. ``limits``: body size, queue
     and deadline (``ServerLimits``); ``allowed_hosts``: Host names answered besides the
     bound address when there is no ``api_key``; ``allow_pull``: a request may name a
-    catalog model not installed yet (it is pulled).
+    catalog model not installed yet (it is pulled); ``allow_image_urls``: image parts may
+    be http(s) URLs, fetched by the server (else data URLs only).
     """
     from fastapi import FastAPI
 
@@ -216,7 +218,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                   docs_url=None, redoc_url=None, lifespan=lifespan)
     _error_handlers(app, metrics)
     keys = _KeyCheck(api_key)
-    _routes(app, pool, gen, keys, limits)
+    _routes(app, pool, gen, keys, limits, allow_image_urls)
     _health_and_metrics(app, pool, keys, metrics)
     app.add_middleware(Guards, limits=limits, metrics=metrics, check_host=api_key is None,
                        allowed_hosts=tuple(allowed_hosts))
@@ -300,7 +302,7 @@ def _health_and_metrics(app: "FastAPI", pool: ModelPool, keys: _KeyCheck,
 
 
 def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
-            limits: ServerLimits) -> None:
+            limits: ServerLimits, allow_image_urls: bool) -> None:
     """/v1's models, chat completions, completions and embeddings."""
     from fastapi import APIRouter, Depends, Request
 
@@ -325,6 +327,10 @@ def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
     async def chat_completions(request: Request) -> "Response":
         body = await read_json(request, limits)
         messages = wire.messages_from_json(body)
+        if not allow_image_urls and any(i.url for m in messages for i in m.images):
+            raise ApiError(400, "this server takes images as data URLs only (data:image/png;"
+                           "base64,...); start it with --allow-image-urls to let it fetch "
+                           "http(s) URLs", param="messages")
         options = wire.options_from_json(body, None, chat=True)
         stream, include_usage = wire.stream_flags(body)
         engine = await engine_for(body)

@@ -57,7 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
         app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype,
                          quantize=args.quantize, limits=limits,
-                         allowed_hosts=args.allowed_host or (), allow_pull=args.allow_pull)
+                         allowed_hosts=args.allowed_host or (), allow_pull=args.allow_pull,
+                         allow_image_urls=args.allow_image_urls)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
@@ -116,6 +117,9 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pull", action="store_true",
                    help="let a request name a catalog model that is not installed (it is "
                         "pulled); default: only --model and installed models are served")
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="let image_url parts be http(s) URLs, which the server fetches (at "
+                        "most 20 MB, 15 s each); default: data URLs only")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
                    help=f"largest request body; larger gets 413 (default: "
                         f"{DEFAULT_MAX_BODY_MB:g})")

@@ -99,7 +99,7 @@ def list_models() -> list[ModelInfo]:
     """Installed models first, then catalog models not yet installed."""
     reg = read_registry()
     default = reg.get("default") or DEFAULT_MODEL
-    defaults = {"chat": default, "embedding": reg.get("default_embedding")
+    defaults = {"chat": default, "vision": default, "embedding": reg.get("default_embedding")
                 or DEFAULT_EMBEDDING_MODEL}
     out = [_record_to_info(n, r, default) for n, r in sorted(reg["models"].items())]
     out += [

@@ -28,7 +28,7 @@ class CatalogEntry:
     approx_bytes: int
     description: str
     wheel: WheelSource | None = None
-    kind: str = "chat"  # or "embedding"
+    kind: str = "chat"  # "vision" (chat that takes images too) or "embedding"
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -65,6 +65,17 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry("deepseek-r1-distill-qwen-1.5b",
                      "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "deepseek-r1", "1.8B",
                      int(3.6 * _GB), "DeepSeek-R1 distilled into Qwen 1.5B: thinks in <think>"),
+        CatalogEntry("smolvlm-256m", "HuggingFaceTB/SmolVLM-256M-Instruct", "smolvlm", "256M",
+                     513_000_000, "SmolVLM 256M Instruct: the smallest vision model, images "
+                     "and text", kind="vision"),
+        CatalogEntry("smolvlm-500m", "HuggingFaceTB/SmolVLM-500M-Instruct", "smolvlm", "507M",
+                     int(1.0 * _GB), "SmolVLM 500M Instruct: images and text", kind="vision"),
+        CatalogEntry("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl", "3.8B",
+                     int(7.5 * _GB), "Qwen2.5-VL 3B Instruct: images, documents, charts",
+                     kind="vision"),
+        CatalogEntry("gemma3-4b", "google/gemma-3-4b-it", "gemma3", "4.3B", int(8.6 * _GB),
+                     "Google Gemma 3 4B instruction-tuned: images and text (gated on the hub)",
+                     kind="vision"),
         CatalogEntry(
             "all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2", "bert", "22M",
             91_000_000, "all-MiniLM-L6-v2: 384-dim English sentence embeddings, the embedded "

@@ -1,4 +1,5 @@
-"""Which models chat and which make vectors (embedding models), and the default of each."""
+"""Which models chat (``chat``; ``vision``: chat that takes images too) and which make
+vectors (``embedding``), and the default of each."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from ..errors import OpenWeightError
 from .catalog import CATALOG, DEFAULT_EMBEDDING_MODEL
 from .registry import read_registry
 
-__all__ = ["checked_kind", "default_embedding_model", "embedding_model_names", "kind_of"]
+__all__ = ["KINDS", "checked_kind", "default_embedding_model", "embedding_model_names", "kind_of"]
 
 
 def default_embedding_model() -> str:
@@ -19,11 +20,15 @@ def default_embedding_model() -> str:
     return value if isinstance(value, str) else DEFAULT_EMBEDDING_MODEL
 
 
+KINDS = ("chat", "vision", "embedding")
+
+
 def kind_of(name: str, rec: dict[str, Any] | None) -> str:
-    """``chat`` or ``embedding``: as recorded at pull, else as the catalog says."""
+    """``chat``, ``vision`` or ``embedding``: as recorded at pull, else as the catalog
+    says."""
     entry = CATALOG.get(name)
     kind = (rec or {}).get("kind") or (entry.kind if entry else None)
-    return kind if kind in ("chat", "embedding") else "chat"
+    return kind if kind in KINDS else "chat"
 
 
 def embedding_model_names() -> list[str]:
@@ -39,10 +44,12 @@ def embedding_model_names() -> list[str]:
 
 def checked_kind(path: Path) -> str:
     """``embedding`` for a sentence-transformers directory whose recipe openweight can
-    follow (else a ModelLoadError before anything is registered), otherwise ``chat``."""
+    follow (else a ModelLoadError before anything is registered), ``vision`` for a model
+    with an image processor, otherwise ``chat``."""
     from ..local.embed_config import is_embedding_dir, read_embed_config
+    from ..local.vision import is_vision_dir
 
-    if not is_embedding_dir(path):
-        return "chat"
-    read_embed_config(path)
-    return "embedding"
+    if is_embedding_dir(path):
+        read_embed_config(path)
+        return "embedding"
+    return "vision" if is_vision_dir(path) else "chat"

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import InvalidRequestError
+from ..images import MAX_IMAGES, ImagePart, image_from_url
 from ..options import MAX_JSON_DEPTH, MAX_MESSAGES, OPTION_SPECS, GenerationOptions
 from ..types import ROLES, Message, ToolCall
 
@@ -145,25 +146,44 @@ def tool_calls_to_json(calls: Iterable[ToolCall], start: int | None = None,
 
 # -- messages -------------------------------------------------------------------------------
 
-def _content(value: object, where: str) -> str:
-    """Message content: a string, or OpenAI's list of text parts."""
-    text: str | None = None
+def _image_part(part: Mapping[str, Any], where: str) -> ImagePart:
+    """An ``image_url`` part: ``{"type": "image_url", "image_url": {"url": ...}}``."""
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, Mapping) else spec
+    if not isinstance(url, str):
+        raise InvalidRequestError(f"{where} is an image_url part without a url string",
+                                  param="messages")
+    return image_from_url(url, where)
+
+
+def _content(value: object, where: str) -> tuple[str, tuple[str | ImagePart, ...]]:
+    """Message content: a string, or OpenAI's list of text and image_url parts (an
+    ``ImagePart`` too, from Python); its text, and its parts when it has images."""
+    parts: list[str | ImagePart] = []
     if value is None or isinstance(value, str):
-        text = value or ""
-    elif isinstance(value, list) and all(
-            isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in value):
-        text = "".join(p["text"] for p in value)
-    if text is not None:
-        if not _is_text(text):
-            raise InvalidRequestError(f"{where}.content is not valid Unicode text (a lone "
-                                      "surrogate such as \\ud800?)", param="messages")
-        return text
-    if isinstance(value, list):
-        raise InvalidRequestError(f"{where}.content has a part that is not text; text parts "
-                                  "only are taken", param="messages")
-    raise InvalidRequestError(f"{where}.content must be a string or a list of text parts, got "
-                              f"{type(value).__name__}", param="messages")
+        parts = [value or ""]
+    elif isinstance(value, list):
+        for n, p in enumerate(value):
+            here = f"{where}.content[{n}]"
+            if isinstance(p, ImagePart):
+                parts.append(p)
+            elif isinstance(p, Mapping) and p.get("type") == "text" and \
+                    isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            elif isinstance(p, Mapping) and p.get("type") == "image_url":
+                parts.append(_image_part(p, here))
+            else:
+                raise InvalidRequestError(f"{here} is not a text or image_url part",
+                                          param="messages")
+    else:
+        raise InvalidRequestError(f"{where}.content must be a string or a list of text and "
+                                  f"image parts, got {type(value).__name__}", param="messages")
+    text = "".join(p for p in parts if isinstance(p, str))
+    if not _is_text(text):
+        raise InvalidRequestError(f"{where}.content is not valid Unicode text (a lone "
+                                  "surrogate such as \\ud800?)", param="messages")
+    has_images = any(isinstance(p, ImagePart) for p in parts)
+    return text, tuple(parts) if has_images else ()
 
 
 def _message(m: Mapping[str, Any], where: str) -> Message:
@@ -173,7 +193,8 @@ def _message(m: Mapping[str, Any], where: str) -> Message:
                                   param="messages")
     reasoning = m.get("reasoning_content", m.get("reasoning"))
     call_id = m.get("tool_call_id")
-    return Message(role=str(role), content=_content(m.get("content"), where),
+    text, parts = _content(m.get("content"), where)
+    return Message(role=str(role), content=text, parts=parts,
                    reasoning=reasoning if isinstance(reasoning, str) else None,
                    tool_calls=tool_calls_from_json(m.get("tool_calls"), where),
                    tool_call_id=call_id if isinstance(call_id, str) else None)
@@ -204,6 +225,10 @@ def to_messages(messages: object) -> list[Message]:
     if not out:
         raise InvalidRequestError("messages is empty; give at least one user message",
                                   param="messages")
+    images = sum(len(m.images) for m in out)
+    if images > MAX_IMAGES:
+        raise InvalidRequestError(f"the messages hold {images} images; one request takes at "
+                                  f"most {MAX_IMAGES}", param="messages")
     return out
 
 
@@ -219,6 +244,10 @@ def messages_from_json(body: Mapping[str, Any]) -> list[Message]:
 def message_to_json(message: Message) -> dict[str, Any]:
     """A message as OpenAI's API takes it (tool call arguments as a JSON string)."""
     out = message.to_dict()
+    if message.images:
+        out["content"] = [{"type": "text", "text": p} if isinstance(p, str) else
+                          {"type": "image_url", "image_url": {"url": p.data_url()}}
+                          for p in message.parts]
     if message.tool_calls:
         out["tool_calls"] = tool_calls_to_json(message.tool_calls)
     return out
