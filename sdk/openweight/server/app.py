@@ -23,6 +23,7 @@ from .guards import GENERATION_PATHS, Guards, read_json
 from .limits import ServerLimits
 from .metrics import Metrics, RecordRequests
 from .pool import ModelPool
+from .responses import ResponseStore, add_responses_route
 
 if TYPE_CHECKING:
     from fastapi import FastAPI, Request
@@ -181,7 +182,7 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                quantize: str | None = None, preload: bool = True,
                batching: bool | None = None, limits: ServerLimits | None = None,
                allowed_hosts: Iterable[str] = (), allow_pull: bool = False,
-               allow_image_urls: bool = False) -> "FastAPI":
+               allow_image_urls: bool = False, responses_store: int = 0) -> "FastAPI":
     """The FastAPI app serving ``model`` (default: the store's default model).
 
     ``preload`` loads the weights now and runs one token, so the first request is fast
@@ -192,7 +193,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
     and deadline (``ServerLimits``); ``allowed_hosts``: Host names answered besides the
     bound address when there is no ``api_key``; ``allow_pull``: a request may name a
     catalog model not installed yet (it is pulled); ``allow_image_urls``: image parts may
-    be http(s) URLs, fetched by the server (else data URLs only).
+    be http(s) URLs, fetched by the server (else data URLs only); ``responses_store``:
+    keep the last N responses for ``previous_response_id`` (0: stateless).
     """
     from fastapi import FastAPI
 
@@ -218,7 +220,8 @@ def create_app(model: str | None = None, *, api_key: str | None = None,
                   docs_url=None, redoc_url=None, lifespan=lifespan)
     _error_handlers(app, metrics)
     keys = _KeyCheck(api_key)
-    _routes(app, pool, gen, keys, limits, allow_image_urls)
+    store = ResponseStore(responses_store) if responses_store > 0 else None
+    _routes(app, pool, gen, keys, limits, allow_image_urls, store)
     _health_and_metrics(app, pool, keys, metrics)
     app.add_middleware(Guards, limits=limits, metrics=metrics, check_host=api_key is None,
                        allowed_hosts=tuple(allowed_hosts))
@@ -302,8 +305,8 @@ def _health_and_metrics(app: "FastAPI", pool: ModelPool, keys: _KeyCheck,
 
 
 def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
-            limits: ServerLimits, allow_image_urls: bool) -> None:
-    """/v1's models, chat completions, completions and embeddings."""
+            limits: ServerLimits, allow_image_urls: bool, store: ResponseStore | None) -> None:
+    """/v1's models, chat completions, completions, embeddings and responses."""
     from fastapi import APIRouter, Depends, Request
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(keys.require)])
@@ -350,4 +353,5 @@ def _routes(app: "FastAPI", pool: ModelPool, gen: _Generation, keys: _KeyCheck,
             lambda: engine.complete(prompt, options, source=source()), "prompt")
 
     add_embeddings_route(v1, pool, gen.in_thread, limits)
+    add_responses_route(v1, pool, gen, limits, store)
     app.include_router(v1)

@@ -46,6 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
+    if args.responses_store < 0:
+        print(f"Error: --responses-store {args.responses_store} must be 0 (stateless) or a "
+              "number of responses to keep", file=sys.stderr)
+        return 2
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
@@ -58,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(args.model, api_key=api_key, device=args.device, dtype=args.dtype,
                          quantize=args.quantize, limits=limits,
                          allowed_hosts=args.allowed_host or (), allow_pull=args.allow_pull,
-                         allow_image_urls=args.allow_image_urls)
+                         allow_image_urls=args.allow_image_urls,
+                         responses_store=args.responses_store)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"openweight: serving {app.state.pool.name} at http://{shown}:{port}/v1 "
@@ -120,6 +125,10 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-image-urls", action="store_true",
                    help="let image_url parts be http(s) URLs, which the server fetches (at "
                         "most 20 MB, 15 s each); default: data URLs only")
+    p.add_argument("--responses-store", type=int, default=0, metavar="N",
+                   help="keep the last N responses of /v1/responses in memory, so that "
+                        "previous_response_id can continue them (least recently used out; "
+                        "default: 0, stateless)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
                    help=f"largest request body; larger gets 413 (default: "
                         f"{DEFAULT_MAX_BODY_MB:g})")
