@@ -14,7 +14,7 @@ import openai
 import pytest
 from test_server_features import ANSWERS, CALLS, REASON, SCHEMA, SHOWN, THINK, script, served
 
-from conftest import ServerThread
+from conftest import WEATHER, ServerThread
 
 __all__ = ["served"]  # the module-scoped server fixture, shared
 
@@ -148,3 +148,100 @@ def test_previous_response_id_with_a_bounded_store(
         unstored = api.responses.create(model="qwen3", input="hi", max_output_tokens=1,
                                         store=False)
         assert unstored.store is False
+
+
+# -- the SDK's remote backend, speaking the Responses API ----------------------------------
+
+def test_the_sdk_speaks_responses_to_a_server(served: ServerThread,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import openweight
+
+    remote = openweight.Client(base_url=served.url + "/v1", model="gptoss", api="responses")
+    script(served, monkeypatch, "gptoss", CALLS["gptoss"])
+    ask = [{"role": "user", "content": ASK}]
+    first = remote.chat(ask, tools=[WEATHER])
+    assert first.finish_reason == "tool_calls" and first.reasoning == "Need weather."
+    [call] = first.tool_calls
+    assert call.name == "get_weather" and dict(call.arguments) == {"city": "Paris"}
+    prompts = script(served, monkeypatch, "gptoss", ANSWERS["gptoss"])
+    follow = [*ask, {"role": "assistant", "content": "", "reasoning": first.reasoning,
+                     "tool_calls": [{"id": call.id, "type": "function", "function": {
+                         "name": call.name, "arguments": json.dumps(dict(call.arguments))}}]},
+              {"role": "tool", "tool_call_id": call.id, "content": "18C and sunny"}]
+    chunks = list(remote.stream(follow, tools=[WEATHER]))
+    assert "".join(c.text for c in chunks) == "It is 18C."
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None
+    assert SHOWN["gptoss"][1] in prompts[-1]
+    with pytest.raises(openweight.InvalidRequestError, match="seed has no field"):
+        remote.chat(ask, seed=3)
+    with pytest.raises(openweight.InvalidRequestError, match="api='soap'"):
+        openweight.Client(base_url=served.url + "/v1", api="soap")
+
+
+# trimmed from what another Responses server (OpenAI's shape) sent: a reasoning summary,
+# a message, extra fields this client does not know
+RECORDED = {"id": "resp_67", "object": "response", "created_at": 1, "status": "completed",
+            "model": "gpt-oss-20b", "output": [
+                {"type": "reasoning", "id": "rs_1", "summary": [
+                    {"type": "summary_text", "text": "User greets."}], "encrypted_content": None},
+                {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+                 "content": [{"type": "output_text", "text": "Hello!", "annotations": []}]}],
+            "usage": {"input_tokens": 12, "output_tokens": 9, "total_tokens": 21,
+                      "output_tokens_details": {"reasoning_tokens": 4}},
+            "service_tier": "default", "truncation": "disabled"}
+RECORDED_STREAM = [
+    {"type": "response.created", "sequence_number": 0, "response": {"status": "in_progress"}},
+    {"type": "response.reasoning_summary_text.delta", "sequence_number": 1, "delta": "Hm."},
+    {"type": "response.output_text.delta", "sequence_number": 2, "delta": "Hel"},
+    {"type": "response.output_text.delta", "sequence_number": 3, "delta": "lo!"},
+    {"type": "response.output_item.done", "sequence_number": 4, "item": {
+        "type": "function_call", "call_id": "call_9", "name": "f", "arguments": "{\"x\": 1}"}},
+    {"type": "response.completed", "sequence_number": 5, "response": {
+        "status": "completed", "usage": {"input_tokens": 5, "output_tokens": 3}}},
+]
+
+
+def test_recorded_answers_of_another_responses_server_replay() -> None:
+    from openweight import GenerationOptions, Message
+    from openweight.remote import RemoteBackend
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert request.url.path == "/v1/responses" and body["store"] is False
+        if body["stream"]:
+            text = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
+                           for e in RECORDED_STREAM)
+            return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=RECORDED)
+
+    backend = RemoteBackend("http://gpu-box:8000/v1", model="gpt-oss-20b", api="responses",
+                            transport=httpx.MockTransport(handler))
+    hi = [Message(role="user", content="Hi")]
+    whole = backend.chat(hi, GenerationOptions())
+    assert (whole.text, whole.reasoning, whole.usage.completion_tokens) == ("Hello!",
+                                                                           "User greets.", 9)
+    chunks = list(backend.stream(hi, GenerationOptions()))
+    assert "".join(c.text for c in chunks) == "Hello!"
+    assert "".join(c.reasoning for c in chunks) == "Hm."
+    last = chunks[-1]
+    assert last.finish_reason == "tool_calls" and last.tool_calls[0].arguments == {"x": 1}
+    assert last.usage is not None and last.usage.prompt_tokens == 5
+
+
+def test_an_error_after_the_stream_started_is_an_error_event(
+        served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = served.app.state.pool.get("qwen3").loaded
+
+    def broken(**kwargs: Any) -> None:
+        raise RuntimeError("the model fell over")
+
+    monkeypatch.setattr(lm.model, "generate", broken)
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", served.url + "/v1/responses", timeout=30,
+                      json={"model": "qwen3", "input": "hi", "stream": True}) as answer:
+        assert answer.status_code == 200
+        for line in answer.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+    assert [e["type"] for e in events][:2] == ["response.created", "response.in_progress"]
+    assert events[-1]["type"] == "error" and "fell over" in events[-1]["message"]

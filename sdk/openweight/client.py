@@ -51,7 +51,13 @@ class _Base:
                  api_key: str | None = None, device: str | None = None,
                  dtype: str | None = None, quantize: str | None = None,
                  keep_alive: str | float | None = None,
-                 timeout: float = 600.0, max_retries: int = 2) -> None:
+                 timeout: float = 600.0, max_retries: int = 2, api: str = "chat") -> None:
+        self._settings: dict[str, Any] = {k: v for k, v in locals().items()
+                                          if k not in ("self", "model")}  # for twins
+        if api not in ("chat", "responses"):
+            raise InvalidRequestError(f"api={api!r}: use 'chat' (chat completions, the "
+                                      "default) or 'responses' (the Responses API)", param="api")
+        self._api = api
         self._model = model
         self._base_url = base_url or os.environ.get("OPENWEIGHT_BASE_URL") or None
         self._api_key = api_key or os.environ.get("OPENWEIGHT_API_KEY") or None
@@ -63,10 +69,6 @@ class _Base:
         if keep_alive is not None:
             self._keep_alive = keep_alive_seconds(keep_alive)  # a bad value fails here
         self._daemon_url: str | None = None  # the keep-alive server in use, if any
-        self._settings: dict[str, Any] = {
-            "base_url": base_url, "api_key": api_key, "device": device, "dtype": dtype,
-            "quantize": quantize, "keep_alive": keep_alive, "timeout": timeout,
-            "max_retries": max_retries}
         self._embedders: dict[str, Any] = {}  # clients of other models, for embed(model=...)
         self._device, self._dtype, self._quantize = device, dtype, quantize
         if self._base_url is None:
@@ -146,6 +148,11 @@ class _Base:
         twin: C = self._embedders[model]
         return twin
 
+    def _remote_options(self) -> dict[str, Any]:
+        """Timeout, retries, and the API (a keep-alive server is always spoken to in chat)."""
+        return {"timeout": self._timeout, "max_retries": self._max_retries,
+                "api": self._api if self._daemon_url is None else "chat"}
+
     def _local(self) -> SyncBackend:
         from .store import open_engine
 
@@ -183,19 +190,14 @@ class _Base:
 
 
 class Client(_Base):
-    """Chat with a local model in this process, or with a remote OpenAI-compatible server.
+    """Chat with a local model in this process, or with a remote OpenAI-compatible server
+    (``base_url=...`` or OPENWEIGHT_BASE_URL; ``api="responses"`` for a server that speaks
+    only the Responses API).
 
-    ``Client()`` uses the default local model; ``Client(base_url=...)`` (or the
-    ``OPENWEIGHT_BASE_URL`` environment variable) talks to a server instead.
-
-    A local model runs in this process, unless a keep-alive server (see
-    ``openweight.daemon``) already runs for the same model, device, dtype and quantize:
-    then that one answers. ``keep_alive="5m"`` (or OPENWEIGHT_KEEP_ALIVE) starts one if
-    none runs, kept loaded for that long after the last request; ``keep_alive=0`` always
-    runs the model in this process.
-
-    One retry rule: a keep-alive server that went away (its idle timeout, ``openweight
-    stop``) before the first chunk of an answer is found or started again, once.
+    A local model runs here unless a keep-alive server (``openweight.daemon``) runs for the
+    same model, device, dtype and quantize; ``keep_alive="5m"`` (or OPENWEIGHT_KEEP_ALIVE)
+    starts one, ``keep_alive=0`` never uses one. One retry rule: a keep-alive server that
+    went away before the first chunk of an answer is found or started again, once.
     """
 
     _backend: SyncBackend | None = None
@@ -213,8 +215,7 @@ class Client(_Base):
 
                 url, key, model = remote
                 self._backend = RemoteBackend(url, model=model, api_key=key,
-                                              timeout=self._timeout,
-                                              max_retries=self._max_retries)
+                                              **self._remote_options())
         return self._backend
 
     def _drop_backend(self) -> None:
@@ -322,8 +323,7 @@ class AsyncClient(_Base):
 
                 url, key, model = remote
                 self._abackend = AsyncRemoteBackend(url, model=model, api_key=key,
-                                                    timeout=self._timeout,
-                                                    max_retries=self._max_retries)
+                                                    **self._remote_options())
         return self._abackend
 
     def _drop_backend(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import ssl
 import threading
 import time
@@ -24,7 +23,6 @@ from . import wire
 from .backends import AsyncBackend, ChunkStream, SyncBackend
 from .embedding import EmbedRequest
 from .errors import (
-    AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
     OpenWeightError,
@@ -38,18 +36,23 @@ from .remote_http import (
     import_httpcore,
     is_loopback_http,
     is_sse,
+    retry_delay,
     split_base_url,
+    status_error,
     transport_error,
     unix_transport,
 )
 from .types import ChatResult, Chunk, EmbeddingResult, Message, ModelInfo
 from .wire.embeddings import embed_body, embedding_result_from_json
+from .wire.responses_client import (
+    ResponsesStreamParser,
+    responses_body,
+    result_from_responses_json,
+)
 
 __all__ = ["AsyncRemoteBackend", "RemoteBackend"]
 
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-INVALID_STATUSES = frozenset({400, 413, 422})
-MAX_RETRY_AFTER = 30.0
+APIS = ("chat", "responses")  # how a chat is sent: /chat/completions or /responses
 NO_COMPLETIONS = ("completions", "continue raw text with a local model, or use chat()")
 NO_EMBEDDINGS = ("embeddings", "name an embedding model on a server that serves them "
                  "(llama.cpp: --embeddings)")
@@ -62,7 +65,8 @@ class _RemoteLogic:
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
                  timeout: float = 600.0, max_retries: int = 2,
-                 transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+                 api: str = "chat") -> None:
         # the URL shown, the URL httpx asks, and the Unix socket of a keep-alive server
         self.base_url, self._http_base, self._uds = split_base_url(base_url)
         self._given_url = base_url
@@ -73,6 +77,10 @@ class _RemoteLogic:
         self._transport = transport
         self._ssl: ssl.SSLContext | None = None
         self._lock = threading.Lock()
+        if api not in APIS:
+            raise InvalidRequestError(f"api={api!r}: use 'chat' (chat completions, the "
+                                      "default) or 'responses'", param="api")
+        self._api = api
 
     # -- requests ------------------------------------------------------------------------
 
@@ -138,32 +146,28 @@ class _RemoteLogic:
             raise InvalidRequestError(f"{self.base_url} has no {api} API ({exc}); {hint}"
                                       ) from exc
 
-    def _stream_parser(self) -> wire.StreamParser:
+    def _chat_request(self, model: str, messages: Sequence[Message], options: GenerationOptions,
+                      stream: bool) -> tuple[str, dict[str, Any]]:
+        """The path and body of a chat, in the API this backend speaks."""
+        if self._api == "responses":
+            return "responses", responses_body(model, list(messages), options, stream)
+        return "chat/completions", wire.chat_body(model, list(messages), options, stream=stream)
+
+    @staticmethod
+    def _result(path: str, data: Any, model: str) -> ChatResult:
+        if path == "responses":
+            return result_from_responses_json(data, model)
+        return wire.result_from_json(data, model)
+
+    def _stream_parser(self, path: str) -> wire.StreamParser | ResponsesStreamParser:
+        if path == "responses":
+            return ResponsesStreamParser(raise_error=self._event_error)
         return wire.StreamParser(raise_error=self._event_error)
 
     # -- failures ------------------------------------------------------------------------
 
     def _status_error(self, status: int, body_text: str, url: object) -> OpenWeightError:
-        try:
-            body: object = wire.answer_json(body_text, "")
-        except RemoteError:
-            body = None
-        message = wire.error_message(body, body_text) or f"HTTP {status}"
-        if self._api_key:  # a server that echoes the key back
-            message = message.replace(self._api_key, "***")
-        err = body.get("error") if isinstance(body, Mapping) else None
-        code = err.get("code") if isinstance(err, Mapping) else None
-        where = f"{redact_url(url)} answered {status}: {message}"
-        if status in (401, 403):
-            return AuthenticationError(f"{where}; check the API key (api_key= or "
-                                       "OPENWEIGHT_API_KEY)")
-        if status == 404 and (code == "model_not_found" or "model" in message.lower()):
-            return ModelNotFoundError(f"{where}; GET {self.base_url}/models lists the "
-                                      "models it serves")
-        if status in INVALID_STATUSES:
-            return InvalidRequestError(where)
-        hint = "; check base_url (it usually ends with /v1)" if status == 404 else ""
-        return RemoteStatusError(where + hint, status_code=status, body=body_text)
+        return status_error(status, body_text, url, self.base_url, self._api_key)
 
     def _event_error(self, payload: Mapping[str, Any]) -> OpenWeightError:
         """An ``{"error": ...}`` event in the middle of a stream, mapped like a status."""
@@ -182,14 +186,7 @@ class _RemoteLogic:
 
     def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
         """Seconds to wait before retrying this answer, or None if it is final."""
-        if response.status_code not in RETRY_STATUSES or attempt >= self._max_retries:
-            return None
-        after = response.headers.get("retry-after", "")
-        try:
-            return min(max(float(after), 0.0), MAX_RETRY_AFTER)
-        except ValueError:
-            delay: float = self.retry_base_delay * 2**attempt
-            return min(delay * (0.75 + random.random() / 2), MAX_RETRY_AFTER)
+        return retry_delay(response, attempt, self._max_retries, self.retry_base_delay)
 
 
 class RemoteBackend(_RemoteLogic, SyncBackend):
@@ -242,15 +239,14 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
 
     def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         model = self.name
-        data = self._get_json("POST", "chat/completions",
-                              wire.chat_body(model, list(messages), options, stream=False))
-        return wire.result_from_json(data, model)
+        path, body = self._chat_request(model, messages, options, stream=False)
+        return self._result(path, self._get_json("POST", path, body), model)
 
     def stream(self, messages: Sequence[Message], options: GenerationOptions) -> ChunkStream:
         """Send the request now (so errors raise here); iterate the returned chunks."""
         model = self.name
-        body = wire.chat_body(model, list(messages), options, stream=True)
-        return self._open_stream("chat/completions", body, model)
+        path, body = self._chat_request(model, messages, options, stream=True)
+        return self._open_stream(path, body, model)
 
     def complete(self, prompt: str, options: GenerationOptions) -> ChunkStream:
         """Continue raw text through the server's legacy completions API."""
@@ -271,16 +267,16 @@ class RemoteBackend(_RemoteLogic, SyncBackend):
             response.close()
             client.close()
 
-        return ChunkStream(self._iter_chunks(response, model, close), on_close=close)
+        return ChunkStream(self._iter_chunks(response, model, close, path), on_close=close)
 
     def _iter_chunks(self, response: httpx.Response, model: str,
-                     close: Callable[[], None]) -> Iterator[Chunk]:
+                     close: Callable[[], None], path: str) -> Iterator[Chunk]:
         try:
             if not is_sse(response):
                 response.read()
-                yield from wire.result_chunks(wire.result_from_json(self._json(response), model))
+                yield from wire.result_chunks(self._result(path, self._json(response), model))
                 return
-            parser = self._stream_parser()
+            parser = self._stream_parser(path)
             for event in EventSource(response).iter_sse():
                 chunk = parser.feed(event.event, event.data)
                 if chunk is not None:
@@ -349,16 +345,15 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
 
     async def chat(self, messages: Sequence[Message], options: GenerationOptions) -> ChatResult:
         model = await self.resolve_name()
-        data = await self._get_json("POST", "chat/completions",
-                                    wire.chat_body(model, list(messages), options, stream=False))
-        return wire.result_from_json(data, model)
+        path, body = self._chat_request(model, messages, options, stream=False)
+        return self._result(path, await self._get_json("POST", path, body), model)
 
     async def stream(self, messages: Sequence[Message],
                      options: GenerationOptions) -> AsyncGenerator[Chunk, None]:
         """An async generator of chunks; ``aclose()`` closes the HTTP response."""
         model = await self.resolve_name()
-        body = wire.chat_body(model, list(messages), options, stream=True)
-        async with contextlib.aclosing(self._stream("chat/completions", body, model)) as chunks:
+        path, body = self._chat_request(model, messages, options, stream=True)
+        async with contextlib.aclosing(self._stream(path, body, model)) as chunks:
             async for chunk in chunks:  # aclosing: our aclose() reaches the response at once
                 yield chunk
 
@@ -378,11 +373,11 @@ class AsyncRemoteBackend(_RemoteLogic, AsyncBackend):
             try:
                 if not is_sse(response):
                     await response.aread()
-                    result = wire.result_from_json(self._json(response), model)
+                    result = self._result(path, self._json(response), model)
                     for whole in wire.result_chunks(result):
                         yield whole
                     return
-                parser = self._stream_parser()
+                parser = self._stream_parser(path)
                 async for event in EventSource(response).aiter_sse():
                     chunk = parser.feed(event.event, event.data)
                     if chunk is not None:

@@ -7,24 +7,32 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import ipaddress
+import random
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
+from . import wire
 from .errors import (
+    AuthenticationError,
     InvalidRequestError,
+    ModelNotFoundError,
+    OpenWeightError,
     RemoteConnectionError,
     RemoteError,
+    RemoteStatusError,
     RemoteTimeoutError,
     excerpt,
     redact_url,
 )
 
 __all__ = ["async_unix_transport", "import_httpcore", "is_loopback_host", "is_loopback_http",
-           "is_sse", "split_base_url", "transport_error", "unix_transport"]
+           "is_sse", "retry_delay", "split_base_url", "status_error", "transport_error",
+           "unix_transport"]
 
 
 def split_base_url(base_url: str) -> tuple[str, str, str | None]:
@@ -162,3 +170,50 @@ def transport_error(exc: Exception, url: str, read_timeout: float | None) -> Rem
                                      f"({excerpt(str(exc)) or type(exc).__name__});"
                                      " the server may have crashed or restarted")
     return RemoteError(f"talking to {url} failed: {excerpt(str(exc))}")
+
+
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MAX_RETRY_AFTER = 30.0
+
+
+def retry_delay(response: httpx.Response, attempt: int, max_retries: int,
+                base_delay: float) -> float | None:
+    """Seconds to wait before retrying this answer (its Retry-After, else a jittered
+    exponential backoff), or None if it is final."""
+    if response.status_code not in RETRY_STATUSES or attempt >= max_retries:
+        return None
+    after = response.headers.get("retry-after", "")
+    try:
+        return min(max(float(after), 0.0), MAX_RETRY_AFTER)
+    except ValueError:
+        delay: float = base_delay * 2**attempt
+        return min(delay * (0.75 + random.random() / 2), MAX_RETRY_AFTER)
+
+
+INVALID_STATUSES = frozenset({400, 413, 422})
+
+
+def status_error(status: int, body_text: str, url: object, base_url: str,
+                 api_key: str | None) -> OpenWeightError:
+    """What an HTTP error answer means, as the SDK's error (the server's own message
+    quoted, the API key never)."""
+    try:
+        body: object = wire.answer_json(body_text, "")
+    except RemoteError:
+        body = None
+    message = wire.error_message(body, body_text) or f"HTTP {status}"
+    if api_key:  # a server that echoes the key back
+        message = message.replace(api_key, "***")
+    err = body.get("error") if isinstance(body, Mapping) else None
+    code = err.get("code") if isinstance(err, Mapping) else None
+    where = f"{redact_url(url)} answered {status}: {message}"
+    if status in (401, 403):
+        return AuthenticationError(f"{where}; check the API key (api_key= or "
+                                   "OPENWEIGHT_API_KEY)")
+    if status == 404 and (code == "model_not_found" or "model" in message.lower()):
+        return ModelNotFoundError(f"{where}; GET {base_url}/models lists the "
+                                  "models it serves")
+    if status in INVALID_STATUSES:
+        return InvalidRequestError(where)
+    hint = "; check base_url (it usually ends with /v1)" if status == 404 else ""
+    return RemoteStatusError(where + hint, status_code=status, body=body_text)
