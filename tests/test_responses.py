@@ -6,6 +6,7 @@ whole and streamed, against the scripted models of test_server_features: gpt-oss
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -24,8 +25,22 @@ TOOL = {"type": "function", "name": "get_weather", "description": "The weather i
 ASK = "Weather in Paris?"
 
 
+_clients: list[openai.OpenAI] = []
+
+
 def client(served: ServerThread) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+    """An official client for this server, closed at the end of the module (its
+    connections would otherwise be left to the garbage collector)."""
+    made = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0)
+    _clients.append(made)
+    return made
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def test_a_plain_answer_whole(served: ServerThread) -> None:
@@ -128,8 +143,8 @@ def test_previous_response_id_with_a_bounded_store(
         served: ServerThread, monkeypatch: pytest.MonkeyPatch) -> None:
     from openweight.server import create_app
 
-    with ServerThread(create_app("qwen3", responses_store=2)) as server:
-        api = client(server)
+    with ServerThread(create_app("qwen3", responses_store=2)) as server, \
+            openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as api:
         script(server, monkeypatch, "qwen3", CALLS["qwen3"])
         first = api.responses.create(model="qwen3", input=ASK, tools=[TOOL])  # type: ignore[list-item]
         assert first.store is True
