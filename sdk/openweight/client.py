@@ -135,8 +135,7 @@ class _Base:
         return url, token, Path(model).name if is_path(model) else model
 
     def _for_embedding(self: C, model: str | None) -> C:
-        """The client that embeds: this one, or a twin with the same settings for another
-        model (or, local and naming none, for the default embedding model)."""
+        """This client, or its twin for another model (local and naming none: the default)."""
         if model is None and self._model is None and self._base_url is None:
             from .store import default_embedding_model
 
@@ -149,9 +148,10 @@ class _Base:
         return twin
 
     def _remote_options(self) -> dict[str, Any]:
-        """Timeout, retries, and the API (a keep-alive server is always spoken to in chat)."""
-        return {"timeout": self._timeout, "max_retries": self._max_retries,
-                "api": self._api if self._daemon_url is None else "chat"}
+        """Timeout, retries, the API; a keep-alive server's errors are raised as ours."""
+        own = self._daemon_url is not None
+        return {"timeout": self._timeout, "max_retries": self._max_retries, "own_server": own,
+                "api": "chat" if own else self._api}
 
     def _local(self) -> SyncBackend:
         from .store import open_engine

@@ -66,7 +66,7 @@ class _RemoteLogic:
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
                  timeout: float = 600.0, max_retries: int = 2,
                  transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
-                 api: str = "chat") -> None:
+                 api: str = "chat", own_server: bool = False) -> None:
         # the URL shown, the URL httpx asks, and the Unix socket of a keep-alive server
         self.base_url, self._http_base, self._uds = split_base_url(base_url)
         self._given_url = base_url
@@ -81,6 +81,7 @@ class _RemoteLogic:
             raise InvalidRequestError(f"api={api!r}: use 'chat' (chat completions, the "
                                       "default) or 'responses'", param="api")
         self._api = api
+        self._own_server = own_server  # a keep-alive server: its errors as in-process ones
 
     # -- requests ------------------------------------------------------------------------
 
@@ -167,7 +168,8 @@ class _RemoteLogic:
     # -- failures ------------------------------------------------------------------------
 
     def _status_error(self, status: int, body_text: str, url: object) -> OpenWeightError:
-        return status_error(status, body_text, url, self.base_url, self._api_key)
+        return status_error(status, body_text, url, self.base_url, self._api_key,
+                            self._own_server)
 
     def _event_error(self, payload: Mapping[str, Any]) -> OpenWeightError:
         """An ``{"error": ...}`` event in the middle of a stream, mapped like a status."""

@@ -19,7 +19,9 @@ import httpx
 from . import wire
 from .errors import (
     AuthenticationError,
+    GenerationError,
     InvalidRequestError,
+    ModelLoadError,
     ModelNotFoundError,
     OpenWeightError,
     RemoteConnectionError,
@@ -193,14 +195,38 @@ def retry_delay(response: httpx.Response, attempt: int, max_retries: int,
 INVALID_STATUSES = frozenset({400, 413, 422})
 
 
+def _own_server_error(status: int, body: object) -> OpenWeightError | None:
+    """An error of this user's keep-alive server as the error it stands for in-process:
+    the same type, the same message, no internal address (None: not one it makes)."""
+    err = body.get("error") if isinstance(body, Mapping) else None
+    message = err.get("message") if isinstance(err, Mapping) else None
+    if not isinstance(err, Mapping) or not isinstance(message, str):
+        return None
+    code, param = err.get("code"), err.get("param")
+    if status in INVALID_STATUSES:
+        return InvalidRequestError(message, param=param if isinstance(param, str) else None)
+    if status == 404 and code == "model_not_found":
+        return ModelNotFoundError(message)
+    if code == "model_load_error":
+        return ModelLoadError(message)
+    if status == 500 and code is None and err.get("type") == "server_error":
+        return GenerationError(message)
+    return None
+
+
 def status_error(status: int, body_text: str, url: object, base_url: str,
-                 api_key: str | None) -> OpenWeightError:
+                 api_key: str | None, own_server: bool = False) -> OpenWeightError:
     """What an HTTP error answer means, as the SDK's error (the server's own message
-    quoted, the API key never)."""
+    quoted, the API key never). ``own_server``: a keep-alive server, whose errors are
+    raised as in this process (see ``_own_server_error``)."""
     try:
         body: object = wire.answer_json(body_text, "")
     except RemoteError:
         body = None
+    if own_server:
+        found = _own_server_error(status, body)
+        if found is not None:
+            return found
     message = wire.error_message(body, body_text) or f"HTTP {status}"
     if api_key:  # a server that echoes the key back
         message = message.replace(api_key, "***")

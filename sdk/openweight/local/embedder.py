@@ -24,6 +24,7 @@ from typing import Any
 from ..backends import ChunkStream, SyncBackend
 from ..embedding import EmbedRequest, shorten
 from ..errors import InvalidRequestError, ModelLoadError
+from ..logs import quiet_libraries
 from ..options import GenerationOptions
 from ..types import EmbeddingResult, Message, ModelInfo, Usage
 from .embed_config import EmbedConfig, read_embed_config
@@ -145,6 +146,7 @@ def _load(config: EmbedConfig, device: str, compute: str) -> LoadedEmbedder:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    quiet_libraries()
     size = sum(p.stat().st_size for p in config.weights.glob("*.safetensors"))
     stored = compute if size > BIG_WEIGHTS else "float32"
     try:

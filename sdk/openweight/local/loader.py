@@ -210,11 +210,11 @@ def load_model(
         if key in _cache:
             return _cache[key]
         from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
+        from ..logs import quiet_libraries
         from .memory import check_fits, estimate_memory
 
-        hf_logging.disable_progress_bar()
+        quiet_libraries()
         config = model_config(path)
         keep_mxfp4, extra = _mxfp4_plan(config, path, dev, dt)
         check_fits(estimate_memory(path, dev, dt, keep_mxfp4=keep_mxfp4, quantize=quant),

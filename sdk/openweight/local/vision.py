@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..images import ImagePart, decode_image
+from ..logs import quiet_libraries
 from .loader import LoadedModel, context_length, eos_ids
 
 __all__ = ["PROCESSOR_FILES", "is_vision_dir", "load_vision", "vision_inputs"]
@@ -54,6 +55,7 @@ def _load(path: Path, device: str, dtype: str) -> LoadedModel:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    quiet_libraries()
     try:
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=False)
     except (ImportError, AttributeError) as exc:  # a processor built on torchvision

