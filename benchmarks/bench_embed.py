@@ -151,14 +151,9 @@ def llama_cpp_source() -> Path:
     return vendor
 
 
-def make_gguf(model_dir: Path) -> Path:
-    """An f16 GGUF of the model made by llama.cpp's converter, once (cached). sentencepiece,
-    which the converter imports whatever the tokenizer, goes into a cache folder put on its
-    PYTHONPATH when this Python lacks it: nothing is installed."""
-    out = CACHE / "minilm-f16.gguf"
-    if out.exists():
-        return out
-    vendor = llama_cpp_source()
+def converter_env(vendor: Path) -> dict[str, str]:
+    """The environment llama.cpp's converter runs in: its gguf-py and, when this Python lacks
+    sentencepiece (which it imports whatever the tokenizer), a cache folder holding it."""
     deps = CACHE / f"convert-deps-py{sys.version_info[0]}{sys.version_info[1]}"
     has_sp = subprocess.run([sys.executable, "-c", "import sentencepiece"],
                             capture_output=True, check=False).returncode == 0
@@ -167,7 +162,18 @@ def make_gguf(model_dir: Path) -> Path:
                      "--disable-pip-version-check", "--target", str(deps), "sentencepiece"],
                     "pip install sentencepiece")
     path = [vendor / "gguf-py", vendor, deps]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
+
+
+def make_gguf(model_dir: Path) -> Path:
+    """An f16 GGUF of the model made by llama.cpp's converter, once (cached). sentencepiece,
+    which the converter imports whatever the tokenizer, goes into a cache folder put on its
+    PYTHONPATH when this Python lacks it: nothing is installed."""
+    out = CACHE / "minilm-f16.gguf"
+    if out.exists():
+        return out
+    vendor = llama_cpp_source()
+    env = converter_env(vendor)
     print("converting the model to GGUF with llama.cpp's converter (once)...",
           file=sys.stderr, flush=True)
     part = out.with_name(out.name + ".part")

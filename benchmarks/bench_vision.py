@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_embed import llama_cpp_source, run_checked
+from bench_embed import converter_env, llama_cpp_source, run_checked
 from common import cpu_description, cpu_stall, llama_cpp_build
 
 CACHE = Path.home() / ".cache" / "openweight-bench"
@@ -250,20 +250,6 @@ def build_model(dest: Path, layers: int | None) -> None:
         processor.save_pretrained(part)
         shutil.rmtree(dest, ignore_errors=True)
         part.rename(dest)
-
-
-def converter_env(vendor: Path) -> dict[str, str]:
-    """The environment llama.cpp's converter runs in: its gguf-py and, when this Python lacks
-    sentencepiece (which it imports whatever the tokenizer), a cache folder holding it."""
-    deps = CACHE / f"convert-deps-py{sys.version_info[0]}{sys.version_info[1]}"
-    has_sp = subprocess.run([sys.executable, "-c", "import sentencepiece"],
-                            capture_output=True, check=False).returncode == 0
-    if not has_sp and not (deps / "sentencepiece").exists():
-        run_checked([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                     "--disable-pip-version-check", "--target", str(deps), "sentencepiece"],
-                    "pip install sentencepiece")
-    path = [vendor / "gguf-py", vendor, deps]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in path)}
 
 
 def make_ggufs(model: Path, outtype: str) -> tuple[Path, Path]:

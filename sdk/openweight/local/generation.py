@@ -138,8 +138,9 @@ def _fast_source(lm: LoadedModel, prompt: list[int], max_new: int,
 
 def _run_generate(lm: LoadedModel, prompt: list[int], options: GenerationOptions,
                   cancel: threading.Event, tokens: queue.Queue[object],
-                  kwargs: dict[str, Any]) -> None:
-    """The model-thread job: ``generate`` with the prefix cache, tokens into ``tokens``."""
+                  kwargs: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
+    """The model-thread job: ``generate`` with the prefix cache, tokens into ``tokens``;
+    with ``inputs`` (a vision prompt: ids and pixels), ``generate`` on those, uncached."""
     import torch
     from transformers import Cache
 
@@ -149,6 +150,10 @@ def _run_generate(lm: LoadedModel, prompt: list[int], options: GenerationOptions
                 return
             if options.seed is not None:
                 torch.manual_seed(options.seed)
+            if inputs is not None:
+                lm.model.generate(**inputs, streamer=_QueueStreamer(tokens),
+                                  stopping_criteria=[_Cancelled(cancel)], **kwargs)
+                return
             cache, _reused = lm.prefix_cache.take(prompt, kind=Cache)
             if cache is None:
                 from transformers import DynamicCache
@@ -199,8 +204,10 @@ def _drain(lm: LoadedModel, tokens: queue.Queue[object], job: Future[None],
 
 
 def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
-                    options: GenerationOptions, cancel: threading.Event) -> Iterator[int]:
-    """transformers' ``generate`` on the model thread, streaming through a queue."""
+                    options: GenerationOptions, cancel: threading.Event,
+                    inputs: dict[str, Any] | None = None) -> Iterator[int]:
+    """transformers' ``generate`` on the model thread, streaming through a queue (on
+    ``inputs`` where the model takes more than ids: see ``inputs_source``)."""
     tokens: queue.Queue[object] = queue.Queue()
     kwargs = sampling_settings(lm, options, max_new)
     processors = _constraints(lm, options)
@@ -208,7 +215,8 @@ def generate_source(lm: LoadedModel, prompt: list[int], max_new: int,
         kwargs["logits_processor"] = processors
 
     def generated() -> Iterator[int]:
-        job = worker.submit(lambda: _run_generate(lm, prompt, options, cancel, tokens, kwargs))
+        job = worker.submit(lambda: _run_generate(lm, prompt, options, cancel, tokens, kwargs,
+                                                  inputs))
         yield from _drain(lm, tokens, job, cancel)
 
     return generated()
@@ -220,31 +228,6 @@ def inputs_source(inputs: dict[str, Any]) -> TokenSource:
 
     def source(lm: LoadedModel, prompt: list[int], max_new: int, options: GenerationOptions,
                cancel: threading.Event) -> Iterator[int]:
-        tokens: queue.Queue[object] = queue.Queue()
-        kwargs = sampling_settings(lm, options, max_new)
-        processors = _constraints(lm, options)
-        if processors:
-            kwargs["logits_processor"] = processors
-
-        def run() -> None:
-            import torch
-
-            try:
-                with lm.lock, torch.inference_mode():
-                    if cancel.is_set():
-                        return
-                    if options.seed is not None:
-                        torch.manual_seed(options.seed)
-                    lm.model.generate(**inputs, streamer=_QueueStreamer(tokens),
-                                      stopping_criteria=[_Cancelled(cancel)], **kwargs)
-            except BaseException as exc:  # handed to the consumer, never lost
-                tokens.put(exc)
-            finally:
-                tokens.put(_DONE)
-
-        def generated() -> Iterator[int]:
-            yield from _drain(lm, tokens, worker.submit(run), cancel)
-
-        return generated()
+        return generate_source(lm, prompt, max_new, options, cancel, inputs)
 
     return source
