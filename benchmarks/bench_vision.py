@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_embed import converter_env, llama_cpp_source, run_checked
+from bench_embed import converter_env, default_llama_python, llama_cpp_source, run_checked
 from common import cpu_description, cpu_stall, llama_cpp_build
 
 CACHE = Path.home() / ".cache" / "openweight-bench"
@@ -369,11 +369,6 @@ def report(args: argparse.Namespace, res: Results) -> bool:
           f"speed {1 / ratio:.2f}x (target >= {TARGET}x)  "
           f"{'ok' if ratio <= TARGET else 'under'}")
     return ratio > TARGET
-
-
-def default_llama_python() -> str:
-    venv = CACHE / "venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
 
 
 def main(argv: list[str] | None = None) -> int:

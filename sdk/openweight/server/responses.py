@@ -99,7 +99,7 @@ def add_responses_route(v1: "APIRouter", pool: ModelPool, gen: Any, limits: Serv
             if not isinstance(exc, OpenWeightError | ApiError):
                 log.exception("error while streaming a response")
             err = api_error(exc)
-            yield _sse(builder._event("error", code=err.code or err.type, message=err.message,
+            yield _sse(builder.event("error", code=err.code or err.type, message=err.message,
                                       param=err.param))
 
     async def responses(request: Request) -> Response:

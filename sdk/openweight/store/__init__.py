@@ -18,7 +18,13 @@ from ..errors import InvalidRequestError, ModelLoadError, ModelNotFoundError, Op
 from ..settings import check_model_name, is_path
 from ..types import ModelInfo
 from .catalog import CATALOG, DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, CatalogEntry
-from .kinds import checked_kind, default_embedding_model, embedding_model_names, kind_of
+from .kinds import (
+    checked_kind,
+    default_embedding_model,
+    defaults_of,
+    embedding_model_names,
+    kind_of,
+)
 from .registry import home, locked, read_registry, update_registry
 from .sources import (
     Notify,
@@ -77,11 +83,9 @@ def _record_path(rec: dict[str, Any]) -> Path:
     return path if path.is_absolute() else home() / path
 
 
-def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
+def _record_to_info(name: str, rec: dict[str, Any], defaults: dict[str, str]) -> ModelInfo:
     entry = CATALOG.get(name)
     kind = kind_of(name, rec)
-    if kind == "embedding":
-        default = default_embedding_model()
     return ModelInfo(
         name=name,
         installed=True,
@@ -90,7 +94,7 @@ def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
         size_bytes=rec.get("size_bytes"),
         family=rec.get("family") or (entry.family if entry else None),
         description=entry.description if entry else None,
-        default=name == default,
+        default=name == defaults[kind],
         kind=kind,
     )
 
@@ -98,10 +102,8 @@ def _record_to_info(name: str, rec: dict[str, Any], default: str) -> ModelInfo:
 def list_models() -> list[ModelInfo]:
     """Installed models first, then catalog models not yet installed."""
     reg = read_registry()
-    default = reg.get("default") or DEFAULT_MODEL
-    defaults = {"chat": default, "vision": default, "embedding": reg.get("default_embedding")
-                or DEFAULT_EMBEDDING_MODEL}
-    out = [_record_to_info(n, r, default) for n, r in sorted(reg["models"].items())]
+    defaults = defaults_of(reg)
+    out = [_record_to_info(n, r, defaults) for n, r in sorted(reg["models"].items())]
     out += [
         ModelInfo(name=e.name, installed=False, source=f"hub:{e.hub_id}",
                   size_bytes=e.approx_bytes, family=e.family, description=e.description,
@@ -124,10 +126,8 @@ def model_info(name: str) -> dict[str, Any]:
     if rec is None and entry is None:
         raise ModelNotFoundError(_unknown(name))
     kind = kind_of(name, rec)
-    default = (reg.get("default_embedding") or DEFAULT_EMBEDDING_MODEL if kind == "embedding"
-               else reg.get("default") or DEFAULT_MODEL)
     info: dict[str, Any] = {"name": name, "installed": rec is not None, "kind": kind,
-                            "default": name == default}
+                            "default": name == defaults_of(reg)[kind]}
     if entry is not None:
         info.update(hub_id=entry.hub_id, family=entry.family, parameters=entry.params,
                     description=entry.description)
@@ -273,7 +273,7 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
         existing = reg["models"].get(target)
         if existing is not None:
             if existing.get("origin") == source:  # already pulled (maybe by a racing process)
-                return _record_to_info(target, existing, default_model())
+                return _record_to_info(target, existing, defaults_of(reg))
             raise InvalidRequestError(f"the name {target!r} is already taken by "
                                       f"{existing.get('origin')}; choose another with --name or "
                                       f"`openweight rm {target}` first")
@@ -291,7 +291,7 @@ def pull(source: str, *, name: str | None = None, progress: bool = True,
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return _record_to_info(target, record, default_model())
+        return _record_to_info(target, record, defaults_of(read_registry()))
 
 
 def _undo_install(kind: str, target: str) -> None:

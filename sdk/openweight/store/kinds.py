@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OpenWeightError
-from .catalog import CATALOG, DEFAULT_EMBEDDING_MODEL
+from .catalog import CATALOG, DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL
 from .registry import read_registry
 
-__all__ = ["KINDS", "checked_kind", "default_embedding_model", "embedding_model_names", "kind_of"]
+__all__ = ["KINDS", "checked_kind", "default_embedding_model", "defaults_of",
+           "embedding_model_names", "kind_of"]
 
 
 def default_embedding_model() -> str:
@@ -21,6 +22,14 @@ def default_embedding_model() -> str:
 
 
 KINDS = ("chat", "vision", "embedding")
+
+
+def defaults_of(registry: dict[str, Any]) -> dict[str, str]:
+    """The default model of each kind, from one registry read (vision models are chat
+    models, and share the chat default)."""
+    chat = registry.get("default") or DEFAULT_MODEL
+    return {"chat": chat, "vision": chat,
+            "embedding": registry.get("default_embedding") or DEFAULT_EMBEDDING_MODEL}
 
 
 def kind_of(name: str, rec: dict[str, Any] | None) -> str:

@@ -215,13 +215,13 @@ class ResponseBuilder:
         self.finish: str | None = None
         self.stored = False  # kept by the server, for a later previous_response_id
 
-    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
         return {"type": kind, "sequence_number": self.seq - 1, **fields}
 
     def opening(self) -> list[dict[str, Any]]:
-        return [self._event("response.created", response=self.whole("in_progress")),
-                self._event("response.in_progress", response=self.whole("in_progress"))]
+        return [self.event("response.created", response=self.whole("in_progress")),
+                self.event("response.in_progress", response=self.whole("in_progress"))]
 
     def _open(self, kind: str) -> tuple[_Item, list[dict[str, Any]]]:
         """The current item of this kind, or a new one (closing the one before)."""
@@ -231,10 +231,10 @@ class ResponseBuilder:
         item = _Item(kind, _new_id({"reasoning": "rs", "message": "msg"}.get(kind, "fc")),
                      len(self.items))
         self.items.append(item)
-        events.append(self._event("response.output_item.added", output_index=item.index,
+        events.append(self.event("response.output_item.added", output_index=item.index,
                                   item=self._item(item, "in_progress")))
         if kind != "function_call":
-            events.append(self._event("response.content_part.added", item_id=item.id,
+            events.append(self.event("response.content_part.added", item_id=item.id,
                                       output_index=item.index, content_index=0,
                                       part=self._part(item, "")))
         return item, events
@@ -248,14 +248,14 @@ class ResponseBuilder:
                 item.text.append(delta)
                 name = "reasoning_text" if kind == "reasoning" else "output_text"
                 extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
-                events += [*opened, self._event(f"response.{name}.delta", item_id=item.id,
+                events += [*opened, self.event(f"response.{name}.delta", item_id=item.id,
                                                 output_index=item.index, content_index=0,
                                                 delta=delta, **extra)]
         for call in chunk.tool_calls:
             item, opened = self._open("function_call")
             item.call = call
             args = json.dumps(dict(call.arguments))
-            events += [*opened, self._event("response.function_call_arguments.delta",
+            events += [*opened, self.event("response.function_call_arguments.delta",
                                             item_id=item.id, output_index=item.index,
                                             delta=args)]
         if chunk.usage is not None:
@@ -267,7 +267,7 @@ class ResponseBuilder:
     def closing(self) -> list[dict[str, Any]]:
         status = self.status()
         kind = "response.completed" if status == "completed" else "response.incomplete"
-        return [*self._close_last(), self._event(kind, response=self.whole(status))]
+        return [*self._close_last(), self.event(kind, response=self.whole(status))]
 
     def _close_last(self) -> list[dict[str, Any]]:
         if not self.items:
@@ -276,17 +276,17 @@ class ResponseBuilder:
         where = {"item_id": item.id, "output_index": item.index}
         if item.kind == "function_call":
             assert item.call is not None
-            events = [self._event("response.function_call_arguments.done", **where,
+            events = [self.event("response.function_call_arguments.done", **where,
                                   name=item.call.name,
                                   arguments=json.dumps(dict(item.call.arguments)))]
         else:
             name = "reasoning_text" if item.kind == "reasoning" else "output_text"
             text = "".join(item.text)
-            events = [self._event(f"response.{name}.done", **where, content_index=0, text=text,
+            events = [self.event(f"response.{name}.done", **where, content_index=0, text=text,
                                   **({"logprobs": []} if item.kind == "message" else {})),
-                      self._event("response.content_part.done", **where, content_index=0,
+                      self.event("response.content_part.done", **where, content_index=0,
                                   part=self._part(item, text))]
-        return [*events, self._event("response.output_item.done", output_index=item.index,
+        return [*events, self.event("response.output_item.done", output_index=item.index,
                                      item=self._item(item, "completed"))]
 
     @staticmethod
